@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine: `make test` and `make demo`.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# CPU torch from the local wheel; the package itself only asks torch>=2.5.
+DEV_DEPS := torch==2.13.0 triton numpy pytest pytest-benchmark hypothesis transformers safetensors tqdm \
+            pybind11 cmake ninja setuptools wheel
+STAMP := $(VENV)/.deps-installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: test demo bench info install clean
+
+$(STAMP): Makefile
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(DEV_DEPS)
+	touch $(STAMP)
+
+install: $(STAMP)
+	$(VPY) -m pip install -q --no-build-isolation -e .
+
+test: install
+	$(VPY) -m pytest tests -q
+
+demo: install
+	$(VPY) -m slmkern.cli demo
+
+bench: install
+	$(VPY) -m slmkern.cli bench
+
+info: install
+	$(VPY) -m slmkern.cli info
+
+clean:
+	rm -rf build *.egg-info slmkern/_C*.so

@@ -1,0 +1,112 @@
+// Shared types of the slmkern C++ kernels. No torch headers: Python validates
+// tensors and passes raw pointers, sizes and strides.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+namespace slmkern {
+
+// Activation / output element type. Values match slmkern/_backends/cpu.py.
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+// Rows whose absmax is below this are quantized as all-zero (scale 0): it keeps
+// 127 / absmax finite. Mirrors reference.ACT_ZERO_THRESHOLD.
+constexpr float kActZeroThreshold = 7.888609052210118e-31f;  // 2^-100
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round-to-nearest-even, NaN stays NaN (quiet) -- same as torch's .to(bfloat16).
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float f16_to_f32(uint16_t h);    // IEEE half, exact
+uint16_t f32_to_f16(float f);    // round-to-nearest-even, like torch's .to(float16)
+
+inline float load_as_f32(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::f32: return static_cast<const float*>(p)[i];
+    case DType::bf16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+inline void store_from_f32(void* p, DType t, int64_t i, float v) {
+  switch (t) {
+    case DType::f32: static_cast<float*>(p)[i] = v; break;
+    case DType::bf16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
+    default: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------
+// int8 CPU weight layout ("int8 packed", version 1), built once per module by
+// int8_pack() from the canonical [N, K] row-major int8 weight:
+//
+//   tiles  : int8  [Np/16][Kp/4][16][4]   Np = ceil(N/16)*16, Kp = ceil(K/4)*4
+//            tile(nb, kb)[i][j] = W[nb*16 + i, kb*4 + j], zero outside [N, K]
+//   colsum : int32 [Np]                   sum_k W[n, k] (0 for padding)
+//
+// One 64-byte row of a tile is exactly one vpdpbusd operand: 16 output
+// channels x 4 consecutive k. colsum compensates the +128 shift that turns
+// signed activations into the unsigned operand of vpdpbusd.
+// ---------------------------------------------------------------------------
+constexpr int64_t kInt8NB = 16;
+constexpr int64_t kInt8KB = 4;
+inline int64_t int8_padded_n(int64_t N) { return ceil_div(N, kInt8NB) * kInt8NB; }
+inline int64_t int8_padded_k(int64_t K) { return ceil_div(K, kInt8KB) * kInt8KB; }
+inline int64_t int8_packed_bytes(int64_t N, int64_t K) {
+  return int8_padded_n(N) * int8_padded_k(K) + int8_padded_n(N) * 4;
+}
+inline const int32_t* int8_colsum(const int8_t* packed, int64_t N, int64_t K) {
+  return reinterpret_cast<const int32_t*>(packed + int8_padded_n(N) * int8_padded_k(K));
+}
+
+// Arguments of every int8-weight linear: y[M, N] = x[M, K] @ W^T * scale + bias.
+struct Int8LinearArgs {
+  const void* x;           // [M, K], row stride ldx elements
+  DType dtype;             // dtype of x and y
+  int64_t M, K, N;
+  int64_t ldx;
+  const int8_t* w_packed;  // int8 packed layout above
+  const float* w_scale;    // [N]
+  const float* bias;       // [N] or nullptr
+  void* y;                 // [M, N], row stride ldy elements
+  int64_t ldy;
+  int n_threads;
+};
+
+using Int8LinearFn = void (*)(const Int8LinearArgs&);
+
+// Pack canonical W[N, K] (row-major, row stride ldw) into `out`
+// (int8_packed_bytes(N, K) bytes, 4-byte aligned).
+void int8_pack(const int8_t* w, int64_t N, int64_t K, int64_t ldw, int8_t* out);
+
+// Dynamic per-row symmetric quantization, the spec every ISA follows:
+//   amax = max|x[m, :]|; non-finite amax -> q = 0, scale = NaN;
+//   amax < kActZeroThreshold -> q = 0, scale = 0;
+//   else inv = 127 / amax (fp32), q = clamp(rint(x * inv), -127, 127), scale = amax / 127.
+void quantize_rows_s8_ref(const void* x, DType t, int64_t M, int64_t K, int64_t ldx,
+                          int8_t* q, int64_t ldq, float* scale);
+
+// Kernels, one per ISA (ref = portable scalar C++, the C++ spec).
+void w8a8_linear_ref(const Int8LinearArgs& a);
+void w8a8_linear_avx2(const Int8LinearArgs& a);
+void w8a8_linear_avx512vnni(const Int8LinearArgs& a);
+void w8a16_linear_ref(const Int8LinearArgs& a);
+void w8a16_linear_avx2(const Int8LinearArgs& a);
+void w8a16_linear_avx512(const Int8LinearArgs& a);
+
+}  // namespace slmkern

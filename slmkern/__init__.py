@@ -1,0 +1,12 @@
+"""slmkern: int8/int4/sparse kernels and drop-in torch modules for small language models."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from slmkern import ops  # noqa: F401  (defines torch.ops.slmkern.*)
+from slmkern import _backends  # noqa: F401  (registers kernels)
+from slmkern.api import SwapReport, quantize_
+from slmkern.config import Int8Config
+from slmkern._info import info
+
+__all__ = ["Int8Config", "SwapReport", "info", "quantize_", "__version__"]

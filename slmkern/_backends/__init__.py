@@ -1,0 +1,23 @@
+"""Kernel registration. Importing this package registers every backend:
+
+- ``cpu``    -> C++ (slmkern._C), runtime ISA dispatch
+- ``triton`` -> Triton kernels in slmkern.kernels (CUDA), if triton is importable
+- any other device -> slmkern.reference (pure torch)
+"""
+from __future__ import annotations
+
+from slmkern import ops, reference
+
+
+def _reference_kernel(op: str, fn):
+    def kernel(x, w, w_scale, bias=None, w_packed=None):
+        ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
+        return fn(x, w, w_scale, bias)
+    return kernel
+
+
+ops.LIB.impl("w8a8_linear", _reference_kernel("w8a8_linear", reference.w8a8_linear), "CompositeExplicitAutograd")
+ops.LIB.impl("w8a16_linear", _reference_kernel("w8a16_linear", reference.w8a16_linear), "CompositeExplicitAutograd")
+
+from slmkern._backends import cpu  # noqa: E402,F401
+from slmkern._backends import triton  # noqa: E402,F401

@@ -1,0 +1,70 @@
+"""CPU registrations: validate, then call the C++ kernels in slmkern._C."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from slmkern import ops, reference
+from slmkern._logging import log_once
+
+try:
+    from slmkern import _C
+except ImportError as exc:  # a source tree without a built extension
+    _C = None
+    _IMPORT_ERROR: Exception | None = exc
+else:
+    _IMPORT_ERROR = None
+
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def has_cpp() -> bool:
+    return _C is not None
+
+
+def _as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """(..., K) -> (M, K) with unit inner stride and row stride >= K (copies only if needed)."""
+    x2 = x.reshape(-1, K)
+    if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < K):
+        x2 = x2.contiguous()
+    return x2
+
+
+def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
+    ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
+    if _C is None:
+        log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
+                 f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
+        return getattr(reference, op)(x, w, w_scale, bias)
+    N, K = w.shape
+    x2 = _as_rows(x, K)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype)
+    if M > 0:
+        if w_packed is None:
+            from slmkern.formats.int8 import prepack_cpu
+            log_once(f"{op}-repack", f"slmkern: {op} got no w_packed and repacks w on every call; "
+                     "use slmkern.nn.Int8Linear or pass slmkern.formats.int8.prepack_cpu(w)")
+            w_packed = prepack_cpu(w)
+        scale = w_scale.contiguous()
+        b = bias.float().contiguous() if bias is not None else None
+        getattr(_C, op)(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K),
+                        w_packed.data_ptr(), scale.data_ptr(), b.data_ptr() if b is not None else 0,
+                        y.data_ptr(), N, torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], N)
+
+
+@torch.library.register_kernel("slmkern::w8a8_linear", "cpu", lib=ops.LIB)
+def w8a8_linear_cpu(x, w, w_scale, bias=None, w_packed=None):
+    return _int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed)
+
+
+@torch.library.register_kernel("slmkern::w8a16_linear", "cpu", lib=ops.LIB)
+def w8a16_linear_cpu(x, w, w_scale, bias=None, w_packed=None):
+    return _int8_linear("w8a16_linear", x, w, w_scale, bias, w_packed)
+
+
+def op_isa(op: str) -> str:
+    """Which ISA variant the C++ kernel of `op` runs now ("reference" without the extension)."""
+    return _C.op_isa(op) if _C is not None else "reference"

@@ -1,0 +1,1 @@
+"""Compression algorithms (quantizers, pruners, distillation)."""

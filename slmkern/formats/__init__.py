@@ -1,0 +1,1 @@
+"""Weight formats: canonical (on-disk) layouts and the kernels' packed layouts."""

@@ -1,0 +1,85 @@
+"""Int8Linear: a drop-in nn.Linear with int8 per-channel weights."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slmkern import ops
+from slmkern.formats import int8 as int8_format
+
+ACTIVATIONS = ("int8", "float")
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W.T + b with W stored as int8 [N, K] + fp32 per-channel scales.
+
+    activations="int8"  -> slmkern::w8a8_linear  (dynamic per-token int8 activations)
+    activations="float" -> slmkern::w8a16_linear (weight-only; float activations)
+
+    Buffers ``weight`` (int8), ``weight_scale`` (fp32) and ``bias`` are the
+    canonical format and go into ``state_dict``; on CPU the module also keeps the
+    kernel's packed copy (``w_packed``, not saved), rebuilt after every load.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activations: str = "int8", device=None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations: expected one of {ACTIVATIONS}, got {activations!r}")
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features/out_features must be > 0, got {in_features}, {out_features}")
+        self.in_features, self.out_features, self.activations = in_features, out_features, activations
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("w_packed", None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, keys: module.prepack())
+        self.prepack()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activations: str = "int8") -> "Int8Linear":
+        """Quantize an nn.Linear's weight per output channel (round-to-nearest, symmetric)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, activations,
+                  device=w.device, dtype=w.dtype)
+        q, scale = int8_format.quantize_per_channel(w)
+        mod.weight.copy_(q)
+        mod.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach())
+        mod.prepack()
+        return mod
+
+    @torch.no_grad()
+    def prepack(self) -> None:
+        """(Re)build the CPU kernel layout from ``weight``; a no-op off the CPU."""
+        if self.weight.device.type == "cpu":
+            int8_format.check_weight(self.weight, "weight")
+            self.w_packed = int8_format.prepack_cpu(self.weight)
+        else:
+            self.w_packed = None
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        # Moving devices: the packed layout belongs to the CPU kernels only.
+        if self.weight.device.type != "cpu":
+            self.w_packed = None
+        elif self.w_packed is None or self.w_packed.device.type != "cpu":
+            self.prepack()
+        return out
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return int8_format.dequantize(self.weight, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.w_packed if x.device.type == "cpu" else None
+        if self.activations == "int8":
+            return ops.w8a8_linear(x, self.weight, self.weight_scale, self.bias, packed)
+        return ops.w8a16_linear(x, self.weight, self.weight_scale, self.bias, packed)
+
+    def extra_repr(self) -> str:
+        op = "w8a8_linear" if self.activations == "int8" else "w8a16_linear"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activations={self.activations}, op={op}")

@@ -1,0 +1,88 @@
+"""Every slmkern op: its torch.library schema, its input checks and its fake (meta) kernel.
+
+Backends register real kernels elsewhere (``_backends/cpu.py`` -> C++,
+``_backends/triton.py`` -> Triton, ``_backends/__init__.py`` -> reference for any
+other device). Each op's docstring first line states its shapes and dtypes; the
+checks here enforce exactly those facts, raising TypeError/ValueError that name
+the argument before any kernel runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from slmkern.formats import int8 as int8_format
+
+LIB = torch.library.Library("slmkern", "DEF")  # noqa: TOR901 - the op namespace lives here
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+LIB.define("w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None) -> Tensor")
+LIB.define("w8a16_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None) -> Tensor")
+
+
+def _type(cond: bool, msg: str) -> None:
+    torch._check_type(cond, lambda: msg)
+
+
+def _value(cond, msg: str) -> None:
+    torch._check_value(cond, lambda: msg)
+
+
+def check_int8_linear(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None, w_packed: torch.Tensor | None) -> None:
+    """Shape/dtype/device facts of w8a8_linear and w8a16_linear (shared by fake and real kernels)."""
+    _type(isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES,
+          f"{op}: x must be a float32/bfloat16/float16 tensor, got {getattr(x, 'dtype', type(x))}")
+    _value(x.dim() >= 1, f"{op}: x must have shape (..., K), got a 0-d tensor")
+    _type(w.dtype == torch.int8, f"{op}: w must be torch.int8 of shape (N, K), got {w.dtype}")
+    _value(w.dim() == 2, f"{op}: w must have shape (N, K), got {tuple(w.shape)}")
+    N, K = w.shape
+    _value(K > 0 and N > 0, f"{op}: w must have N > 0 and K > 0, got {tuple(w.shape)}")
+    _value(x.shape[-1] == K, f"{op}: x has K={x.shape[-1]} in its last dim but w is (N={N}, K={K})")
+    _value(w.stride(1) == 1 and w.stride(0) == K,
+           f"{op}: w must be contiguous (N, K) with strides ({K}, 1), got strides {w.stride()} "
+           "(call .contiguous(); broadcast/expanded weights are not accepted)")
+    _type(w_scale.dtype == torch.float32, f"{op}: w_scale must be torch.float32, got {w_scale.dtype}")
+    _value(w_scale.dim() == 1 and w_scale.shape[0] == N,
+           f"{op}: w_scale must have shape (N,) = ({N},), got {tuple(w_scale.shape)}")
+    _value(x.device == w.device and w_scale.device == w.device,
+           f"{op}: x ({x.device}), w ({w.device}) and w_scale ({w_scale.device}) must be on one device")
+    if bias is not None:
+        _type(bias.dtype in (x.dtype, torch.float32),
+              f"{op}: bias must be {x.dtype} or torch.float32, got {bias.dtype}")
+        _value(bias.dim() == 1 and bias.shape[0] == N,
+               f"{op}: bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+        _value(bias.device == w.device, f"{op}: bias is on {bias.device} but w is on {w.device}")
+    if w_packed is not None:
+        _type(w_packed.dtype == torch.uint8, f"{op}: w_packed must be torch.uint8 (from prepack), got {w_packed.dtype}")
+        _value(w_packed.dim() == 1 and w_packed.shape[0] == int8_format.packed_bytes(N, K),
+               f"{op}: w_packed must be 1-D with {int8_format.packed_bytes(N, K)} bytes for w of shape "
+               f"({N}, {K}), got {tuple(w_packed.shape)}; build it with slmkern.formats.int8.prepack_cpu(w)")
+
+
+def _int8_linear_fake(op: str):
+    def fake(x, w, w_scale, bias=None, w_packed=None):
+        check_int8_linear(op, x, w, w_scale, bias, w_packed)
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+    return fake
+
+
+torch.library.register_fake("slmkern::w8a8_linear", _int8_linear_fake("w8a8_linear"), lib=LIB)
+torch.library.register_fake("slmkern::w8a16_linear", _int8_linear_fake("w8a16_linear"), lib=LIB)
+
+
+def w8a8_linear(x, w, w_scale, bias=None, w_packed=None):
+    """x (..., K) f32/bf16/f16, w (N, K) int8, w_scale (N,) f32, bias (N,)? -> (..., N) x.dtype.
+
+    Dynamic per-token symmetric int8 activations, int32 accumulation, per-channel dequant.
+    ``w_packed`` (from ``slmkern.formats.int8.prepack_cpu``) spares the CPU kernel a repack.
+    """
+    return torch.ops.slmkern.w8a8_linear(x, w, w_scale, bias, w_packed)
+
+
+def w8a16_linear(x, w, w_scale, bias=None, w_packed=None):
+    """x (..., K) f32/bf16/f16, w (N, K) int8, w_scale (N,) f32, bias (N,)? -> (..., N) x.dtype.
+
+    Weight-only int8: weights dequantized in-kernel, fp32 accumulation.
+    """
+    return torch.ops.slmkern.w8a16_linear(x, w, w_scale, bias, w_packed)
