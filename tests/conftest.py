@@ -1,0 +1,55 @@
+"""Shared fixtures: forced CPU ISA paths, seeded RNG, Triton interpreter on CPU-only machines."""
+from __future__ import annotations
+
+import os
+
+# Triton kernels run on CPU tensors under the interpreter when no GPU is present.
+# It must be set before triton (or slmkern.kernels) is imported.
+if os.environ.get("SLMKERN_TEST_NO_INTERPRET") is None:
+    try:
+        import torch as _torch
+        if not _torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:
+        pass
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import slmkern  # noqa: E402,F401
+from slmkern._backends import cpu as cpu_backend  # noqa: E402
+
+ALL_ISAS = ("ref", "avx2", "avx512", "avx512vnni")
+
+
+def available_isas() -> list[str]:
+    return list(cpu_backend._C.available_isas()) if cpu_backend.has_cpp() else []
+
+
+@pytest.fixture(params=ALL_ISAS)
+def cpu_isa(request):
+    """Run the test once per ISA path, forced with _C.set_isa; skipped where this CPU lacks it."""
+    if not cpu_backend.has_cpp():
+        pytest.skip("slmkern._C is not built")
+    if request.param not in available_isas():
+        pytest.skip(f"this CPU lacks {request.param}")
+    cpu_backend._C.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        cpu_backend._C.set_isa("auto")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0x5EED)
+    yield
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
