@@ -62,7 +62,11 @@ class Int8Linear(nn.Module):
             self.w_packed = None
 
     def _apply(self, fn, recurse=True):
+        scale = self.weight_scale
         out = super()._apply(fn, recurse)
+        # model.half()/.to(bf16) must not round the scales: keep them fp32, from the original.
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
         # Moving devices: the packed layout belongs to the CPU kernels only.
         if self.weight.device.type != "cpu":
             self.w_packed = None
