@@ -14,7 +14,6 @@ export TRANSFORMERS_OFFLINE := 1
 
 $(STAMP): Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(DEV_DEPS)
 	touch $(STAMP)
 
