@@ -35,7 +35,7 @@ def _gemv_configs():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in ((16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3))
+        for bn, bk, w, s in ((16, 512, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (16, 1024, 8, 3))
     ]
 
 

@@ -93,28 +93,31 @@ def _gemv_configs():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in ((16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3))
+        for bn, bk, w, s in ((16, 512, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (16, 1024, 8, 3))
     ]
 
 
 @triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _w8a8_gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym, M_BUCKET,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, X_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
 
-    # Pass 1: the row's absmax (every program recomputes it: K floats from L2 cost less than a launch).
-    amax_vec = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        xf = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+    # Pass 1: the row's absmax. Every program recomputes it (K floats from L2 cost less than a
+    # second launch); X_BLOCK covers the whole row in one step up to K = 4096.
+    offs_x = tl.arange(0, X_BLOCK)
+    amax_vec = tl.zeros([X_BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, X_BLOCK):
+        kx = k0 + offs_x
+        xf = tl.load(x_row + kx, mask=kx < K, other=0.0).to(tl.float32)
         amax_vec = tl.maximum(amax_vec, _nan_to_inf_abs(xf))
     inv, sx, ok = _row_quant_params(tl.max(amax_vec, axis=0))
 
     # Pass 2: quantize a chunk of x, multiply with a (BLOCK_N, BLOCK_K) weight tile, reduce along K.
+    offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
@@ -223,8 +226,10 @@ def _w8a8_kernel(q_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_ym,
 # launchers
 # --------------------------------------------------------------------------------------------
 
-def _quantize_block_k(K: int) -> int:
-    return max(16, min(triton.next_power_of_2(K), 64 if INTERPRET else 2048))
+def _row_block(K: int) -> int:
+    """Block for a pass over one row of x: the whole row up to 4096 (64 in the interpreter, so the
+    tests' K = 130 takes several steps)."""
+    return max(16, min(triton.next_power_of_2(K), 64 if INTERPRET else 4096))
 
 
 def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,9 +238,9 @@ def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     sx = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M > 0:
-        block_k = _quantize_block_k(K)
+        block_k = _row_block(K)
         launch(_quantize_rows_s8_kernel)[(M,)](x, q, sx, K, x.stride(0), BLOCK_K=block_k,
-                                                num_warps=4 if block_k >= 512 else 2)
+                                                num_warps=8 if block_k >= 2048 else 4 if block_k >= 512 else 2)
     return q, sx
 
 
@@ -247,7 +252,8 @@ def _gemv(x, w, w_scale, bias, y):
         return (triton.cdiv(N, meta["BLOCK_N"]), M)
 
     launch(_w8a8_gemv_kernel)[grid](x, w, w_scale, bias if bias is not None else w_scale, y, N, K,
-                                    x.stride(0), y.stride(0), m_bucket(M), HAS_BIAS=bias is not None)
+                                    x.stride(0), y.stride(0), m_bucket(M), HAS_BIAS=bias is not None,
+                                    X_BLOCK=_row_block(K))
 
 
 def _gemm(q, sx, w, w_scale, bias, y):

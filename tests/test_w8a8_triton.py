@@ -74,6 +74,14 @@ def make_case(M, K, N, dtype, bias, special_rows=True, bias_dtype=None):
     return x, w, w_scale, b
 
 
+@pytest.fixture(autouse=True)
+def _plain_launch():
+    """Launch kernels directly, as the registered CUDA op does (wrap_triton's higher-order op is
+    for tracing; test_*_launcher_traces_with_make_fx_cuda covers that path)."""
+    with triton_backend._set_wrap_triton_enabled(False):
+        yield
+
+
 def to_dev(*ts):
     return [t.to(DEVICE) if t is not None else None for t in ts]
 
@@ -203,7 +211,7 @@ ptx = {
                                "EVEN_K": False}),
     "gemv": _util.compile_ptx(k8._w8a8_gemv_kernel, {"x_ptr": "*bf16", **sig_io, "N": "i32", "K": "i32",
                               "stride_xm": "i32", "stride_ym": "i32", "M_BUCKET": "i32"},
-                              {"HAS_BIAS": True, "BLOCK_N": 32, "BLOCK_K": 256}),
+                              {"HAS_BIAS": True, "X_BLOCK": 2048, "BLOCK_N": 32, "BLOCK_K": 256}),
     "quant": _util.compile_ptx(k8._quantize_rows_s8_kernel, {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32",
                                "K": "i32", "stride_xm": "i32"}, {"BLOCK_K": 1024}),
 }
@@ -292,3 +300,18 @@ def test_w8a8_compile_fullgraph_cuda():
     xd, wd, wsd, bd = x.cuda(), w.cuda(), ws.cuda(), b.cuda()
     fn = torch.compile(lambda a: torch.ops.slmkern.w8a8_linear(a, wd, wsd, bd) * 2, fullgraph=True)
     assert_bits_equal(fn(xd), reference.w8a8_linear(x, w, ws, b) * 2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("M", [1, 16])
+def test_w8a8_launcher_traces_with_make_fx_cuda(M):
+    """wrap_triton: make_fx records the kernel launches, and the traced graph computes the same."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w, ws, b = make_case(M, 384, 1536, torch.bfloat16, True, special_rows=False)
+    wd, wsd, bd = w.cuda(), ws.cuda(), b.cuda()
+    with triton_backend._set_wrap_triton_enabled(True):
+        gm = make_fx(lambda a: k8.w8a8_linear(a, wd, wsd, bd))(x.cuda())
+    assert "triton_kernel_wrapper" in gm.code, gm.code
+    y = gm(x.cuda())
+    assert_bits_equal(y, reference.w8a8_linear(x, w, ws, b))

@@ -93,10 +93,17 @@ def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
     # w_packed is the CPU kernels' tile layout; the Triton kernels read w (N, K) directly.
     b = bias.contiguous() if bias is not None else None
     # Regular tensors in eager mode: launch the kernels directly, not through wrap_triton's
-    # higher-order op (what torch.library.triton_op does for the same reason).
-    with _set_wrap_triton_enabled(False):
+    # higher-order op (what torch.library.triton_op does for the same reason). Triton launches on
+    # the current device, so make it x's.
+    with _set_wrap_triton_enabled(False), _on_device(x.device):
         y = getattr(kernels, op)(x2, w, w_scale.contiguous(), b)
     return y.reshape(*x.shape[:-1], N)
+
+
+def _on_device(device: torch.device):
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
 
 
 @torch.library.register_kernel("slmkern::w8a8_linear", "cuda", lib=ops.LIB)
