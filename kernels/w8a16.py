@@ -2,8 +2,9 @@
 
 Weight-only int8: y[m, n] = (sum_k x[m, k] * float(w[n, k])) * w_scale[n] + bias[n], fp32 accumulation.
 int8 values are exact in bf16/fp16, so weight tiles are dequantized in registers to x's dtype and fed
-to a 16-bit tensor-core tl.dot (fp32 inputs use tf32x3, ~fp32 accurate); the per-channel scale is
-applied once in the epilogue instead of per element.
+to a 16-bit tensor-core tl.dot (fp32 inputs use tf32x3, ~fp32 accurate; its hi/lo split turns an
+infinite x into NaN where the reference gives inf); the per-channel scale is applied once in the
+epilogue instead of per element.
 
 Two paths, chosen by M:
 - M == 1 (decode): `_w8a16_gemv_kernel`, fp32 multiply-reduce over (BLOCK_N, BLOCK_K) weight tiles.

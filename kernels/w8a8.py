@@ -2,9 +2,9 @@
 
 Dynamic per-row symmetric int8 activations, an int8 x int8 -> int32 tl.dot, per-channel dequant:
 y[m, n] = float(sum_k qx[m, k] * w[n, k]) * (sx[m] * w_scale[n]) + bias[n].
-Bit-exact with slmkern.reference.w8a8_linear: the quantizer uses IEEE division (div_rn), rounds
-half to even with integer ops only, and the epilogue rounds the product before adding the bias,
-so no compiler FMA contraction can change a result.
+Bit-exact with slmkern.reference.w8a8_linear: the quantizer uses IEEE division (div_rn) and rounds
+half to even with a truncating convert and compares, the epilogue rounds the product before adding
+the bias (so no compiler FMA contraction can change a result), and outputs round to nearest even.
 
 Two paths, chosen by M:
 - M == 1 (decode): `_w8a8_gemv_kernel`, one program per BLOCK_N outputs, quantizes the row itself
@@ -77,7 +77,8 @@ def _dequant_epilogue(acc_i32, sx, ws, bias, HAS_BIAS: tl.constexpr):
     t = sx * ws
     accf = acc_i32.to(tl.float32)
     if HAS_BIAS:
-        # fma(a, b, +0) is the rounded product; adding bias to it cannot be contracted into one FMA.
+        # fma(a, b, +0) is the rounded product (only a -0 product turns +0), and adding the bias
+        # to it cannot be contracted into one FMA. Differs from the reference only for bias -0.0.
         y = tl.fma(accf, t, 0.0) + bias
     else:
         y = accf * t
