@@ -1,4 +1,4 @@
-"""w8a16_linear: x (M, K) f32/bf16/f16 rows, w (N, K) int8, w_scale (N,) f32, bias (N,) f32/x.dtype or None -> (M, N) x.dtype.
+"""w8a16_linear: x (M, K) f32/bf16/f16, w (N, K) int8, w_scale (N,) f32, bias (N,) f32/x.dtype? -> (M, N) x.dtype.
 
 Weight-only int8: y[m, n] = (sum_k x[m, k] * float(w[n, k])) * w_scale[n] + bias[n], fp32 accumulation.
 int8 values are exact in bf16/fp16, so weight tiles are dequantized in registers to x's dtype and fed
@@ -88,7 +88,7 @@ _GEMM_CONFIGS = tiled_configs(_GEMM_TILES, interpret_tile=(16, 32, 32, 4, 1), gr
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _w8a16_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, M_BUCKET,
-                  HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     # Grouped tile order: GROUP_M row-tiles sweep the N tiles together, so weight tiles are reused from L2.
     pid = tl.program_id(0)
@@ -117,11 +117,11 @@ def _w8a16_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride
             k_mask = (k0 + offs_k) < K
             a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
-        # int8 -> DOT_DTYPE is exact (|w| <= 127 fits bf16/fp16 mantissas); the scale waits for the epilogue.
-        if DOT_DTYPE == tl.float32:
-            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="tf32x3")
+        # int8 -> x's dtype is exact (|w| <= 127 fits bf16/fp16 mantissas); the scale waits for the epilogue.
+        if DOT_IN_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
         else:
-            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
+            acc = tl.dot(a, b.to(a.dtype), acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -138,15 +138,11 @@ def _w8a16_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride
 # launchers
 # --------------------------------------------------------------------------------------------
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _dot_dtype(dtype: torch.dtype):
-    # The interpreter's tl.dot multiplies bf16 tiles as raw uint16 (triton 3.9); fp32 operands give
-    # the same products exactly (bf16 x int8 fits fp32), so only the interpreter takes that route.
-    if INTERPRET and dtype == torch.bfloat16:
-        return tl.float32
-    return _TL_DTYPE[dtype]
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    # fp32 x: a tf32x3 dot. The interpreter's tl.dot also multiplies bf16 tiles as raw uint16
+    # (triton 3.9); fp32 operands give the same products exactly (bf16 x int8 fits fp32), so bf16
+    # takes that route there, and only there.
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
 def _gemv(x, w, w_scale, bias, y):
@@ -169,7 +165,7 @@ def _gemm(x, w, w_scale, bias, y):
 
     launch(_w8a16_kernel)[grid](x, w, w_scale, bias if bias is not None else w_scale, y, M, N, K,
                                 x.stride(0), y.stride(0), m_bucket(M), HAS_BIAS=bias is not None,
-                                DOT_DTYPE=_dot_dtype(x.dtype))
+                                DOT_IN_FP32=_dot_in_fp32(x.dtype))
 
 
 def w8a16_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,

@@ -1,4 +1,4 @@
-"""w8a8_linear: x (M, K) f32/bf16/f16 rows, w (N, K) int8, w_scale (N,) f32, bias (N,) f32/x.dtype or None -> (M, N) x.dtype.
+"""w8a8_linear: x (M, K) f32/bf16/f16, w (N, K) int8, w_scale (N,) f32, bias (N,) f32/x.dtype? -> (M, N) x.dtype.
 
 Dynamic per-row symmetric int8 activations, an int8 x int8 -> int32 tl.dot, per-channel dequant:
 y[m, n] = float(sum_k qx[m, k] * w[n, k]) * (sx[m] * w_scale[n]) + bias[n].

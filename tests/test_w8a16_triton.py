@@ -160,14 +160,13 @@ def test_w8a16_backend_entry_reshapes_validates_and_ignores_w_packed():
 _PTX_PROBE = r"""
 import json, re
 import slmkern
-import triton.language as tl
 from slmkern.kernels import _util, w8a16 as k16
 io = {"w_ptr": "*i8", "ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16"}
 out = {}
-for dt, tdt in (("bf16", tl.bfloat16), ("fp32", tl.float32)):
+for dt, fp32 in (("bf16", False), ("fp32", True)):
     sig = {"x_ptr": "*" + dt, **io, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
            "M_BUCKET": "i32"}
-    p = _util.compile_ptx(k16._w8a16_kernel, sig, {"HAS_BIAS": True, "DOT_DTYPE": tdt, "BLOCK_M": 64, "BLOCK_N": 128,
+    p = _util.compile_ptx(k16._w8a16_kernel, sig, {"HAS_BIAS": True, "DOT_IN_FP32": fp32, "BLOCK_M": 64, "BLOCK_N": 128,
                           "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True})
     out["gemm_" + dt] = {"wgmma": re.findall(r"wgmma\.mma_async\.sync\.aligned\.\w+\.(\w+\.\w+\.\w+)", p)[:1]}
 sig = {"x_ptr": "*bf16", **io, "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "M_BUCKET": "i32"}
