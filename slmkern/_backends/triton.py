@@ -1,5 +1,21 @@
-"""CUDA registrations: the Triton kernels in slmkern.kernels (needs triton)."""
+"""CUDA registrations: validate, then call the Triton launchers in slmkern.kernels (needs triton).
+
+Without triton (or if slmkern.kernels fails to import) CUDA tensors run the pure-torch reference,
+logged once.
+"""
 from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from slmkern import ops, reference
+from slmkern._logging import log_once
 
 try:
     import triton  # noqa: F401
@@ -7,3 +23,94 @@ except ImportError:  # CPU-only installs: CUDA tensors then use the reference
     HAS_TRITON = False
 else:
     HAS_TRITON = True
+
+
+def _import_kernels():
+    """slmkern.kernels, also from a source checkout used via PYTHONPATH (build_ext --inplace).
+
+    setup.py installs kernels/ as slmkern.kernels; a plain source tree has it next to slmkern/,
+    so load it from there under the same name.
+    """
+    try:
+        return importlib.import_module("slmkern.kernels")
+    except ModuleNotFoundError as exc:
+        if exc.name != "slmkern.kernels":
+            raise
+    src = Path(__file__).resolve().parents[2] / "kernels"
+    spec = importlib.util.spec_from_file_location("slmkern.kernels", src / "__init__.py",
+                                                  submodule_search_locations=[str(src)])
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"slmkern.kernels is not installed and {src} has no __init__.py",
+                                  name="slmkern.kernels")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["slmkern.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["slmkern.kernels"]
+        raise
+    import slmkern
+    slmkern.kernels = module
+    return module
+
+
+kernels = None
+_IMPORT_ERROR: Exception | None = None
+if HAS_TRITON:
+    try:
+        kernels = _import_kernels()
+    except Exception as exc:  # noqa: BLE001 - a broken triton install must not break `import slmkern`
+        _IMPORT_ERROR = exc
+
+try:  # torch >= 2.6; a plain launch where wrap_triton would go through the higher-order op
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:
+    def _set_wrap_triton_enabled(enabled: bool):
+        return contextlib.nullcontext()
+
+
+def has_triton_kernels() -> bool:
+    return kernels is not None
+
+
+def _as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """(..., K) -> (M, K) with unit inner stride and row stride >= K (copies only if needed)."""
+    x2 = x.reshape(-1, K)
+    if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < K):
+        x2 = x2.contiguous()
+    return x2
+
+
+def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
+    ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
+    if kernels is None:
+        why = "triton is not installed" if not HAS_TRITON else f"slmkern.kernels failed to import ({_IMPORT_ERROR})"
+        log_once(f"{op}-no-triton", f"slmkern: {op} runs the pure-torch reference on CUDA because {why}",
+                 logging.WARNING)
+        return getattr(reference, op)(x, w, w_scale, bias)
+    N, K = w.shape
+    x2 = _as_rows(x, K)
+    # w_packed is the CPU kernels' tile layout; the Triton kernels read w (N, K) directly.
+    b = bias.contiguous() if bias is not None else None
+    # Regular tensors in eager mode: launch the kernels directly, not through wrap_triton's
+    # higher-order op (what torch.library.triton_op does for the same reason). Triton launches on
+    # the current device, so make it x's.
+    with _set_wrap_triton_enabled(False), _on_device(x.device):
+        y = getattr(kernels, op)(x2, w, w_scale.contiguous(), b)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def _on_device(device: torch.device):
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
+@torch.library.register_kernel("slmkern::w8a8_linear", "cuda", lib=ops.LIB)
+def w8a8_linear_cuda(x, w, w_scale, bias=None, w_packed=None):
+    return _int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed)
+
+
+@torch.library.register_kernel("slmkern::w8a16_linear", "cuda", lib=ops.LIB)
+def w8a16_linear_cuda(x, w, w_scale, bias=None, w_packed=None):
+    return _int8_linear("w8a16_linear", x, w, w_scale, bias, w_packed)

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# GPU check in one prepared run: versions, in-place build, the CUDA/Triton tests, the GPU benchmark.
+#
+#   benchmarks/gpu_check.sh OUTDIR
+#
+# Writes into OUTDIR (7 files): env.log, build.log, tests.log, tests.xml (JUnit), bench.log,
+# bench_gpu.json (one row per measurement, from `slmkern bench --device cuda --json`) and
+# summary.txt (one line per step: rc and seconds). Every step runs and keeps its log even if an
+# earlier one failed; the exit status is non-zero if any step failed. Installs nothing except,
+# with pip, test/build tools that are missing (torch and triton must already be there).
+# Budget: a few minutes on an H200 (most of it Triton compiling each autotune config once).
+#
+# Knobs (environment): PYTHON (default python3), TEST_WORKERS (pytest-xdist workers, default 8
+# when xdist is installed; 0 = serial), BENCH_ARGS (extra `slmkern bench` arguments),
+# STEP_TIMEOUT_TESTS / STEP_TIMEOUT_BENCH (seconds, defaults 330 / 200).
+set -u -o pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+unset TRITON_INTERPRET SLMKERN_TEST_NO_INTERPRET
+: >"$OUT/summary.txt"
+FAILED=0
+
+# step NAME LOGFILE TIMEOUT_S CMD...: run CMD, append its output to LOGFILE and the console.
+step() {
+    local name=$1 log=$2 limit=$3
+    shift 3
+    local t0=$SECONDS rc
+    echo "=== $name: $* (limit ${limit}s)" | tee -a "$log"
+    timeout --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log"
+    rc=$?
+    echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+    [ "$rc" -eq 0 ] || FAILED=1
+    return 0
+}
+
+# --- 1. versions and tools ---------------------------------------------------------------------
+ENV_LOG="$OUT/env.log"
+: >"$ENV_LOG"
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(hostname)  repo: $ROOT"
+    git -C "$ROOT" log -1 --oneline 2>/dev/null || true
+    nvidia-smi || echo "nvidia-smi failed"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+} 2>&1 | tee -a "$ENV_LOG"
+step versions "$ENV_LOG" 120 "$PY" -c '
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton MISSING:", exc)
+print("cuda available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device:", p.name, "cc", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count,
+          "mem GiB", round(p.total_memory / 2**30, 1))
+'
+MISSING=$("$PY" - <<'EOF'
+import importlib.util
+need = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "hypothesis": "hypothesis",
+        "pybind11": "pybind11", "cmake": "cmake", "ninja": "ninja"}
+print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
+EOF
+)
+if [ -n "$MISSING" ]; then
+    step pip_install "$ENV_LOG" 180 "$PY" -m pip install -q --disable-pip-version-check $MISSING
+else
+    echo "test/build tools present" | tee -a "$ENV_LOG"
+fi
+
+# --- 2. build the C++ extension in place ---------------------------------------------------------
+step build "$OUT/build.log" 240 "$PY" setup.py build_ext --inplace
+step import "$OUT/build.log" 120 "$PY" -c '
+import slmkern, torch
+from slmkern._backends import cpu, triton as tb
+print("slmkern._C:", cpu.has_cpp(), "| triton kernels:", tb.has_triton_kernels(), tb._IMPORT_ERROR or "")
+print(slmkern.info())
+'
+
+# --- 3. CUDA + Triton tests ------------------------------------------------------------------------
+WORKERS=${TEST_WORKERS:-8}
+XDIST=()
+if [ "$WORKERS" != "0" ] && "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "$WORKERS")  # parallel processes: Triton compiles each config once per process type
+fi
+step tests "$OUT/tests.log" "${STEP_TIMEOUT_TESTS:-330}" "$PY" -m pytest -q tests -k "cuda or triton" \
+    -p no:cacheprovider -rfEs --durations=15 --junitxml="$OUT/tests.xml" ${XDIST[@]+"${XDIST[@]}"}
+
+# --- 4. GPU benchmark (slmkern vs cuBLAS bf16, torch._int_mm, ...) ---------------------------------
+if ! "$PY" -c "import slmkern.benchmarks" 2>/dev/null && [ -f benchmarks/__init__.py ]; then
+    # setup.py maps benchmarks/ to slmkern.benchmarks; a source tree needs the (offline) editable install.
+    step editable_install "$OUT/bench.log" 240 "$PY" -m pip install -q --no-deps --no-build-isolation \
+        --no-index --disable-pip-version-check -e .
+fi
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+step bench "$OUT/bench.log" "${STEP_TIMEOUT_BENCH:-200}" "$PY" -m slmkern.cli bench --device cuda \
+    --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-}
+
+echo "=== summary ($OUT)"
+cat "$OUT/summary.txt"
+exit "$FAILED"
