@@ -60,6 +60,17 @@ def test_quantize_dequantize(N, K, g, symmetric):
     assert torch.equal(q.dequantize(torch.bfloat16), deq.to(torch.bfloat16))
 
 
+def test_minmax_parameters_follow_the_documented_convention():
+    w = torch.randn(6, 128)
+    wg = w.reshape(6, 4, 32)
+    s, z = int4.minmax_params(w, 32, symmetric=True)
+    assert z is None and torch.equal(s, wg.abs().amax(-1) / 7.5)   # [-amax, amax] -> [-7.5, 7.5]
+    s, z = int4.minmax_params(w, 32, symmetric=False)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    assert torch.equal(s, (hi - lo) / 15)
+    assert torch.equal(z, torch.round(-lo / s).clamp(0, 15).to(torch.uint8))
+
+
 def test_all_zero_group_is_exact():
     w = torch.randn(4, 64)
     w[1, :32] = 0

@@ -30,8 +30,9 @@ Dequantization (the value every w4a16 kernel computes with), in fp32::
 Quantization rounds half to even: ``code = clamp(round(W / s) + z, 0, 15)``. Min/max
 parameters (:func:`minmax_params`, used by :func:`quantize`):
 
-* symmetric: ``s = amax / 7.5`` (amax = max|W| of the group), so -amax maps to -8
-  and +amax to 7.5 -> clamped to 7: every element is within s/2 of its grid point.
+* symmetric: ``s = amax / 7.5`` (amax = max|W| of the group; the GPTQ and
+  compressed-tensors convention), so [-amax, amax] maps to [-7.5, 7.5]: the clamp to
+  [-8, 7] costs at most s/2, and every element is within s/2 of its grid point.
 * asymmetric: range ``[min(wmin, 0), max(wmax, 0)]``, ``s = range / 15``,
   ``z = clamp(round(-lo / s), 0, 15)``; again every element is within s/2.
 * an all-zero group gets ``s = 1`` (any scale reproduces zeros exactly).
