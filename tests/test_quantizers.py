@@ -116,12 +116,12 @@ def test_hessian_accumulator_matches_closed_form():
 
 
 @pytest.mark.parametrize("g,symmetric", [(32, False), (64, True), (128, False), (-1, True)])
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_beats_rtn_on_output_error(g, symmetric, act_order):
+@pytest.mark.parametrize("act_order,clip", [(False, "minmax"), (True, "minmax"), (True, "mse")])
+def test_gptq_beats_rtn_on_output_error(g, symmetric, act_order, clip):
     N, K = 64, 256
     X = correlated_inputs(1024, K)
     w = torch.randn(N, K) * 0.05
-    q, st = gptq.gptq_quantize(w, hessian(X), g, symmetric, act_order=act_order)
+    q, st = gptq.gptq_quantize(w, hessian(X), g, symmetric, act_order=act_order, clip=clip)
     assert_canonical(q, N, K, g, symmetric)
     assert st.retries == 0 and not st.fallback
     assert out_err(X, w, q) < 0.85 * out_err(X, w, rtn.rtn_quantize(w, g, symmetric))
@@ -133,10 +133,13 @@ def test_gptq_act_order_uses_static_groups_in_natural_order():
     X = correlated_inputs(512, K) * torch.linspace(0.1, 3.0, K)   # diag(H) far from sorted
     w = torch.randn(N, K) * 0.05
     H = hessian(X)
-    q, _ = gptq.gptq_quantize(w, H, g, symmetric=False, act_order=True)
+    q, _ = gptq.gptq_quantize(w, H, g, symmetric=False, act_order=True, clip="minmax")
     s, z = int4.minmax_params(w, g, symmetric=False)      # fixed before any update, natural order
     assert torch.equal(q.scales, s) and torch.equal(q.zeros, z)
-    q_plain, _ = gptq.gptq_quantize(w, H, g, symmetric=False)
+    q_mse, _ = gptq.gptq_quantize(w, H, g, symmetric=False, act_order=True, clip="mse")
+    s, z = rtn.mse_clip_params(w, g, symmetric=False)
+    assert torch.equal(q_mse.scales, s) and torch.equal(q_mse.zeros, z)
+    q_plain, _ = gptq.gptq_quantize(w, H, g, symmetric=False, act_order=False, clip="minmax")
     assert not torch.equal(q.packed, q_plain.packed)      # the column order did change the result
 
 
@@ -158,7 +161,7 @@ def test_gptq_nonfinite_hessian_falls_back_to_rtn(caplog):
     with caplog.at_level(logging.WARNING, logger="slmkern"):
         q, st = gptq.gptq_quantize(w, H, 32, name="bad")
     assert st.fallback and any("bad" in r.getMessage() for r in caplog.records)
-    assert torch.equal(q.packed, rtn.rtn_quantize(w, 32).packed)
+    assert torch.equal(q.packed, rtn.rtn_quantize(w, 32, clip="mse").packed)
 
 
 def test_gptq_dead_input_columns_keep_their_weights():
@@ -166,7 +169,7 @@ def test_gptq_dead_input_columns_keep_their_weights():
     X = torch.randn(256, K)
     X[:, 5] = 0
     w = torch.randn(N, K) * 0.05
-    q, _ = gptq.gptq_quantize(w, hessian(X), 32)
+    q, _ = gptq.gptq_quantize(w, hessian(X), 32, clip="minmax")
     s = q.scales.repeat_interleave(32, dim=1)
     assert bool(((w[:, 5] - q.dequantize()[:, 5]).abs() <= s[:, 5] * (0.5 + 1e-5)).all())
 
