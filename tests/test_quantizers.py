@@ -143,13 +143,14 @@ def test_gptq_act_order_uses_static_groups_in_natural_order():
     assert not torch.equal(q.packed, q_plain.packed)      # the column order did change the result
 
 
-def test_gptq_singular_hessian_retries_with_more_damping(caplog):
+@pytest.mark.parametrize("percdamp", [0.0, 1e-9])
+def test_gptq_near_singular_hessian_retries_with_more_damping(caplog, percdamp):
     N, K = 16, 64
-    X = torch.randn(4, K)                                 # rank 4 << K: singular H
+    X = torch.randn(4, K)                                 # rank 4 << K: (near-)singular H
     w = torch.randn(N, K) * 0.05
     with caplog.at_level(logging.WARNING, logger="slmkern"):
-        q, st = gptq.gptq_quantize(w, hessian(X), 32, percdamp=0.0, name="layer0")
-    assert st.retries >= 1 and st.damp > 0 and not st.fallback
+        q, st = gptq.gptq_quantize(w, hessian(X), 32, percdamp=percdamp, name="layer0")
+    assert st.retries >= 1 and st.damp > percdamp and not st.fallback
     assert any("layer0" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records)
     assert_canonical(q, N, K, 32, False)
 
