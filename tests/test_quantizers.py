@@ -195,7 +195,7 @@ class Twin(nn.Module):
         self.unused = nn.Linear(64, 64)
 
     def forward(self, x):
-        return self.c(torch.relu(self.a(x)) + self.b(x))
+        return self.c(input=torch.relu(self.a(x)) + self.b(x))     # c: called by keyword
 
 
 def _rtn_model(model, g):
@@ -211,6 +211,14 @@ def _rel(model, ref_out, data):
     with torch.no_grad():
         out = torch.cat([model(x) for x in data])
     return float((out - ref_out).norm() / ref_out.norm())
+
+
+def test_gptq_model_driver_keyword_input_and_empty_batch():
+    model = Twin()
+    calib = [torch.randn(16, 64) for _ in range(3)] + [torch.randn(0, 64)]
+    weights, report = gptq.gptq_quantize_model(model, calib, group_size=32, progress=False)
+    assert report.stages == [["a", "b"], ["c"]]
+    assert report.layers["c"].nsamples == 48 and not report.layers["c"].fallback
 
 
 def test_gptq_model_driver_sequential():
@@ -238,7 +246,7 @@ def test_gptq_model_driver_stages_skips_and_restore():
     weights, report = gptq.gptq_quantize_model(
         model, iter(calib), group_size=64, symmetric=True, act_order=True, write_back=False,
         filter_fn=lambda m, fqn: fqn != "c", progress=False)
-    assert report.stages == [["a", "b"]]                   # shared input -> one pass
+    assert report.stages == [["a", "b"]]                   # shared input -> one pass (c filtered out)
     assert set(weights) == {"a", "b", "unused"}
     assert "never called" in report.layers["unused"].fallback
     assert ("c", "filter_fn returned False") in report.skipped

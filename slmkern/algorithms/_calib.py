@@ -69,8 +69,9 @@ def run_model(model: nn.Module, batch: Any, device: torch.device) -> None:
         pass
 
 
-def _first_tensor(args: tuple) -> torch.Tensor | None:
-    return args[0] if args and isinstance(args[0], torch.Tensor) else None
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    x = args[0] if args else kwargs.get("input")
+    return x if isinstance(x, torch.Tensor) else None
 
 
 @dataclasses.dataclass
@@ -90,11 +91,11 @@ def trace_linears(model: nn.Module, targets: dict[str, nn.Module], batch: Any,
     prev: dict[str, Any] = {"x": None}
 
     def make_hook(fqn: str):
-        def hook(mod, args):
+        def hook(mod, args, kwargs):
             calls[fqn] += 1
             if calls[fqn] > 1:
                 return None
-            x = _first_tensor(args)
+            x = _first_tensor(args, kwargs)
             px = prev["x"]
             same = (x is not None and px is not None and
                     (x is px or (x.data_ptr() == px.data_ptr() and x.shape == px.shape
@@ -108,7 +109,7 @@ def trace_linears(model: nn.Module, targets: dict[str, nn.Module], batch: Any,
             return None
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(fqn)) for fqn, m in targets.items()]
+    handles = [m.register_forward_pre_hook(make_hook(fqn), with_kwargs=True) for fqn, m in targets.items()]
     try:
         with torch.no_grad():
             run_model(model, batch, device)
@@ -149,8 +150,8 @@ class HessianCollector:
         self._seen: dict[str, int] = {}
 
     def _hook(self, fqn: str):
-        def hook(mod, args):
-            x = _first_tensor(args)
+        def hook(mod, args, kwargs):
+            x = _first_tensor(args, kwargs)
             if x is not None:
                 self.acc[fqn].add(x)
             self._seen[fqn] = self._seen.get(fqn, 0) + 1
@@ -160,7 +161,8 @@ class HessianCollector:
         return hook
 
     def collect(self, model: nn.Module, batches: list[Any], device: torch.device) -> dict[str, HessianAccumulator]:
-        handles = [m.register_forward_pre_hook(self._hook(fqn)) for fqn, m in self.layers.items()]
+        handles = [m.register_forward_pre_hook(self._hook(fqn), with_kwargs=True)
+                   for fqn, m in self.layers.items()]
         try:
             with torch.no_grad():
                 for batch in batches:

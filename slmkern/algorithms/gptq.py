@@ -283,6 +283,15 @@ def gptq_quantize_model(model: nn.Module, calibration: Any, group_size: int = 12
             accs = _calib.HessianCollector(layers, trace.calls).collect(model, batches, device)
             for fqn, mod in layers.items():
                 acc = accs.pop(fqn)
+                if acc.n == 0:  # ran, but with no tensor input we could read
+                    q = rtn.rtn_quantize(mod.weight, group_size, symmetric, clip=clip)
+                    st = GPTQStats(fallback="no input rows captured during calibration; RTN")
+                    logger.warning("gptq: %s: no input rows captured; quantized by RTN", fqn)
+                    _store(mod, q)
+                    out[fqn], report.layers[fqn] = q, st
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 q, st = gptq_quantize(mod.weight, acc.H, group_size, symmetric, act_order=act_order,
                                       percdamp=percdamp, block_size=block_size, clip=clip,
                                       name=fqn, nsamples=acc.n)
