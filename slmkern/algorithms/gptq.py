@@ -190,11 +190,13 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 128, symme
                 err = (wcol - (q - z) * s) / Hinv1[i, i]
                 W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
+            if not bool(torch.isfinite(Err1).all()):  # one check per block, before NaN can spread
+                return fallback("non-finite intermediate weights")
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     except ValueError as e:  # non-finite updated weights reached a group-parameter fit
         return fallback(f"non-finite intermediate weights ({e})")
-    if not (bool(torch.isfinite(scales).all()) and bool(torch.isfinite(W).all())):
-        return fallback("non-finite intermediate weights")
+    if not bool(torch.isfinite(scales).all()):
+        return fallback("non-finite group scales")
     return finish(int4.Int4Weight(int4.pack(codes), scales.contiguous(),
                                   None if zeros is None else zeros.contiguous()))
 
