@@ -73,3 +73,79 @@ def w8a16_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     acc = x2 @ w.float().T
     y = _epilogue(acc, w_scale.float().unsqueeze(0), bias)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------- int4 (W4A16, W4A8)
+from slmkern.formats import int4 as _int4  # noqa: E402  (pure torch, no cycle)
+
+
+def _check_int4_linear(op: str, x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor | None, group_size: int, bias: torch.Tensor | None):
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{op}: x must be a float32/bfloat16/float16 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape (..., K), got a 0-d tensor")
+    K = x.shape[-1]
+    if isinstance(w_packed, torch.Tensor) and w_packed.dim() == 2 and 2 * w_packed.shape[1] != K:
+        raise ValueError(f"{op}: w_packed must have shape (N, K/2) = (N, {K / 2:g}) for x with K={K}, "
+                         f"got {tuple(w_packed.shape)}")
+    N, K, g = _int4.check(w_packed, scales, zeros, group_size)
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        raise ValueError(f"{op}: bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+    return N, K, g
+
+
+def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor | None, group_size: int,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) f32/bf16/f16, w_packed (N, K/2) uint8, scales (N, K/g) f32, zeros (N, K/g) uint8? -> (..., N) x.dtype.
+
+    Weight-only int4 (format: slmkern.formats.int4): W = (code - z) * scale in fp32
+    (z = zeros, or 8 when zeros is None), then y = x @ W.T + bias accumulated in fp32.
+    Kernels match it within fp32 accumulation-order tolerance.
+    """
+    N, K, g = _check_int4_linear("w4a16_linear", x, w_packed, scales, zeros, group_size, bias)
+    w = _int4.dequantize(w_packed, scales, zeros, g)
+    y = x.reshape(-1, K).float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor | None, group_size: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) f32/bf16/f16, w_packed (N, K/2) uint8, scales (N, K/g) f32, zeros (N, K/g) uint8? -> (..., N) x.dtype.
+
+    Dynamic per-row int8 activations (``qx, sx = quantize_rows_s8(x)``), then for each
+    group i (k in [i*g, (i+1)*g)) an exact int32 partial
+
+        acc_i[m, n] = sum_k qx[m, k] * code[n, k]  -  z[n, i] * sum_k qx[m, k]
+
+    (the zero point is applied through the per-group activation sum; z = 8 when
+    zeros is None), and the fp32 epilogue, in exactly this order, each step a
+    separate fp32 multiply or add (no FMA):
+
+        y = 0;  for i = 0, 1, ..., K/g - 1:  y = y + float(acc_i) * scales[n, i]
+        y = y * sx[m];  y = y + bias[n]
+
+    Integer parts are exact; a CPU kernel following this order is bit-exact.
+    Rows with NaN/inf give NaN outputs; all-zero rows give bias.
+    """
+    N, K, g = _check_int4_linear("w4a8_linear", x, w_packed, scales, zeros, group_size, bias)
+    G = K // g
+    qx, sx = quantize_rows_s8(x.reshape(-1, K))
+    M = qx.shape[0]
+    qg = qx.reshape(M, G, g).double()
+    cg = _int4.unpack(w_packed).reshape(N, G, g).double()
+    z = _int4.zero_tensor(scales, zeros).double()                  # (N, G) small integers
+    dots = torch.einsum("mgk,ngk->gmn", qg, cg)                      # exact: |partial| < 2^53
+    xsum = qg.sum(dim=-1)                                            # (M, G)
+    acc = (dots - xsum.T.unsqueeze(2) * z.T.unsqueeze(1)).to(torch.int32)   # (G, M, N)
+    y = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    for i in range(G):
+        y = y + acc[i].float() * scales[:, i].unsqueeze(0)
+    y = y * sx.unsqueeze(1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)

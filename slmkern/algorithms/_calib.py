@@ -1,0 +1,174 @@
+"""Calibration plumbing shared by data-driven algorithms (GPTQ; reusable by SparseGPT/Wanda).
+
+* :func:`as_batches` / :func:`run_model`: any iterable of model inputs -- dicts
+  (``model(**batch)``, Hugging Face style), tuples/lists (``model(*batch)``) or tensors
+  (``model(batch)``) -- moved to the model's device.
+* :func:`trace_linears`: one forward pass that records in which order the target
+  Linear layers run, how often each runs per forward, and which consecutive layers
+  read the very same input tensor (q/k/v, gate/up). Such a *stage* can be calibrated
+  from one pass, since no member depends on another's output.
+* :class:`HessianCollector`: forward pre-hooks that accumulate ``H = 2/n * sum x x^T``
+  for the layers of one stage and stop the forward pass (:class:`StopForward`) once
+  every member has seen its input, so the rest of the model is not run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised from a hook to abandon a calibration forward pass once its inputs are captured."""
+
+
+def as_batches(calibration: Any) -> list[Any]:
+    """Materialise the calibration inputs (a single tensor or dict counts as one batch)."""
+    if isinstance(calibration, torch.Tensor) or hasattr(calibration, "keys"):
+        return [calibration]
+    if not isinstance(calibration, Iterable):
+        raise TypeError(f"calibration: expected an iterable of model inputs (dicts, tuples or tensors), "
+                        f"got {type(calibration).__name__}")
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("calibration: is empty; GPTQ needs at least one batch of model inputs")
+    return batches
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def run_model(model: nn.Module, batch: Any, device: torch.device) -> None:
+    """One forward pass on one calibration batch; a StopForward from a hook ends it quietly."""
+    if isinstance(batch, dict) or (hasattr(batch, "keys") and not isinstance(batch, torch.Tensor)):
+        args, kwargs = (), dict(to_device(dict(batch), device))
+    elif isinstance(batch, (tuple, list)):
+        args, kwargs = tuple(to_device(list(batch), device)), {}
+    elif isinstance(batch, torch.Tensor):
+        args, kwargs = (batch.to(device),), {}
+    else:
+        raise TypeError(f"calibration: each batch must be a dict, tuple/list or tensor, got {type(batch).__name__}")
+    try:
+        model(*args, **kwargs)
+    except StopForward:
+        pass
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    x = args[0] if args else kwargs.get("input")
+    return x if isinstance(x, torch.Tensor) else None
+
+
+@dataclasses.dataclass
+class Trace:
+    """Execution facts of the target layers in one forward pass."""
+
+    stages: list[list[str]]          # consecutive layers sharing one input tensor, in run order
+    calls: dict[str, int]            # calls per forward pass
+    never_called: list[str]          # targets that did not run
+
+
+def trace_linears(model: nn.Module, targets: dict[str, nn.Module], batch: Any,
+                  device: torch.device) -> Trace:
+    order: list[str] = []
+    calls = {fqn: 0 for fqn in targets}
+    stages: list[list[str]] = []
+    prev: dict[str, Any] = {"x": None}
+
+    def make_hook(fqn: str):
+        def hook(mod, args, kwargs):
+            calls[fqn] += 1
+            if calls[fqn] > 1:
+                return None
+            x = _first_tensor(args, kwargs)
+            px = prev["x"]
+            same = (x is not None and px is not None and
+                    (x is px or (x.data_ptr() == px.data_ptr() and x.shape == px.shape
+                                 and x.stride() == px.stride() and x.dtype == px.dtype)))
+            if same and stages:
+                stages[-1].append(fqn)
+            else:
+                stages.append([fqn])
+            prev["x"] = x  # held until the next first call, so its address cannot be reused
+            order.append(fqn)
+            return None
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(fqn), with_kwargs=True) for fqn, m in targets.items()]
+    try:
+        with torch.no_grad():
+            run_model(model, batch, device)
+    finally:
+        for h in handles:
+            h.remove()
+        prev["x"] = None
+    never = [fqn for fqn in targets if calls[fqn] == 0]
+    return Trace(stages=stages, calls=calls, never_called=never)
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum_rows x^T x`` (fp32) over the rows of every input (..., K)."""
+
+    def __init__(self, K: int, device: torch.device):
+        self.H = torch.zeros(K, K, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.H.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.T, x)
+
+
+class HessianCollector:
+    """Pre-hooks on one stage's layers: accumulate their Hessians, stop the pass when all are fed."""
+
+    def __init__(self, layers: dict[str, nn.Module], calls: dict[str, int], stop_early: bool = True):
+        self.layers = layers
+        self.expected = {fqn: calls[fqn] for fqn in layers}
+        self.acc = {fqn: HessianAccumulator(m.in_features, m.weight.device) for fqn, m in layers.items()}
+        self.stop_early = stop_early
+        self._seen: dict[str, int] = {}
+
+    def _hook(self, fqn: str):
+        def hook(mod, args, kwargs):
+            x = _first_tensor(args, kwargs)
+            if x is not None:
+                self.acc[fqn].add(x)
+            self._seen[fqn] = self._seen.get(fqn, 0) + 1
+            if self.stop_early and all(self._seen.get(f, 0) >= n for f, n in self.expected.items()):
+                raise StopForward
+            return None
+        return hook
+
+    def collect(self, model: nn.Module, batches: list[Any], device: torch.device) -> dict[str, HessianAccumulator]:
+        handles = [m.register_forward_pre_hook(self._hook(fqn), with_kwargs=True)
+                   for fqn, m in self.layers.items()]
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    self._seen = {}
+                    run_model(model, batch, device)
+        finally:
+            for h in handles:
+                h.remove()
+        return self.acc
