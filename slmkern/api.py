@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import fnmatch
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from slmkern.config import Int8Config
-from slmkern.nn import Int8Linear
+from slmkern.config import Int4Config, Int8Config
+from slmkern.nn import Int4Linear, Int8Linear
 
 FilterFn = Callable[[nn.Module, str], bool]
+Config = Int8Config | Int4Config
 
 
 @dataclasses.dataclass
@@ -18,11 +20,13 @@ class SwapReport:
 
     swapped: list[tuple[str, str]] = dataclasses.field(default_factory=list)   # (fqn, new module repr)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)   # (fqn, reason)
+    notes: list[str] = dataclasses.field(default_factory=list)                 # e.g. GPTQ fallbacks
 
     def __str__(self) -> str:
         lines = [f"swapped {len(self.swapped)} layer(s), skipped {len(self.skipped)}"]
         lines += [f"  swapped {fqn}: {desc}" for fqn, desc in self.swapped]
         lines += [f"  skipped {fqn}: {why}" for fqn, why in self.skipped]
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -32,31 +36,97 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_(model: nn.Module, config: Int8Config, filter_fn: FilterFn | None = None) -> SwapReport:
-    """Replace nn.Linear layers of `model` in place; returns a SwapReport.
+def _check_config(config: Any, name: str = "config") -> None:
+    if not isinstance(config, (Int8Config, Int4Config)):
+        raise TypeError(f"{name}: expected Int8Config or Int4Config, got {type(config).__name__}")
 
-    filter_fn(module, fqn) -> bool picks layers (default: every nn.Linear whose
-    name does not end with one of config.skip_names).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, Int8Config):
-        raise TypeError(f"config: expected Int8Config, got {type(config).__name__}")
-    report = SwapReport()
+
+def _plan(model: nn.Module, config: Config, filter_fn: FilterFn | None,
+          overrides: dict[str, Config | None] | None, report: SwapReport) -> list[tuple[str, nn.Linear, Config]]:
+    """Which Linear gets which config (or a skip reason)."""
     targets = [(fqn, m) for fqn, m in model.named_modules() if type(m) is nn.Linear]
     if not targets:
         raise ValueError("model: has no torch.nn.Linear layers to quantize")
+    plan = []
     for fqn, mod in targets:
+        cfg: Config | None = config
+        matched = None
+        for pattern, over in (overrides or {}).items():
+            if fnmatch.fnmatchcase(fqn, pattern):
+                matched, cfg = pattern, over
+                break
+        if matched is not None and cfg is None:
+            report.skipped.append((fqn, f"overrides[{matched!r}] is None"))
+            continue
         if filter_fn is not None and not filter_fn(mod, fqn):
             report.skipped.append((fqn, "filter_fn returned False"))
             continue
-        if filter_fn is None and any(fqn == s or fqn.endswith("." + s) for s in config.skip_names):
-            report.skipped.append((fqn, f"name matches config.skip_names {config.skip_names}"))
+        if matched is None and filter_fn is None and any(fqn == s or fqn.endswith("." + s) for s in cfg.skip_names):
+            report.skipped.append((fqn, f"name matches config.skip_names {cfg.skip_names}"))
             continue
         if not mod.weight.is_floating_point():
             report.skipped.append((fqn, f"weight dtype {mod.weight.dtype} is not floating point"))
             continue
-        new = Int8Linear.from_linear(mod, activations=config.activations)
+        if isinstance(cfg, Int4Config):
+            K = mod.in_features
+            g = K if cfg.group_size == -1 else cfg.group_size
+            if K % 2 or K % g:
+                report.skipped.append((fqn, f"in_features={K} is not a multiple of group_size={g} (int4 needs it)"))
+                continue
+        plan.append((fqn, mod, cfg))
+    return plan
+
+
+def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = None, *,
+              calibration: Iterable[Any] | None = None,
+              overrides: dict[str, Config | None] | None = None, progress: bool = True) -> SwapReport:
+    """Replace nn.Linear layers of `model` in place; returns a SwapReport.
+
+    config: Int8Config or Int4Config, applied to every selected Linear.
+    filter_fn(module, fqn) -> bool picks layers (default: every nn.Linear whose name
+      does not end with one of config.skip_names).
+    overrides: {fnmatch pattern on the fqn: config or None}; the first matching pattern
+      gives that layer its own config (None keeps it dense).
+    calibration: an iterable of model inputs (dicts, tuples or tensors), needed by
+      Int4Config(method="gptq").
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
+    _check_config(config)
+    for pattern, over in (overrides or {}).items():
+        if over is not None:
+            _check_config(over, f"overrides[{pattern!r}]")
+    report = SwapReport()
+    plan = _plan(model, config, filter_fn, overrides, report)
+
+    gptq_cfgs = {cfg for _, _, cfg in plan if isinstance(cfg, Int4Config) and cfg.method == "gptq"}
+    gptq_weights: dict[str, Any] = {}
+    if gptq_cfgs:
+        if calibration is None:
+            raise ValueError("calibration: Int4Config(method='gptq') needs calibration data "
+                             "(an iterable of model inputs)")
+        from slmkern.algorithms.gptq import gptq_quantize_model
+
+        calib = list(calibration)
+        for cfg in gptq_cfgs:  # one layer-by-layer pass per distinct GPTQ config
+            names = {fqn for fqn, _, c in plan if c == cfg}
+            weights, greport = gptq_quantize_model(
+                model, calib, cfg.group_size, cfg.symmetric, filter_fn=lambda m, fqn, names=names: fqn in names,
+                act_order=cfg.act_order, percdamp=cfg.percdamp, block_size=cfg.block_size, clip=cfg.clip,
+                write_back=False, progress=progress)
+            gptq_weights.update(weights)
+            report.notes += [line.strip() for line in str(greport).splitlines()[1:] if line.strip()]
+
+    for fqn, mod, cfg in plan:
+        if isinstance(cfg, Int8Config):
+            new = Int8Linear.from_linear(mod, activations=cfg.activations)
+        elif cfg.method == "gptq":
+            if fqn not in gptq_weights:
+                report.skipped.append((fqn, "GPTQ produced no weight for this layer"))
+                continue
+            new = Int4Linear.from_int4(mod, gptq_weights[fqn], activations=cfg.activations)
+        else:
+            new = Int4Linear.from_linear(mod, cfg.group_size, cfg.symmetric, cfg.activations, cfg.method, cfg.clip)
         _set_submodule(model, fqn, new)
         report.swapped.append((fqn, new.extra_repr()))
     return report

@@ -6,8 +6,33 @@ import json
 from typing import Any
 
 
+class _ConfigMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        d = dict(d)
+        kind = d.pop("type", cls.__name__)
+        if kind != cls.__name__:
+            raise ValueError(f"config type: expected {cls.__name__}, got {kind!r}")
+        return cls(**d)
+
+
+def config_from_dict(d: dict[str, Any]):
+    """Rebuild any slmkern config from its to_dict() form (dispatch on "type")."""
+    kinds = {c.__name__: c for c in (Int8Config, Int4Config)}
+    kind = d.get("type")
+    if kind not in kinds:
+        raise ValueError(f"config type: expected one of {sorted(kinds)}, got {kind!r}")
+    return kinds[kind].from_dict(d)
+
+
 @dataclasses.dataclass(frozen=True)
-class Int8Config:
+class Int8Config(_ConfigMixin):
     """Per-channel symmetric int8 weights.
 
     activations: "int8" (W8A8, dynamic per-token activations) or "float" (W8A16, weight-only).
@@ -22,16 +47,38 @@ class Int8Config:
             raise ValueError(f"activations: expected 'int8' or 'float', got {self.activations!r}")
         object.__setattr__(self, "skip_names", tuple(self.skip_names))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, **dataclasses.asdict(self)}
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
+@dataclasses.dataclass(frozen=True)
+class Int4Config(_ConfigMixin):
+    """Group-wise int4 weights.
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Int8Config":
-        d = dict(d)
-        kind = d.pop("type", cls.__name__)
-        if kind != cls.__name__:
-            raise ValueError(f"config type: expected {cls.__name__}, got {kind!r}")
-        return cls(**d)
+    group_size: 32, 64, 128 or -1 (per-channel). symmetric: no zero points.
+    activations: "float" (W4A16) or "int8" (W4A8, dynamic per-token activations).
+    method: "rtn" (clip "minmax" | "mse"), "hqq" (data-free refinement) or "gptq"
+    (needs calibration data; act_order, percdamp, block_size are its options).
+    skip_names: module-name suffixes never converted (an output head dominates a small model's size
+    and its error; it stays dense unless listed elsewhere).
+    """
+
+    group_size: int = 128
+    symmetric: bool = False
+    activations: str = "float"
+    method: str = "rtn"
+    clip: str = "mse"
+    act_order: bool = True
+    percdamp: float = 0.01
+    block_size: int = 128
+    skip_names: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self) -> None:
+        if self.group_size not in (32, 64, 128, -1):
+            raise ValueError(f"group_size: expected 32, 64, 128 or -1 (per-channel), got {self.group_size!r}")
+        if self.activations not in ("float", "int8"):
+            raise ValueError(f"activations: expected 'float' or 'int8', got {self.activations!r}")
+        if self.method not in ("rtn", "hqq", "gptq"):
+            raise ValueError(f"method: expected 'rtn', 'hqq' or 'gptq', got {self.method!r}")
+        if self.clip not in ("minmax", "mse"):
+            raise ValueError(f"clip: expected 'minmax' or 'mse', got {self.clip!r}")
+        if not (0 <= self.percdamp <= 1):
+            raise ValueError(f"percdamp: expected a fraction in [0, 1], got {self.percdamp!r}")
+        object.__setattr__(self, "skip_names", tuple(self.skip_names))

@@ -67,7 +67,7 @@ def test_default_skips_lm_head_by_name():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="no torch.nn.Linear"):
         quantize_(nn.Sequential(nn.ReLU()), Int8Config())
-    with pytest.raises(TypeError, match="config: expected Int8Config"):
+    with pytest.raises(TypeError, match="config: expected Int8Config or Int4Config"):
         quantize_(nn.Linear(2, 2), {"activations": "int8"})
     with pytest.raises(TypeError, match="model: expected torch.nn.Module"):
         quantize_("bert", Int8Config())

@@ -1,4 +1,5 @@
 """Drop-in replacements for nn.Linear backed by slmkern ops."""
+from slmkern.nn.int4_linear import Int4Linear
 from slmkern.nn.int8_linear import Int8Linear
 
-__all__ = ["Int8Linear"]
+__all__ = ["Int4Linear", "Int8Linear"]

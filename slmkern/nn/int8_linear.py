@@ -6,11 +6,12 @@ from torch import nn
 
 from slmkern import ops
 from slmkern.formats import int8 as int8_format
+from slmkern.nn._base import PackedLinearBase
 
 ACTIVATIONS = ("int8", "float")
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(PackedLinearBase):
     """y = x @ W.T + b with W stored as int8 [N, K] + fp32 per-channel scales.
 
     activations="int8"  -> slmkern::w8a8_linear  (dynamic per-token int8 activations)
@@ -20,6 +21,8 @@ class Int8Linear(nn.Module):
     canonical format and go into ``state_dict``; on CPU the module also keeps the
     kernel's packed copy (``w_packed``, not saved), rebuilt after every load.
     """
+
+    FP32_BUFFERS = ("weight_scale",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activations: str = "int8", device=None, dtype: torch.dtype = torch.float32) -> None:
@@ -32,8 +35,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self.register_buffer("w_packed", None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, keys: module.prepack())
+        self._init_packing()
         self.prepack()
 
     @classmethod
@@ -52,27 +54,9 @@ class Int8Linear(nn.Module):
         mod.prepack()
         return mod
 
-    @torch.no_grad()
-    def prepack(self) -> None:
-        """(Re)build the CPU kernel layout from ``weight``; a no-op off the CPU."""
-        if self.weight.device.type == "cpu":
-            int8_format.check_weight(self.weight, "weight")
-            self.w_packed = int8_format.prepack_cpu(self.weight)
-        else:
-            self.w_packed = None
-
-    def _apply(self, fn, recurse=True):
-        scale = self.weight_scale
-        out = super()._apply(fn, recurse)
-        # model.half()/.to(bf16) must not round the scales: keep them fp32, from the original.
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
-        # Moving devices: the packed layout belongs to the CPU kernels only.
-        if self.weight.device.type != "cpu":
-            self.w_packed = None
-        elif self.w_packed is None or self.w_packed.device.type != "cpu":
-            self.prepack()
-        return out
+    def _pack_cpu(self) -> torch.Tensor:
+        int8_format.check_weight(self.weight, "weight")
+        return int8_format.prepack_cpu(self.weight)
 
     def dequantized_weight(self) -> torch.Tensor:
         return int8_format.dequantize(self.weight, self.weight_scale)

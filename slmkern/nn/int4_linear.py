@@ -1,0 +1,102 @@
+"""Int4Linear: a drop-in nn.Linear with group-wise int4 weights."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slmkern import ops
+from slmkern.formats import int4 as int4_format
+from slmkern.nn._base import PackedLinearBase
+
+ACTIVATIONS = ("float", "int8")
+METHODS = ("rtn", "hqq")
+
+
+class Int4Linear(PackedLinearBase):
+    """y = x @ W.T + b with W in the canonical int4 format (``slmkern.formats.int4``).
+
+    activations="float" -> slmkern::w4a16_linear (weight-only; float activations)
+    activations="int8"  -> slmkern::w4a8_linear  (dynamic per-token int8 activations)
+
+    Buffers ``weight`` (uint8 [N, K/2], two codes per byte), ``weight_scale`` (fp32
+    [N, K/g]), ``weight_zero`` (uint8 [N, K/g], absent when symmetric) and ``bias``
+    go into ``state_dict``; on CPU the module also keeps the kernel's packed layout.
+    """
+
+    FP32_BUFFERS = ("weight_scale",)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 symmetric: bool = False, activations: str = "float", device=None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations: expected one of {ACTIVATIONS}, got {activations!r}")
+        g = int4_format.resolve_group_size(in_features, group_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.symmetric, self.activations = g, symmetric, activations
+        G = in_features // g
+        self.register_buffer("weight", torch.full((out_features, in_features // 2), 0x88, dtype=torch.uint8,
+                                                  device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, G, dtype=torch.float32, device=device))
+        self.register_buffer("weight_zero", None if symmetric else
+                             torch.full((out_features, G), 8, dtype=torch.uint8, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._init_packing()
+        self.prepack()
+
+    @classmethod
+    def from_int4(cls, linear: nn.Linear, q: int4_format.Int4Weight, activations: str = "float") -> "Int4Linear":
+        """Wrap an already-quantized weight (e.g. from GPTQ) with `linear`'s shape and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
+        int4_format.check(q.packed, q.scales, q.zeros, q.group_size)
+        if q.shape != tuple(linear.weight.shape):
+            raise ValueError(f"q: shape {q.shape} does not match linear.weight {tuple(linear.weight.shape)}")
+        w = linear.weight
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, q.group_size,
+                  q.zeros is None, activations, device=w.device, dtype=w.dtype)
+        mod.weight.copy_(q.packed)
+        mod.weight_scale.copy_(q.scales)
+        if q.zeros is not None:
+            mod.weight_zero.copy_(q.zeros)
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach())
+        mod.prepack()
+        return mod
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False,
+                    activations: str = "float", method: str = "rtn", clip: str = "mse") -> "Int4Linear":
+        """Quantize an nn.Linear data-free: method "rtn" (clip "minmax" or "mse") or "hqq".
+
+        GPTQ needs calibration data: use ``slmkern.quantize_(model, Int4Config(method="gptq"), calibration=...)``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        if method == "rtn":
+            from slmkern.algorithms.rtn import rtn_quantize
+            q = rtn_quantize(w, group_size, symmetric, clip=clip)
+        elif method == "hqq":
+            from slmkern.algorithms.hqq import hqq_quantize
+            q = hqq_quantize(w, group_size, symmetric)
+        else:
+            raise ValueError(f"method: expected one of {METHODS} (gptq needs calibration data), got {method!r}")
+        return cls.from_int4(linear, q, activations)
+
+    def _pack_cpu(self) -> torch.Tensor:
+        from slmkern.formats import int4_cpu
+        return int4_cpu.prepack_cpu(self.weight, self.weight_scale, self.weight_zero, self.group_size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return int4_format.dequantize(self.weight, self.weight_scale, self.weight_zero, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.w_packed if x.device.type == "cpu" else None
+        op = ops.w4a16_linear if self.activations == "float" else ops.w4a8_linear
+        return op(x, self.weight, self.weight_scale, self.weight_zero, self.group_size, self.bias, packed)
+
+    def extra_repr(self) -> str:
+        op = "w4a16_linear" if self.activations == "float" else "w4a8_linear"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}, activations={self.activations}, op={op}")
