@@ -1,0 +1,103 @@
+"""Int4Linear and quantize_ with Int4Config (RTN, HQQ, GPTQ), overrides and skips."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from slmkern import Int4Config, Int8Config, quantize_, reference
+from slmkern.algorithms.rtn import rtn_quantize
+from slmkern.nn import Int4Linear, Int8Linear
+
+
+@pytest.mark.parametrize("activations", ["float", "int8"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_from_linear_matches_reference(activations, symmetric, group_size):
+    lin = nn.Linear(128, 40)
+    mod = Int4Linear.from_linear(lin, group_size, symmetric, activations, method="rtn", clip="minmax")
+    q = rtn_quantize(lin.weight.detach(), group_size, symmetric, clip="minmax")
+    assert torch.equal(mod.weight, q.packed) and torch.equal(mod.weight_scale, q.scales)
+    assert (mod.weight_zero is None) == symmetric
+    x = torch.randn(3, 7, 128)
+    fn = reference.w4a16_linear if activations == "float" else reference.w4a8_linear
+    ref = fn(x, q.packed, q.scales, q.zeros, mod.group_size, lin.bias.detach())
+    y = mod(x)
+    assert y.shape == (3, 7, 40)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    dense = lin(x)
+    assert (y - dense).norm() / dense.norm() < 0.25
+
+
+def test_state_dict_round_trip_and_dtype_moves():
+    mod = Int4Linear.from_linear(nn.Linear(64, 24), group_size=32)
+    buf = io.BytesIO()
+    torch.save(mod.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert set(sd) == {"weight", "weight_scale", "weight_zero", "bias"}
+    fresh = Int4Linear(64, 24, group_size=32)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.w_packed, mod.w_packed)
+    x = torch.randn(5, 64)
+    assert torch.equal(fresh(x), mod(x))
+    half = fresh.to(torch.bfloat16)
+    assert half.weight_scale.dtype == torch.float32 and half.bias.dtype == torch.bfloat16
+    assert half(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Linear(100, 8, group_size=64)
+    with pytest.raises(ValueError, match="activations"):
+        Int4Linear(64, 8, activations="fp8")
+    with pytest.raises(ValueError, match="method"):
+        Int4Linear.from_linear(nn.Linear(64, 8), method="gptq")
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Config(group_size=48)
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=32)
+    return transformers.BertModel(cfg).eval()
+
+
+def test_quantize_bert_gptq_beats_rtn():
+    torch.manual_seed(1)
+    base = tiny_bert()
+    calib = [{"input_ids": torch.randint(0, 120, (4, 16))} for _ in range(4)]
+    test_ids = torch.randint(0, 120, (8, 16))
+    with torch.no_grad():
+        ref = base(input_ids=test_ids).last_hidden_state
+    errs = {}
+    for method in ("rtn", "gptq"):
+        model = tiny_bert()
+        model.load_state_dict(base.state_dict())
+        report = quantize_(model, Int4Config(group_size=32, method=method), calibration=calib, progress=False)
+        assert len(report.swapped) == 13 and not report.skipped
+        assert all(isinstance(m, Int4Linear) for fqn, m in model.named_modules() if fqn.endswith(("query", "dense")))
+        with torch.no_grad():
+            out = model(input_ids=test_ids).last_hidden_state
+        errs[method] = ((out - ref).norm() / ref.norm()).item()
+    assert errs["gptq"] < errs["rtn"], errs
+
+
+def test_overrides_and_int4_skip_reasons():
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(64, 64))
+    model.add_module("b", nn.Linear(64, 64))
+    model.add_module("odd", nn.Linear(50, 64))
+    model.add_module("lm_head", nn.Linear(64, 10))
+    report = quantize_(model, Int4Config(group_size=32), overrides={"b": Int8Config(), "lm_head": None})
+    assert isinstance(model.a, Int4Linear) and isinstance(model.b, Int8Linear)
+    assert isinstance(model.odd, nn.Linear) and isinstance(model.lm_head, nn.Linear)
+    reasons = dict(report.skipped)
+    assert "group_size" in reasons["odd"] and "overrides" in reasons["lm_head"]
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_(nn.Sequential(nn.Linear(64, 64)), Int4Config(method="gptq"))
+    with pytest.raises(TypeError, match=r"overrides\['x'\]"):
+        quantize_(nn.Sequential(nn.Linear(64, 64)), Int4Config(), overrides={"x": "int8"})
