@@ -94,9 +94,9 @@ class BenchOp:
 @dataclass(frozen=True)
 class BenchConfig:
     reps: int | None = None          # timed calls per impl and case; None: adaptive within the budget
-    budget_s: float = 0.3            # adaptive: aim for this much timed work per impl and case
+    budget_s: float = 0.2            # adaptive: aim for this much timed work per impl and case
     min_reps: int = 5
-    max_reps: int = 300
+    max_reps: int = 200
     warmup: int = 3
     rounds: int = 5                  # impls are interleaved in this many rounds
     cache_factor: float = 3.0        # one rotation of weight copies covers >= this x the LLC
@@ -278,6 +278,7 @@ def run_case(bench: BenchOp, case: Case, cfg: BenchConfig, bandwidth_gbs: float,
     for p in prepared:
         p.reps = _estimate_reps(p, timer, cfg)
     rounds = max(1, cfg.rounds)
+    load = machine.OtherLoad().start()
     with torch.inference_mode():
         for r in range(rounds):
             for p in prepared:
@@ -286,6 +287,7 @@ def run_case(bench: BenchOp, case: Case, cfg: BenchConfig, bandwidth_gbs: float,
                     p.times_us += timer.time(p.impl.run, p.copies, p.x, p.next_index, n)
                     p.next_index += n
 
+    others = load.stop()
     rows = []
     for p in prepared:
         stats = summarize(p.times_us)
@@ -294,7 +296,8 @@ def run_case(bench: BenchOp, case: Case, cfg: BenchConfig, bandwidth_gbs: float,
                "floor_us": floor_us(p.bytes, bandwidth_gbs),
                "p10_us": stats["p10_us"], "p90_us": stats["p90_us"], "bytes": p.bytes,
                "weight_bytes": p.weight_bytes, "bandwidth_gbs": bandwidth_gbs, "device": case.device,
-               "reps": len(p.times_us), "copies": len(p.copies), "rel_err": p.rel_err}
+               "reps": len(p.times_us), "copies": len(p.copies), "rel_err": p.rel_err,
+               "others_cpu": None if others is None else round(others, 3)}
         row.update(bench.extra_fields(case))
         rows.append(row)
     return rows, skipped

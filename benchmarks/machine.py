@@ -78,6 +78,38 @@ def loadavg() -> float | None:
         return None
 
 
+class OtherLoad:
+    """Share of the machine's CPU time used by *other* processes between start() and stop().
+
+    System busy ticks (/proc/stat) minus this process's own ticks (/proc/self/stat), over
+    cpu_count x elapsed ticks. On the shared 2-core box, > ~0.1 means the timings were contended.
+    """
+
+    def __init__(self) -> None:
+        self._t0 = None
+
+    @staticmethod
+    def _snap():
+        try:
+            cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            me = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+            return sum(cpu) - cpu[3] - cpu[4], int(me[11]) + int(me[12]), time.monotonic()
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def start(self) -> "OtherLoad":
+        self._t0 = self._snap()
+        return self
+
+    def stop(self) -> float | None:
+        t1 = self._snap()
+        if self._t0 is None or t1 is None:
+            return None
+        busy, mine, wall = (b - a for a, b in zip(self._t0, t1))
+        ticks = wall * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        return max(0.0, min(1.0, (busy - mine) / ticks)) if ticks > 0 else None
+
+
 def measure_bandwidth(device: str = "cpu", buffer_mb: int = 512, tries: int = 5,
                       threads: int | None = None) -> dict:
     """Memory read bandwidth in GB/s (1e9 bytes/s), best of `tries` passes after one warm-up pass.

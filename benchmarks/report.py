@@ -8,7 +8,8 @@ JSON layout (``--json FILE``)::
               loadavg_start, loadavg_end, skipped[{op, impl, K, N, M, device, reason}]},
      "rows": [{"op", "impl", "K", "N", "M", "dtype", "us", "floor_us",          # DESIGN.md schema
                "p10_us", "p90_us", "bytes", "weight_bytes", "bandwidth_gbs",    # + these extras
-               "device", "reps", "copies", "rel_err", <op-specific fields>}, ...]}
+               "device", "reps", "copies", "rel_err", "others_cpu",
+               <op-specific fields>}, ...]}
 
 One row per (op, impl, K, N, M) measurement; `op` is the slmkern op, `impl` who ran it.
 Ratios are computed from rows of one file (one run), never across runs.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+OTHERS_WARN = 0.1    # share of the CPUs other processes used during a case's timed rounds
 REL_ERR_WARN = 0.05  # w8a8 vs the float layer is ~1e-2; anything past this is a broken impl
 
 
@@ -74,6 +76,10 @@ def case_block(case, rows: list[dict], skipped: list[dict]) -> str:
     for r in rows:
         if r.get("rel_err") is not None and r["rel_err"] > REL_ERR_WARN:
             lines.append(f"  WARNING: {r['impl']} output differs from the float layer: rel err {r['rel_err']:.3g}")
+    others = rows[0].get("others_cpu") if rows else None
+    if others is not None and others > OTHERS_WARN:
+        lines.append(f"  WARNING: other processes used {100 * others:.0f}% of the CPUs while this case ran: "
+                     "contended, rerun on a quiet machine")
     for s in skipped:
         lines.append(f"  note: {s['impl']} skipped: {s['reason']}")
     return "\n".join(lines)
@@ -86,7 +92,8 @@ def summary(rows: list[dict]) -> str:
         if r["impl"] != "slmkern" and r["impl"] not in peers:
             peers.append(r["impl"])
     lines = ["summary: slmkern median us and speedup vs each peer (peer us / slmkern us; > 1 = slmkern faster)",
-             f"  {'op':<14}{'K':>6}{'N':>6}{'M':>5}{'slmkern us':>12}{'%floor':>8}" + "".join(f"{p:>20}" for p in peers)]
+             f"  {'op':<14}{'K':>6}{'N':>6}{'M':>5}{'slmkern us':>12}{'%floor':>8}" + "".join(f"{p:>20}" for p in peers)
+             + "  others_cpu"]
     cases: dict = {}
     for r in rows:
         cases.setdefault((r["op"], r["K"], r["N"], r["M"]), {})[r["impl"]] = r
@@ -97,8 +104,10 @@ def summary(rows: list[dict]) -> str:
         cells = []
         for p in peers:
             cells.append(f"{by_impl[p]['us'] / ours['us']:>19.2f}x" if p in by_impl else f"{'-':>20}")
+        others = ours.get("others_cpu")
         lines.append(f"  {op:<14}{K:>6}{N:>6}{M:>5}{ours['us']:>12.1f}"
-                     f"{100 * ours['floor_us'] / ours['us']:>7.1f}%" + "".join(cells))
+                     f"{100 * ours['floor_us'] / ours['us']:>7.1f}%" + "".join(cells)
+                     + (f"  {100 * others:>9.0f}%" if others is not None else ""))
     return "\n".join(lines)
 
 
