@@ -347,7 +347,7 @@ def run(ops: list[BenchOp], shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, device: str = 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
     load0 = machine.loadavg()
-    bw = machine.measure_bandwidth(device, tries=2 if cfg.quick else 5)
+    bw = machine.measure_bandwidth(device, tries=2 if cfg.quick else 8, attempts=1 if cfg.quick else 3)
     meta = {
         "schema": "slmkern-bench/1",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -110,27 +110,32 @@ class OtherLoad:
         return max(0.0, min(1.0, (busy - mine) / ticks)) if ticks > 0 else None
 
 
-def measure_bandwidth(device: str = "cpu", buffer_mb: int = 512, tries: int = 5,
-                      threads: int | None = None) -> dict:
+def measure_bandwidth(device: str = "cpu", buffer_mb: int = 512, tries: int = 8,
+                      threads: int | None = None, attempts: int = 3) -> dict:
     """Memory read bandwidth in GB/s (1e9 bytes/s), best of `tries` passes after one warm-up pass.
 
     CPU: slmkern._C.stream_read over a `buffer_mb` MiB buffer with torch.get_num_threads()
     threads (eight independent xor chains per thread). Without the extension, a torch sum.
     CUDA: torch.sum over a float32 buffer of the same size (a read-only reduction), CUDA events.
+    On a shared CPU the measurement is repeated (up to `attempts` times) while other processes
+    used > 10% of the CPUs during it; the best is kept and `others_cpu` says how contended it was.
     """
     nbytes = buffer_mb * MiB
+    nthreads = None
     if device == "cuda":
         buf = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
-        times = []
-        for _ in range(tries + 1):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            buf.sum()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3)
+
+        def passes() -> list[float]:
+            times = []
+            for _ in range(tries + 1):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                buf.sum()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) * 1e-3)
+            return times[1:]
         method = "torch.sum(float32) on cuda, CUDA events"
-        nthreads = None
     else:
         from slmkern._backends import cpu as cpu_backend
 
@@ -147,15 +152,28 @@ def measure_bandwidth(device: str = "cpu", buffer_mb: int = 512, tries: int = 5,
             def one_pass():
                 wide.sum()
             method = "torch.sum(int64) (slmkern._C missing)"
-        times = []
-        for _ in range(tries + 1):
-            t0 = time.perf_counter()
-            one_pass()
-            times.append(time.perf_counter() - t0)
-    best = min(times[1:])
+
+        def passes() -> list[float]:
+            times = []
+            for _ in range(tries + 1):
+                t0 = time.perf_counter()
+                one_pass()
+                times.append(time.perf_counter() - t0)
+            return times[1:]
+
+    best, others = float("inf"), None
+    for attempt in range(max(1, attempts)):
+        load = OtherLoad().start()
+        t = min(passes())
+        o = load.stop() if device != "cuda" else None
+        if t < best:
+            best, others = t, o
+        if o is None or o <= 0.1:
+            break
+        time.sleep(1.0)
     del buf
     return {"gbs": nbytes / best / 1e9, "method": method, "buffer_mb": buffer_mb, "tries": tries,
-            "threads": nthreads, "best_s": best}
+            "threads": nthreads, "best_s": best, "attempts": attempt + 1, "others_cpu": others}
 
 
 def machine_info(device: str) -> dict:

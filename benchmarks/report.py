@@ -47,7 +47,9 @@ def header(meta: dict) -> str:
         lines.append(f"  gpu: {g['name']}, L2 {g['l2_cache_bytes'] >> 20} MiB, cuda {g['cuda']}")
     lines += [
         f"  read bandwidth: {bw['gbs']:.1f} GB/s ({bw['method']}, {bw['buffer_mb']} MiB, "
-        f"{bw['threads'] or '-'} threads, best of {bw['tries']})",
+        f"{bw['threads'] or '-'} threads, best of {bw['tries']})"
+        + (f"; WARNING: measured while other processes used {100 * bw['others_cpu']:.0f}% of the CPUs"
+           if (bw.get("others_cpu") or 0) > OTHERS_WARN else ""),
         f"  weights rotate over >= {meta['rotation_target_bytes'] / 2**20:.0f} MiB per impl "
         f"(cap {meta['config']['max_weight_bytes'] >> 20} MiB); timing: {meta['timing']}",
         "  slmkern paths: " + ", ".join(f"{op}={path}" for op, path in meta["op_paths"].items()),
