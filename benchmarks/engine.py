@@ -33,6 +33,7 @@ IMPL_NAMES = ("slmkern", "torch_fp32", "torch_fbgemm_int8", "torch_int4pack_bf16
 DEFAULT_SHAPES = ((384, 1536), (576, 1536), (2048, 8192))  # MiniLM, SmolLM2, 1B-class
 DEFAULT_MS = (1, 16, 128)
 DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+CONTENDED = 0.1  # others_cpu above this: other processes shared the CPUs during the timed rounds
 ROW_KEYS = ("op", "impl", "K", "N", "M", "dtype", "us", "floor_us")  # DESIGN.md; extra fields follow
 
 
@@ -104,12 +105,13 @@ class BenchConfig:
     max_copies: int = 512
     seed: int = 0
     quick: bool = False
+    retry_contended: int = 1         # rerun a case whose timed rounds shared the CPUs (others_cpu > 0.1)
 
     @classmethod
     def quick_config(cls, reps: int | None = None) -> "BenchConfig":
         """A smoke run: a few reps, small rotation. Numbers are indicative only."""
         return cls(reps=reps, budget_s=0.02, min_reps=3, max_reps=10, warmup=1, rounds=1,
-                   cache_factor=1.0, max_weight_bytes=64 << 20, max_copies=16, quick=True)
+                   cache_factor=1.0, max_weight_bytes=64 << 20, max_copies=16, quick=True, retry_contended=0)
 
 
 # ---------------------------------------------------------------- arithmetic (tested)
@@ -371,6 +373,13 @@ def run(ops: list[BenchOp], shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, device: str = 
     rows: list[dict] = []
     for bench, case in cases_for(ops, shapes, ms, device, dtype):
         case_rows, skipped = run_case(bench, case, cfg, bw["gbs"])
+        for _ in range(cfg.retry_contended):
+            if not case_rows or (case_rows[0].get("others_cpu") or 0.0) <= CONTENDED:
+                break
+            time.sleep(1.0)
+            again, skipped2 = run_case(bench, case, cfg, bw["gbs"])
+            if again and (again[0].get("others_cpu") or 0.0) < (case_rows[0].get("others_cpu") or 0.0):
+                case_rows, skipped = again, skipped2
         rows += case_rows
         meta["skipped"] += skipped
         if on_case is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-OTHERS_WARN = 0.1    # share of the CPUs other processes used during a case's timed rounds
+OTHERS_WARN = 0.1    # share of the CPUs other processes used during a case's timed rounds (engine.CONTENDED)
 REL_ERR_WARN = 0.05  # w8a8 vs the float layer is ~1e-2; anything past this is a broken impl
 
 
