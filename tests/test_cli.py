@@ -122,3 +122,9 @@ def test_demo_missing_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setattr(cli.importlib, "import_module", fake_import)
     assert cli.main(["demo"]) == 2
     assert "slmkern.demo is not part of this install" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA error")
+def test_bench_cuda_without_cuda_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--device", "cuda", "--quick"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
