@@ -1,0 +1,130 @@
+"""`slmkern` CLI: info, bench (JSON schema, fixed impl names, argument errors), demo dispatch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from slmkern import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {"op", "impl", "K", "N", "M", "dtype", "us", "floor_us"}
+IMPL_NAMES = {"slmkern", "torch_fp32", "torch_fbgemm_int8", "torch_int4pack_bf16", "torch_csr",
+              "cublas_bf16", "torch_int_mm", "tinygemm", "cusparselt_24", "gemlite"}
+
+
+def test_info_names_the_ops_via_python_m():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "slmkern.cli", "info"], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "w8a8_linear" in out.stdout and "w8a16_linear" in out.stdout
+    assert "slmkern" in out.stdout.splitlines()[0]
+
+
+def test_bench_quick_json_rows(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--quick", "--shape", "40x72", "--m", "1,3", "--reps", "2", "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "read bandwidth" in out and "vs slmkern" in out
+    assert ("faster than torch_fp32" in out) or ("slower than torch_fp32" in out)
+    data = json.loads(path.read_text())
+    assert set(data) == {"meta", "rows"}
+    assert data["meta"]["bandwidth_gbs"] > 0 and data["meta"]["machine"]["threads"] >= 1
+    rows = data["rows"]
+    ops = {r["op"] for r in rows}
+    assert {"w8a8_linear", "w8a16_linear"} <= ops
+    for r in rows:
+        assert ROW_KEYS <= set(r), r
+        assert r["impl"] in IMPL_NAMES
+        assert (r["K"], r["N"]) == (40, 72) and r["M"] in (1, 3)
+        assert r["us"] > 0 and r["floor_us"] > 0 and r["reps"] == 2
+    for op in ("w8a8_linear", "w8a16_linear"):   # every CPU impl, in every case, side by side
+        for m in (1, 3):
+            assert {r["impl"] for r in rows if r["op"] == op and r["M"] == m} == \
+                {"slmkern", "torch_fp32", "torch_fbgemm_int8"}
+
+
+def test_bench_op_selection_accepts_short_names(tmp_path):
+    path = tmp_path / "b.json"
+    assert cli.main(["bench", "--quick", "--op", "w8a16", "--shape", "16x16", "--m", "1", "--reps", "1",
+                     "--json", str(path)]) == 0
+    assert {r["op"] for r in json.loads(path.read_text())["rows"]} == {"w8a16_linear"}
+
+
+@pytest.mark.parametrize("bad", ["384", "384x", "x1536", "384x1536x2", "384*1536", "0x16", "ax16", ","])
+def test_bad_shape_is_a_clear_error(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--shape", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--shape" in err and "KxN" in err
+
+
+@pytest.mark.parametrize("bad", ["0", "1,x", "-3", ""])
+def test_bad_m_is_a_clear_error(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--m", bad])
+    assert exc.value.code == 2
+    assert "--m" in capsys.readouterr().err
+
+
+def test_unknown_op_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--op", "w3a3_linear", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown op 'w3a3_linear'" in err and "w8a8_linear" in err
+
+
+def test_parse_helpers():
+    assert cli.parse_shapes("384x1536, 576X1536") == [(384, 1536), (576, 1536)]
+    assert cli.parse_ms("1,16,128") == [1, 16, 128]
+    with pytest.raises(ValueError, match="malformed shape"):
+        cli.parse_shapes("384x")
+
+
+def test_unknown_command_and_extra_args(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_demo_passes_its_arguments(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("slmkern.demo")
+
+    def main(argv):
+        seen["argv"] = argv
+        return 0
+
+    fake.main = main
+    monkeypatch.setitem(sys.modules, "slmkern.demo", fake)
+    assert cli.main(["demo", "--reps", "3", "--model", "minilm"]) == 0
+    assert seen["argv"] == ["--reps", "3", "--model", "minilm"]
+
+
+def test_demo_missing_is_a_clear_error(monkeypatch, capsys):
+    real = cli.importlib.import_module
+
+    def fake_import(name, *a, **k):
+        if name == "slmkern.demo":
+            raise ModuleNotFoundError("No module named 'slmkern.demo'", name="slmkern.demo")
+        return real(name, *a, **k)
+
+    monkeypatch.delitem(sys.modules, "slmkern.demo", raising=False)
+    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    assert cli.main(["demo"]) == 2
+    assert "slmkern.demo is not part of this install" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA error")
+def test_bench_cuda_without_cuda_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--device", "cuda", "--quick"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
