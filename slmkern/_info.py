@@ -7,6 +7,7 @@ import platform
 import torch
 
 OPS = ("w8a8_linear", "w8a16_linear")
+TRITON_OPS = ("w8a8_linear", "w8a16_linear")  # ops with a CUDA Triton kernel registered
 
 
 def info_dict() -> dict:
@@ -26,7 +27,8 @@ def info_dict() -> dict:
         "SLMKERN_CPU_ISA": os.environ.get("SLMKERN_CPU_ISA"),
         "threads": torch.get_num_threads(),
         "ops": {op: {"cpu": cpu.op_isa(op),
-                     "cuda": "triton" if triton_backend.HAS_TRITON else "reference"} for op in OPS},
+                     "cuda": "triton" if (triton_backend.has_triton_kernels() and op in TRITON_OPS) else "reference"}
+               for op in OPS},
     }
     if triton_backend.HAS_TRITON:
         import triton
