@@ -72,7 +72,7 @@ def op_isa(op: str) -> str:
 
 # ----------------------------------------------------------------------------- int4 weights
 def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
-    g = ops.check_int4_linear(op, x, w, scales, zeros, group_size, bias, w_packed)
+    g = ops.check_int4_linear_fast(op, x, w, scales, zeros, group_size, bias, w_packed)
     if _C is None:
         from slmkern import _int4_spec  # TODO(merge): reference.w4a16_linear / w4a8_linear
         ops.check_int4_zero_values(op, zeros)
@@ -80,7 +80,7 @@ def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return getattr(_int4_spec, op)(x, w, scales, zeros, group_size, bias)
     N, K = w.shape[0], x.shape[-1]
-    x2 = _as_rows(x, K)
+    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else _as_rows(x, K)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
     if M > 0:
@@ -97,7 +97,7 @@ def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
         getattr(_C, op)(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), g, zeros is not None,
                         w_packed.data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(), N,
                         torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], N)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
 @torch.library.register_kernel("slmkern::w4a16_linear", "cpu", lib=ops.LIB)
