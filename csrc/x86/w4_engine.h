@@ -135,11 +135,12 @@ void quant_row(const uint8_t* xrow, DType t, const Int4Layout& W, RowOut& o) {
 
 // Row blocks: rows [m0, m0 + rows) share one activation block laid out
 // [Kp/4][rows][D][4] (every broadcast of a micro-kernel step at a constant
-// offset from one pointer), sums [G][rows][D] (int32, 8*asum) or [G][rows]
-// (fp32 AS, weights with zero points).
+// offset from one pointer), sums [G][rows][D] (int32) or [G][rows]
+// (fp32 AS, weights with zero points). The int32 sums are stored as -8*asum:
+// the micro-kernel starts its accumulators there.
 struct Prepared {
   std::vector<int8_t> q;
-  std::vector<int32_t> as8;
+  std::vector<int32_t> as8;  // -8 * asum (symmetric weights)
   std::vector<float> asf;
   std::vector<float> rowscale;
   std::vector<uint8_t> bad;
@@ -184,7 +185,7 @@ void prepare(const Int4LinearArgs& a, const Int4Layout& W, int rm_max, Prepared&
           P.asf[m0 * W.G + q * rows + r] =
               D == 1 ? static_cast<float>(gsum[q]) : static_cast<float>(xsum[q]);
         } else {
-          for (int d = 0; d < D; ++d) P.as8[(m0 * W.G + q * rows + r) * D + d] = 8 * gsum[q * D + d];
+          for (int d = 0; d < D; ++d) P.as8[(m0 * W.G + q * rows + r) * D + d] = -8 * gsum[q * D + d];
         }
       }
     }
@@ -219,12 +220,13 @@ void tile_kernel(const TileCtx& c, const uint8_t* tile, const int8_t* qa, const 
     const uint8_t* grp = tile + q * c.group_bytes;
     const int8_t* qp = qa + q * qstride;
     I acc[NACC][R][H];
+    // Symmetric weights: start from -8*asum, so acc ends as sum q*(u - 8).
 #pragma GCC unroll 4
     for (int s = 0; s < NACC; ++s)
 #pragma GCC unroll 32
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-        for (int h = 0; h < H; ++h) acc[s][r][h] = V::zero_i();
+        for (int h = 0; h < H; ++h) acc[s][r][h] = (!ASYM && s == 0) ? V::set1_i(as8[q * R + r]) : V::zero_i();
 
     auto block = [&](int64_t b, int s) __attribute__((always_inline)) {
       const uint8_t* wb = grp + b * kInt4BlockBytes;
@@ -260,11 +262,6 @@ void tile_kernel(const TileCtx& c, const uint8_t* tile, const int8_t* qa, const 
       if (ASYM) sz = V::loadf(sp + kInt4NB, h);
 #pragma GCC unroll 16
       for (int rm = 0; rm < RM; ++rm) {
-        if (!ASYM) {
-#pragma GCC unroll 3
-          for (int d = 0; d < D; ++d)
-            acc[0][rm * D + d][h] = V::sub_bcast(acc[0][rm * D + d][h], as8 + q * R + rm * D + d);
-        }
         F B = V::cvt(acc[0][rm * D][h]);
 #pragma GCC unroll 3
         for (int d = 1; d < D; ++d) B = V::fma(B, V::set1(256.f), V::cvt(acc[0][rm * D + d][h]));

@@ -36,7 +36,7 @@ struct Avx512Base {
   static I bq(const int8_t* p) { return _mm512_set1_epi32(load_i32(p)); }
   static I zero_i() { return _mm512_setzero_si512(); }
   static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
-  static I sub_bcast(I a, const int32_t* p) { return _mm512_sub_epi32(a, _mm512_set1_epi32(*p)); }
+  static I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
   static F zero_f() { return _mm512_setzero_ps(); }
   static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
   static F set1(float v) { return _mm512_set1_ps(v); }
@@ -115,8 +115,14 @@ struct Avx512Base {
 // signed activations need no +128 shift.
 struct Vnni512 : Avx512Base {
   static constexpr bool kChain = true;  // dot2 has latency: spread over accumulators
+  // The activation is an embedded {1to16} broadcast from memory: GCC does not
+  // fold _mm512_set1_epi32(load) into vpdpbusd and spends a uop per broadcast.
+  static I dpbusd_bcast(I acc, I w, const int8_t* q) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(q)));
+    return acc;
+  }
   static I dot2(I acc, I l, I h, const int8_t* ql, const int8_t* qh) {
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, l, bq(ql)), h, bq(qh));
+    return dpbusd_bcast(dpbusd_bcast(acc, l, ql), h, qh);
   }
 };
 #endif
@@ -149,7 +155,7 @@ struct Avx2 {
   }
   static I zero_i() { return _mm256_setzero_si256(); }
   static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
-  static I sub_bcast(I a, const int32_t* p) { return _mm256_sub_epi32(a, _mm256_set1_epi32(*p)); }
+  static I set1_i(int32_t v) { return _mm256_set1_epi32(v); }
   static F zero_f() { return _mm256_setzero_ps(); }
   static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
   static F set1(float v) { return _mm256_set1_ps(v); }
