@@ -105,18 +105,22 @@ void quant_row(const uint8_t* xrow, DType t, const Int4Layout& W, RowOut& o) {
   const float top = D == 1 ? 127.f : kFixedPointMax24;
   const float inv = top / amax;
   const F vinv = V::set1(inv);
+  const int32_t lim = static_cast<int32_t>(top);
   for (int64_t q = 0; q < W.G; ++q) {
+    // Lane sums stay in int32: |digit| <= 128 and at most g/L terms per lane.
+    I s0 = V::zero_i(), s1 = V::zero_i(), s2 = V::zero_i();
+    int64_t xs = 0;
     for (int64_t kk = 0; kk < W.g; kk += V::L) {
       const int n = static_cast<int>(std::min<int64_t>(V::L, W.g - kk));
       const uint8_t* px = xrow + (q * W.g + kk) * esz;
       const F v = n == V::L ? V::load_x(px, t) : load_x_tail<V>(px, t, n);
-      I X = V::clamp_i(V::to_int(V::mul(v, vinv)), -static_cast<int32_t>(top), static_cast<int32_t>(top));
+      const I X = V::clamp_i(V::to_int(V::mul(v, vinv)), -lim, lim);
       int8_t* dst = o.dig + q * W.gp + kk;
       if (D == 1) {
         V::store_s8(dst, X, n);
-        o.gsum[q] += V::hsum_i(X);
+        s0 = V::add_i(s0, X);
       } else {
-        o.xsum[q] += V::hsum_i(X);
+        xs += V::hsum_i(X);  // up to 2^23 per lane: reduce every step
         const I d2 = V::low_digit(X);
         const I x1 = V::srai(V::sub_i(X, d2), 8);
         const I d1 = V::low_digit(x1);
@@ -124,10 +128,16 @@ void quant_row(const uint8_t* xrow, DType t, const Int4Layout& W, RowOut& o) {
         V::store_s8(dst, d0, n);
         V::store_s8(dst + Kp, d1, n);
         V::store_s8(dst + 2 * Kp, d2, n);
-        o.gsum[q * D + 0] += V::hsum_i(d0);
-        o.gsum[q * D + 1] += V::hsum_i(d1);
-        o.gsum[q * D + 2] += V::hsum_i(d2);
+        s0 = V::add_i(s0, d0);
+        s1 = V::add_i(s1, d1);
+        s2 = V::add_i(s2, d2);
       }
+    }
+    o.gsum[q * D] = V::hsum_i(s0);
+    if (D == 3) {
+      o.gsum[q * D + 1] = V::hsum_i(s1);
+      o.gsum[q * D + 2] = V::hsum_i(s2);
+      o.xsum[q] = xs;
     }
   }
   o.rowscale = amax / top;
