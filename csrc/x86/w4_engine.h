@@ -60,7 +60,7 @@ struct RowOut {
 template <class V>
 inline typename V::F load_x_tail(const uint8_t* p, DType t, int n) {
   alignas(64) float tmp[V::L];
-  for (int i = 0; i < V::L; ++i) tmp[i] = i < n ? load_as_f32(p, t, i) : 0.f;
+  for (int i = 0; i < V::L; ++i) tmp[i] = i < n ? x_at(p, t, i) : 0.f;
   return V::loadf(tmp, 0);
 }
 
@@ -160,7 +160,7 @@ struct Prepared {
 template <class V, int D>
 void prepare(const Int4LinearArgs& a, const Int4Layout& W, int rm_max, Prepared& P) {
   const int64_t M = a.M, Kp = W.G * W.gp;
-  const int64_t nrb = ceil_div(M, rm_max);
+  const int64_t nrb = (M + rm_max - 1) / rm_max;
   P.rb_start.resize(static_cast<size_t>(nrb + 1));
   for (int64_t b = 0; b <= nrb; ++b) P.rb_start[b] = M * b / nrb;  // balanced block sizes
   P.q.assign(static_cast<size_t>(M * Kp * D), 0);
@@ -312,7 +312,7 @@ inline void recompute_rows_fp32(const Int4LinearArgs& a, const Int4Layout& W, co
   const int64_t K = a.K, esz = dtype_size(a.dtype);
   std::vector<float> xf(rows.size() * static_cast<size_t>(K));
   for (size_t i = 0; i < rows.size(); ++i)
-    for (int64_t k = 0; k < K; ++k) xf[i * K + k] = load_as_f32(a.x, a.dtype, rows[i] * a.ldx + k);
+    for (int64_t k = 0; k < K; ++k) xf[i * K + k] = x_at(a.x, a.dtype, rows[i] * a.ldx + k);
   parallel_for(W.NT, a.n_threads, [&](int64_t t) {
     std::vector<float> wrow(static_cast<size_t>(K));
     for (int64_t i = 0; i < kInt4NB && t * kInt4NB + i < a.N; ++i) {
@@ -331,7 +331,7 @@ inline void recompute_rows_fp32(const Int4LinearArgs& a, const Int4Layout& W, co
         float acc = 0.f;
         for (int64_t k = 0; k < K; ++k) acc += xf[j * K + k] * wrow[k];
         if (a.bias) acc = acc + a.bias[n];
-        store_from_f32(a.y, a.dtype, rows[j] * a.ldy + n, acc);
+        y_store(a.y, a.dtype, rows[j] * a.ldy + n, acc);
       }
     }
   });
@@ -359,10 +359,10 @@ void int4_linear(const Int4LinearArgs& a) {
   // care about; with several, a chunk of tiles should stay in L2 while every
   // row block walks it.
   int64_t tpc;
-  if (nrb == 1) tpc = ceil_div(W.NT, 8 * threads);
-  else tpc = std::max<int64_t>(1, std::min<int64_t>(ceil_div(W.NT, 4 * threads), (256 << 10) / W.tile_bytes));
-  const int64_t ntc = ceil_div(W.NT, tpc);
-  const int64_t nrc = std::min<int64_t>(nrb, std::max<int64_t>(1, ceil_div(4 * threads, ntc)));
+  if (nrb == 1) tpc = (W.NT + 8 * threads - 1) / (8 * threads);
+  else tpc = std::max<int64_t>(1, std::min<int64_t>((W.NT + 4 * threads - 1) / (4 * threads), (256 << 10) / W.tile_bytes));
+  const int64_t ntc = (W.NT + tpc - 1) / tpc;
+  const int64_t nrc = std::min<int64_t>(nrb, std::max<int64_t>(1, (4 * threads + ntc - 1) / ntc));
 
   parallel_for(ntc * nrc, threads, [&](int64_t task) {
     const int64_t tc = task % ntc, rc = task / ntc;

@@ -24,6 +24,33 @@ inline int32_t load_i32(const void* p) {
   return v;
 }
 
+// Scalar element access for tails and the NaN/inf row path. Local copies of
+// common.h's load_as_f32 / store_from_f32: an out-of-line copy of those built
+// with AVX-512 flags must never be the one the linker keeps for baseline code.
+inline float x_at(const void* p, DType t, int64_t i) {
+  if (t == DType::f32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  if (t == DType::f16) return f16_to_f32(h);  // out of line in int8_pack.cpp (baseline)
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline void y_store(void* p, DType t, int64_t i, float v) {
+  if (t == DType::f32) {
+    static_cast<float*>(p)[i] = v;
+  } else if (t == DType::f16) {
+    static_cast<uint16_t*>(p)[i] = f32_to_f16(v);  // out of line (baseline)
+  } else {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    static_cast<uint16_t*>(p)[i] = nan ? static_cast<uint16_t>((u >> 16) | 0x40)
+                                       : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // AVX-512 shared parts: one zmm = the whole 16-channel block.
 struct Avx512Base {

@@ -44,12 +44,14 @@ struct Int4Layout {
   int64_t NT, G, gp, nblk, group_bytes, tile_bytes, total;
 };
 
-inline Int4Layout int4_layout(int64_t N, int64_t K, int64_t g, bool asym) {
+// static: every translation unit (each built with its own ISA flags) keeps a
+// private copy, so no AVX-512 copy can be chosen for the baseline code at link time.
+static inline Int4Layout int4_layout(int64_t N, int64_t K, int64_t g, bool asym) {
   Int4Layout L;
   L.N = N; L.K = K; L.g = g; L.asym = asym;
-  L.NT = ceil_div(N, kInt4NB);
+  L.NT = (N + kInt4NB - 1) / kInt4NB;
   L.G = K / g;
-  L.gp = ceil_div(g, kInt4KB) * kInt4KB;
+  L.gp = (g + kInt4KB - 1) / kInt4KB * kInt4KB;
   L.nblk = L.gp / kInt4KB;
   L.group_bytes = L.nblk * kInt4BlockBytes + kInt4BlockBytes * (asym ? 2 : 1);
   L.tile_bytes = L.G * L.group_bytes;
@@ -57,7 +59,7 @@ inline Int4Layout int4_layout(int64_t N, int64_t K, int64_t g, bool asym) {
   return L;
 }
 
-inline int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t g, bool asym) {
+static inline int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t g, bool asym) {
   return int4_layout(N, K, g, asym).total;
 }
 
