@@ -205,6 +205,11 @@ void prepare(const Int4LinearArgs& a, const Int4Layout& W, int rm_max, Prepared&
 // --------------------------------------------------------------------------
 // Micro-kernel: RM rows x D digits x one 16-channel tile, all of K.
 // --------------------------------------------------------------------------
+#ifndef SLMKERN_W4_PREFETCH
+#define SLMKERN_W4_PREFETCH 0
+#endif
+constexpr int64_t kPrefetch = SLMKERN_W4_PREFETCH;
+
 struct TileCtx {
   int64_t G, nblk, gp, group_bytes;
   DType dtype;
@@ -219,11 +224,19 @@ void tile_kernel(const TileCtx& c, const uint8_t* tile, const int8_t* qa, const 
   constexpr int R = RM * D, H = V::H;
   // vpdpbusd has a few cycles of latency: give few-row kernels more chains.
   constexpr int NACC = V::kChain ? (R >= 4 ? 1 : (R >= 2 ? 2 : 4)) : 1;
-  F yacc[RM][H];
-#pragma GCC unroll 16
+  // fp32 accumulators stay in registers while they fit next to the int32 ones
+  // (V::kRegs vector registers, ~5 taken by the block and constants); beyond that
+  // they live in L1 and each group's epilogue loads and stores them.
+  constexpr bool YMEM = (NACC * R + RM) * H + 5 > V::kRegs;
+  F yacc[YMEM ? 1 : RM][H];
+  alignas(64) float ybuf[YMEM ? RM * H * V::L : 1];
+#pragma GCC unroll 32
   for (int r = 0; r < RM; ++r)
 #pragma GCC unroll 2
-    for (int h = 0; h < H; ++h) yacc[r][h] = V::zero_f();
+    for (int h = 0; h < H; ++h) {
+      if (YMEM) V::storef(ybuf + (r * H + h) * V::L, V::zero_f());
+      else yacc[r][h] = V::zero_f();
+    }
 
   const int64_t qstride = c.gp * R;
   for (int64_t q = 0; q < c.G; ++q) {
@@ -240,6 +253,7 @@ void tile_kernel(const TileCtx& c, const uint8_t* tile, const int8_t* qa, const 
 
     auto block = [&](int64_t b, int s) __attribute__((always_inline)) {
       const uint8_t* wb = grp + b * kInt4BlockBytes;
+      if (kPrefetch > 0 && RM == 1) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetch), _MM_HINT_T0);
       const int8_t* ql = qp + 2 * b * R * 4;
       const int8_t* qh = ql + R * 4;
 #pragma GCC unroll 2
@@ -270,26 +284,29 @@ void tile_kernel(const TileCtx& c, const uint8_t* tile, const int8_t* qa, const 
       const F s = V::loadf(sp, h);
       F sz = V::zero_f();
       if (ASYM) sz = V::loadf(sp + kInt4NB, h);
-#pragma GCC unroll 16
+#pragma GCC unroll 32
       for (int rm = 0; rm < RM; ++rm) {
         F B = V::cvt(acc[0][rm * D][h]);
 #pragma GCC unroll 3
         for (int d = 1; d < D; ++d) B = V::fma(B, V::set1(256.f), V::cvt(acc[0][rm * D + d][h]));
-        yacc[rm][h] = V::fma(s, B, yacc[rm][h]);
-        if (ASYM) yacc[rm][h] = V::fnma(sz, V::set1(asf[q * RM + rm]), yacc[rm][h]);
+        F ya = YMEM ? V::loadf(ybuf + (rm * H + h) * V::L, 0) : yacc[YMEM ? 0 : rm][h];
+        ya = V::fma(s, B, ya);
+        if (ASYM) ya = V::fnma(sz, V::set1(asf[q * RM + rm]), ya);
+        if (YMEM) V::storef(ybuf + (rm * H + h) * V::L, ya);
+        else yacc[YMEM ? 0 : rm][h] = ya;
       }
     }
   }
 
   const int64_t esz = dtype_size(c.dtype);
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int rm = 0; rm < RM; ++rm) {
     const F rs = V::set1(rowscale[rm]);
 #pragma GCC unroll 2
     for (int h = 0; h < H; ++h) {
       const int n = ncount - h * V::L;
       if (n <= 0) break;
-      F v = V::mul(yacc[rm][h], rs);
+      F v = V::mul(YMEM ? V::loadf(ybuf + (rm * H + h) * V::L, 0) : yacc[YMEM ? 0 : rm][h], rs);
       if (bias) v = V::add(v, n >= V::L ? V::loadf(bias, h) : V::loadf_n(bias, h, n));
       V::store(y + (rm * c.ldy + h * V::L) * esz, c.dtype, v, std::min(n, V::L));
     }
@@ -357,10 +374,11 @@ void int4_linear(const Int4LinearArgs& a) {
 
   // Tiles per task: with one row block there is no reuse, only balance to
   // care about; with several, a chunk of tiles should stay in L2 while every
-  // row block walks it.
-  int64_t tpc;
-  if (nrb == 1) tpc = (W.NT + 8 * threads - 1) / (8 * threads);
-  else tpc = std::max<int64_t>(1, std::min<int64_t>((W.NT + 4 * threads - 1) / (4 * threads), (256 << 10) / W.tile_bytes));
+  // row block walks it. Many small tasks keep the last one short, so no
+  // thread idles long at the end (tasks are claimed dynamically).
+  const int64_t want = (nrb == 1 ? 8 : 32) * threads;
+  int64_t tpc = (W.NT + want - 1) / want;
+  if (nrb > 1) tpc = std::max<int64_t>(1, std::min<int64_t>(tpc, (256 << 10) / W.tile_bytes));
   const int64_t ntc = (W.NT + tpc - 1) / tpc;
   const int64_t nrc = std::min<int64_t>(nrb, std::max<int64_t>(1, (4 * threads + ntc - 1) / ntc));
 

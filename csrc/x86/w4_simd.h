@@ -54,7 +54,7 @@ inline void y_store(void* p, DType t, int64_t i, float v) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // AVX-512 shared parts: one zmm = the whole 16-channel block.
 struct Avx512Base {
-  static constexpr int H = 1, L = 16;
+  static constexpr int H = 1, L = 16, kRegs = 32;
   using I = __m512i;
   using F = __m512;
   static I load_block(const uint8_t* p, int) { return _mm512_loadu_si512(p); }
@@ -72,6 +72,7 @@ struct Avx512Base {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F loadf(const float* p, int) { return _mm512_loadu_ps(p); }
+  static void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F loadf_n(const float* p, int, int n) {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
   }
@@ -104,13 +105,6 @@ struct Avx512Base {
     if (t == DType::bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return _mm512_cvtph_ps(h);
   }
-  static F load_x_n(const void* p, DType t, int n) {
-    const __mmask16 mk = static_cast<__mmask16>((1u << n) - 1u);
-    if (t == DType::f32) return _mm512_maskz_loadu_ps(mk, p);
-    const __m256i h = _mm256_maskz_loadu_epi16(mk, p);
-    if (t == DType::bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
-  }
   static F abs(F v) { return _mm512_abs_ps(v); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static float hmax(F v) { return _mm512_reduce_max_ps(v); }
@@ -134,7 +128,6 @@ struct Avx512Base {
     _mm_mask_storeu_epi8(p, static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u), _mm512_cvtepi32_epi8(v));
   }
   static int32_t hsum_i(I v) { return _mm512_reduce_add_epi32(v); }
-  static I mask_n(I v, int n) { return _mm512_maskz_mov_epi32(static_cast<__mmask16>((1u << n) - 1u), v); }
 };
 
 #if defined(__AVX512VNNI__)
@@ -168,7 +161,7 @@ struct Bw512 : Avx512Base {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // AVX2: a 64-byte block is two ymm halves, channels 0-7 then 8-15.
 struct Avx2 {
-  static constexpr int H = 2, L = 8;
+  static constexpr int H = 2, L = 8, kRegs = 16;
   static constexpr bool kChain = false;
   using I = __m256i;
   using F = __m256;
@@ -191,6 +184,7 @@ struct Avx2 {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F loadf(const float* p, int h) { return _mm256_loadu_ps(p + 8 * h); }
+  static void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
   static __m256i first_n(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
