@@ -205,11 +205,6 @@ void prepare(const Int4LinearArgs& a, const Int4Layout& W, int rm_max, Prepared&
 // --------------------------------------------------------------------------
 // Micro-kernel: RM rows x D digits x one 16-channel tile, all of K.
 // --------------------------------------------------------------------------
-#ifndef SLMKERN_W4_PREFETCH
-#define SLMKERN_W4_PREFETCH 0
-#endif
-constexpr int64_t kPrefetch = SLMKERN_W4_PREFETCH;
-
 struct TileCtx {
   int64_t G, nblk, gp, group_bytes;
   DType dtype;
@@ -253,7 +248,6 @@ void tile_kernel(const TileCtx& c, const uint8_t* tile, const int8_t* qa, const 
 
     auto block = [&](int64_t b, int s) __attribute__((always_inline)) {
       const uint8_t* wb = grp + b * kInt4BlockBytes;
-      if (kPrefetch > 0 && RM == 1) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetch), _MM_HINT_T0);
       const int8_t* ql = qp + 2 * b * R * 4;
       const int8_t* qh = ql + R * 4;
 #pragma GCC unroll 2
