@@ -352,10 +352,21 @@ inline void recompute_rows_fp32(const Int4LinearArgs& a, const Int4Layout& W, co
 // --------------------------------------------------------------------------
 // Driver.
 // --------------------------------------------------------------------------
+// Threads worth waking: small calls (a MiniLM layer at M = 1 is ~5 us of
+// work) run on the caller alone. Waking helpers would save a few us but costs
+// as much, and on a busy machine a helper that is not scheduled holds the call.
+inline int useful_threads(const Int4LinearArgs& a, const Int4Layout& W, int D) {
+  const double dots = static_cast<double>(a.M) * D * W.NT * kInt4NB * (W.G * W.gp) / 64.0;  // vpdpbusd
+  const double cycles = dots + static_cast<double>(W.total) / 16.0;  // + streaming the weights once
+  return cycles < 1e5 ? 1 : std::max(1, a.n_threads);
+}
+
 template <class V, int D, int RM_MAX>
-void int4_linear(const Int4LinearArgs& a) {
-  if (a.M <= 0) return;
-  const Int4Layout W = int4_layout(a.N, a.K, a.group_size, a.asym);
+void int4_linear(const Int4LinearArgs& a0) {
+  if (a0.M <= 0) return;
+  const Int4Layout W = int4_layout(a0.N, a0.K, a0.group_size, a0.asym);
+  Int4LinearArgs a = a0;
+  a.n_threads = useful_threads(a0, W, D);
   Prepared P;
   prepare<V, D>(a, W, RM_MAX, P);
 
@@ -364,7 +375,7 @@ void int4_linear(const Int4LinearArgs& a) {
   const TileCtx c{W.G, W.nblk, W.gp, W.group_bytes, a.dtype, a.ldy};
   const int64_t Kp = W.G * W.gp, esz = dtype_size(a.dtype);
   const int64_t nrb = static_cast<int64_t>(P.rb_start.size()) - 1;
-  const int threads = std::max(1, a.n_threads);
+  const int threads = a.n_threads;
 
   // Tiles per task: with one row block there is no reuse, only balance to
   // care about; with several, a chunk of tiles should stay in L2 while every
