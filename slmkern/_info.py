@@ -7,7 +7,7 @@ import platform
 import torch
 
 OPS = ("w8a8_linear", "w8a16_linear", "w4a16_linear", "w4a8_linear")
-TRITON_OPS = ("w8a8_linear", "w8a16_linear")  # ops with a CUDA Triton kernel registered
+TRITON_OPS = ("w8a8_linear", "w8a16_linear", "w4a16_linear", "w4a8_linear")  # ops with a CUDA Triton kernel registered
 
 
 def info_dict() -> dict:

@@ -114,3 +114,33 @@ def w8a8_linear_cuda(x, w, w_scale, bias=None, w_packed=None):
 @torch.library.register_kernel("slmkern::w8a16_linear", "cuda", lib=ops.LIB)
 def w8a16_linear_cuda(x, w, w_scale, bias=None, w_packed=None):
     return _int8_linear("w8a16_linear", x, w, w_scale, bias, w_packed)
+
+
+def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
+    # Shape/dtype/device facts only: the zero-point range check (uint8 zeros in 0..15) reads the
+    # data, i.e. a device sync per call; the module/format builders check it once instead
+    # (out-of-range zeros still compute the format's formula, never read out of bounds).
+    g = ops.check_int4_linear_fast(op, x, w, scales, zeros, group_size, bias, w_packed)
+    if kernels is None:
+        why = "triton is not installed" if not HAS_TRITON else f"slmkern.kernels failed to import ({_IMPORT_ERROR})"
+        log_once(f"{op}-no-triton", f"slmkern: {op} runs the pure-torch reference on CUDA because {why}",
+                 logging.WARNING)
+        return getattr(reference, op)(x, w, scales, zeros, group_size, bias)
+    N, K = w.shape[0], x.shape[-1]
+    x2 = _as_rows(x, K)
+    # w_packed is the CPU kernels' layout; the Triton kernels read the canonical w (N, K/2) directly.
+    z = zeros.contiguous() if zeros is not None else None
+    b = bias.contiguous() if bias is not None else None
+    with _set_wrap_triton_enabled(False), _on_device(x.device):
+        y = getattr(kernels, op)(x2, w, scales.contiguous(), z, g, b)
+    return y.reshape(*x.shape[:-1], N)
+
+
+@torch.library.register_kernel("slmkern::w4a16_linear", "cuda", lib=ops.LIB)
+def w4a16_linear_cuda(x, w, scales, zeros, group_size, bias=None, w_packed=None):
+    return _int4_linear("w4a16_linear", x, w, scales, zeros, group_size, bias, w_packed)
+
+
+@torch.library.register_kernel("slmkern::w4a8_linear", "cuda", lib=ops.LIB)
+def w4a8_linear_cuda(x, w, scales, zeros, group_size, bias=None, w_packed=None):
+    return _int4_linear("w4a8_linear", x, w, scales, zeros, group_size, bias, w_packed)
