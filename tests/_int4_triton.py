@@ -159,6 +159,7 @@ def ptx(kernel, signature, constexprs, num_warps=4, num_stages=3):
 def facts(p):
     fmas = re.findall(r"fma\.rn\.f32\s+[^;]*;", p)
     return {"wgmma_s8": len(re.findall(r"wgmma\.mma_async[^ ]*\.s32\.s8\.s8", p)),
+            "mma_s8": len(re.findall(r"\bmma\.sync[^ ]*\.s32\.s8\.s8", p)),
             "wgmma_bf16": len(re.findall(r"wgmma\.mma_async[^ ]*\.bf16\.bf16", p)),
             "ld_global_v4": len(re.findall(r"ld\.global(\.[a-z]+)*\.v4\.b32", p)),
             "ld_global_b8": len(re.findall(r"ld\.global(\.[a-z]+)*\.b8", p)),
