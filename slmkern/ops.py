@@ -156,28 +156,27 @@ def check_int4_linear(op: str, x: torch.Tensor, w: torch.Tensor, scales: torch.T
 
 
 def check_int4_linear_fast(op: str, x, w, scales, zeros, group_size, bias, w_packed) -> int:
-    """check_int4_linear for concrete tensors at a fraction of its cost (plain comparisons).
+    """check_int4_linear for concrete CPU tensors at a fraction of its cost (plain comparisons).
 
-    The per-call check of the real kernels: if any fact fails, check_int4_linear
+    The per-call check of the CPU kernels: if any fact fails, check_int4_linear
     runs and raises its precise error. Returns the group size g.
     """
     try:
         K = x.shape[-1]
         N = w.shape[0]
         g = K if group_size == -1 else group_size
-        ok = (x.dtype in FLOAT_DTYPES and x.dim() >= 1 and K % 2 == 0 and 0 < K <= INT4_MAX_K
-              and w.dtype == torch.uint8 and w.dim() == 2 and N > 0 and w.shape[1] * 2 == K
-              and w.stride() == (K // 2, 1) and type(group_size) is int and g > 0 and g % 2 == 0
-              and K % g == 0 and scales.dtype == torch.float32 and scales.shape == (N, K // g)
-              and x.device == w.device and scales.device == w.device)
+        G = K // g if type(group_size) is int and g > 0 else -1
+        ok = (x.dtype in FLOAT_DTYPES and K % 2 == 0 and 0 < K <= INT4_MAX_K and G > 0 and g % 2 == 0
+              and G * g == K and w.dtype == torch.uint8 and w.stride() == (K // 2, 1) and w.shape == (N, K // 2)
+              and N > 0 and scales.dtype == torch.float32 and scales.shape == (N, G)
+              and x.is_cpu and w.is_cpu and scales.is_cpu)
         if ok and zeros is not None:
-            ok = (zeros.dtype in (torch.uint8, torch.float32) and zeros.shape == (N, K // g)
-                  and zeros.device == w.device)
+            ok = zeros.dtype in (torch.uint8, torch.float32) and zeros.shape == (N, G) and zeros.is_cpu
         if ok and bias is not None:
-            ok = bias.dtype in (x.dtype, torch.float32) and bias.shape == (N,) and bias.device == w.device
+            ok = bias.dtype in (x.dtype, torch.float32) and bias.shape == (N,) and bias.is_cpu
         if ok and w_packed is not None:
-            ok = (w_packed.dtype == torch.uint8 and w_packed.dim() == 1
-                  and w_packed.shape[0] == int4_cpu_format.packed_bytes(N, K, g, zeros is not None))
+            ok = (w_packed.dtype == torch.uint8 and w_packed.shape == (int4_cpu_format.packed_bytes(N, K, g, zeros is not None),)
+                  and w_packed.is_cpu)
         if ok:
             return g
     except Exception:  # anything odd (non-tensors, ...): let the full check name it

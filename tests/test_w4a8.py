@@ -84,6 +84,16 @@ def test_matches_spec(cpu_isa, M, K, g, zk):
         run_and_check(rand_x(M, K, dtype, layouts[(i + K) % 4]), w, s, z, g, bias, packed=(i % 3 != 1))
 
 
+
+@pytest.mark.parametrize("M,K,N,g,zk", [(1, 2048, 2000, 128, "sym"), (130, 1024, 100, 64, "u8"),
+                                        (40, 1024, 300, 32, "f32"), (13, 768, 1000, -1, "sym")])
+def test_shapes_big_enough_to_split_across_threads(cpu_isa, M, K, N, g, zk):
+    """Calls large enough to use every thread: tile and row-block splits of the task grid."""
+    if cpu_isa == "ref":
+        pytest.skip("the scalar spec is covered by the smaller shapes")
+    w, s, z = rand_weight(N, K, g, zk)
+    run_and_check(rand_x(M, K, torch.bfloat16), w, s, z, g, torch.randn(N), packed=True)
+
 @pytest.mark.parametrize("bias_kind", ["none", "f32", "x"])
 @pytest.mark.parametrize("zk", ZEROS)
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -35,7 +35,8 @@ def layout(N: int, K: int, group_size: int, asym: bool) -> dict:
 
 def packed_bytes(N: int, K: int, group_size: int, asym: bool) -> int:
     """Size in bytes of the CPU packed layout (asym: the weight has zero points)."""
-    return layout(N, K, group_size, asym)["total"]
+    g = K if group_size == -1 else group_size
+    return -(-N // NB) * (K // g) * ((g + KB - 1) // KB * 64 + (128 if asym else 64))
 
 
 def check_canonical(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
