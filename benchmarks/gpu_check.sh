@@ -3,8 +3,10 @@
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
-# Writes into OUTDIR (7 files): env.log, build.log, tests.log, tests.xml (JUnit), bench.log,
-# bench_gpu.json (one row per measurement, from `slmkern bench --device cuda --json`) and
+# Writes into OUTDIR (9 files): env.log, build.log, tests.log, tests.xml (JUnit), bench.log,
+# bench_gpu.json (one row per measurement, from `slmkern bench --device cuda --json`),
+# bench_gpu_int4.json and bench_gpu_int4_prefill.json (int4 ops at (4096, 14336), M = 1, 16, and
+# at (2048, 8192), M = 2048) and
 # summary.txt (one line per step: rc and seconds). Every step runs and keeps its log even if an
 # earlier one failed; the exit status is non-zero if any step failed. Installs nothing except,
 # with pip, test/build tools that are missing (torch and triton must already be there).
@@ -12,7 +14,7 @@
 #
 # Knobs (environment): PYTHON (default python3), TEST_WORKERS (pytest-xdist workers, default 8
 # when xdist is installed; 0 = serial), BENCH_ARGS (extra `slmkern bench` arguments),
-# STEP_TIMEOUT_TESTS / STEP_TIMEOUT_BENCH (seconds, defaults 330 / 200).
+# STEP_TIMEOUT_TESTS / STEP_TIMEOUT_BENCH / STEP_TIMEOUT_BENCH_INT4 (seconds, defaults 330 / 200 / 120 per int4 step).
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -106,6 +108,13 @@ fi
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 step bench "$OUT/bench.log" "${STEP_TIMEOUT_BENCH:-200}" "$PY" -m slmkern.cli bench --device cuda \
     --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-}
+# int4 ops beyond the default shapes (peers cublas_bf16, tinygemm): a 7B-class MLP shape, and
+# prefill M = 2048 (w4a16 dequantizes + cuBLAS there; the target is >= 0.9x cublas_bf16).
+step bench_int4 "$OUT/bench.log" "${STEP_TIMEOUT_BENCH_INT4:-120}" "$PY" -m slmkern.cli bench --device cuda \
+    --op w4a16_linear --op w4a8_linear --shape 4096x14336 --m 1,16 --json "$OUT/bench_gpu_int4.json"
+step bench_int4_prefill "$OUT/bench.log" "${STEP_TIMEOUT_BENCH_INT4:-120}" "$PY" -m slmkern.cli bench \
+    --device cuda --op w4a16_linear --op w4a8_linear --shape 2048x8192 --m 2048 \
+    --json "$OUT/bench_gpu_int4_prefill.json"
 
 echo "=== summary ($OUT)"
 cat "$OUT/summary.txt"

@@ -120,7 +120,7 @@ def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
     # Shape/dtype/device facts only: the zero-point range check (uint8 zeros in 0..15) reads the
     # data, i.e. a device sync per call; the module/format builders check it once instead
     # (out-of-range zeros still compute the format's formula, never read out of bounds).
-    g = ops.check_int4_linear_fast(op, x, w, scales, zeros, group_size, bias, w_packed)
+    g = ops.check_int4_linear(op, x, w, scales, zeros, group_size, bias, w_packed)
     if kernels is None:
         why = "triton is not installed" if not HAS_TRITON else f"slmkern.kernels failed to import ({_IMPORT_ERROR})"
         log_once(f"{op}-no-triton", f"slmkern: {op} runs the pure-torch reference on CUDA because {why}",

@@ -1,0 +1,25 @@
+"""w4a8_linear: int4 group-quantized weights, dynamic per-token int8 activations, vs the peers a user
+would pick instead.
+
+CPU peers: torch_fp32 (F.linear fp32, same dequantized weight), torch_fbgemm_int8 (torch.ao dynamic
+quantized Linear: the int8-activation peer), torch_int4pack_bf16 (aten._weight_int4pack_mm_for_cpu).
+CUDA peers: cublas_bf16, tinygemm (aten._weight_int4pack_mm, bf16 activations).
+Group size 128 (64 where K needs it; SLMKERN_BENCH_GROUP_SIZE overrides), asymmetric (uint8 zeros).
+"""
+from __future__ import annotations
+
+from . import peers
+from ._int4 import extra_fields, make_source, slmkern_impl, tinygemm, torch_int4pack_bf16
+from .engine import BenchOp
+from .pytest_glue import pytest_benchmark_test
+
+BENCH = BenchOp(
+    op="w4a8_linear",
+    make_source=make_source,
+    impls=(slmkern_impl("w4a8_linear"), peers.torch_fp32(), peers.torch_fbgemm_int8(), torch_int4pack_bf16(),
+           peers.cublas_bf16(), tinygemm()),
+    extra_fields=extra_fields,
+    description="int4 (group-wise) weight x dynamic int8 activation linear",
+)
+
+test_w4a8_linear = pytest_benchmark_test(BENCH)
