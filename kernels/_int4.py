@@ -42,17 +42,19 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def choose_split_k(tiles: int, G: int, K: int, device: torch.device) -> int:
+def choose_split_k(tiles: int, M: int, G: int, K: int, device: torch.device) -> int:
     """Splits of the K reduction so that `tiles` output tiles fill the GPU about twice.
 
     Splits fall on group boundaries (each split owns ceil(G / SPLIT_K) whole groups), so there
-    are at most G of them; 1 off CUDA (the interpreter tests force other values explicitly).
+    are at most G of them; the fp32 workspace they write and re-read (8 * SPLIT_K * M * N bytes)
+    stays under a quarter of the weight bytes (K * N / 2); 1 off CUDA (the interpreter tests
+    force other values explicitly).
     """
     sms = sm_count(device)
     if sms == 0 or tiles >= sms:
         return 1
     want = triton.cdiv(2 * sms, max(tiles, 1))
-    return int(max(1, min(want, G, MAX_SPLIT_K, K // MIN_K_PER_SPLIT)))
+    return int(max(1, min(want, G, MAX_SPLIT_K, K // MIN_K_PER_SPLIT, K // (64 * M))))
 
 
 def pow2_at_least(n: int, lo: int) -> int:
@@ -88,19 +90,26 @@ def prune_tiles(tiles_by_bucket: dict, min_k: int):
 
 
 def gemv_heuristics(min_k: int) -> dict:
-    """Derived GEMV constexprs: CHUNK_K (k per group per step), GROUPS_PER_STEP, EVEN_CHUNK."""
+    """Derived GEMV constexprs: CHUNK_K (k per group per step), GROUPS_PER_STEP, EVEN_CHUNK.
+    (Each computed from the config alone: no heuristic reads another's result.)"""
+    def chunk(a):
+        return chunk_k(a["BLOCK_K"], a["GROUP_SIZE"], min_k)
+
     return {
-        "CHUNK_K": lambda a: chunk_k(a["BLOCK_K"], a["GROUP_SIZE"], min_k),
-        "GROUPS_PER_STEP": lambda a: max(1, a["BLOCK_K"] // a["CHUNK_K"]),
-        "EVEN_CHUNK": lambda a: a["GROUP_SIZE"] % a["CHUNK_K"] == 0,
+        "CHUNK_K": chunk,
+        "GROUPS_PER_STEP": lambda a: max(1, a["BLOCK_K"] // chunk(a)),
+        "EVEN_CHUNK": lambda a: a["GROUP_SIZE"] % chunk(a) == 0,
     }
 
 
 def tile_heuristics(min_k: int) -> dict:
     """Derived tiled-GEMM constexprs: CHUNK_K (the dot's K), EVEN_CHUNK."""
+    def chunk(a):
+        return chunk_k(a["BLOCK_K"], a["GROUP_SIZE"], min_k)
+
     return {
-        "CHUNK_K": lambda a: chunk_k(a["BLOCK_K"], a["GROUP_SIZE"], min_k),
-        "EVEN_CHUNK": lambda a: a["GROUP_SIZE"] % a["CHUNK_K"] == 0,
+        "CHUNK_K": chunk,
+        "EVEN_CHUNK": lambda a: a["GROUP_SIZE"] % chunk(a) == 0,
     }
 
 

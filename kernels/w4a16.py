@@ -47,10 +47,11 @@ MIN_DOT_K = 16  # a 16-bit tl.dot needs K >= 16
 def _gemv_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
-    # BLOCK_N * BLOCK_K / 2 weight bytes per step: 8 KiB (4 warps) or 16 KiB (8 warps).
+    # BLOCK_N * BLOCK_K / 2 weight bytes per step: 4 KiB (~100 registers, more blocks per SM),
+    # 8 KiB (4 warps) or 16 KiB (8 warps) (~200 registers, more bytes in flight per block).
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in ((16, 1024, 4, 2), (32, 512, 4, 2), (64, 256, 4, 2),
-                                 (32, 1024, 8, 2), (64, 512, 8, 2))]
+            for bn, bk, w, s in ((32, 256, 4, 3), (16, 512, 4, 3), (32, 512, 4, 2), (64, 256, 4, 2),
+                                 (64, 512, 8, 2))]
 
 
 @triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE", "SPLIT_K"])
@@ -236,7 +237,7 @@ def w4a16_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: 
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     G = K // g
-    S = max(1, min(split_k or choose_split_k(_tiles(path, M, N), G, K, x.device), G))
+    S = max(1, min(split_k or choose_split_k(_tiles(path, M, N), M, G, K, x.device), G))
     ws = torch.empty((S, M, N), dtype=torch.float32, device=x.device) if S > 1 else y
     z = zeros if zeros is not None else scales
     b = bias if bias is not None else scales

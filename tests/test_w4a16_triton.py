@@ -151,6 +151,22 @@ def test_w4a16_any_even_group_and_fp32_zeros(path, K, g, zeros):
         check(y, x, w, s, z, g, b, path)
 
 
+def test_split_k_choice(monkeypatch):
+    """Split-K only when the output tiles cannot fill the GPU, in whole groups, with the fp32
+    workspace under a quarter of the weight bytes; never off CUDA."""
+    from slmkern.kernels import _int4
+
+    cuda = torch.device("cuda", 0)
+    assert _int4.choose_split_k(8, 1, 16, 2048, torch.device("cpu")) == 1
+    monkeypatch.setattr(_int4, "sm_count", lambda device: 132)
+    assert _int4.choose_split_k(128, 1, 16, 2048, cuda) == 3       # (2048, 8192) decode: 3 waves of tiles
+    assert _int4.choose_split_k(132, 1, 16, 2048, cuda) == 1       # tiles already fill the GPU
+    assert _int4.choose_split_k(24, 1, 3, 384, cuda) == 1          # K = 384: one split's worth of k
+    assert _int4.choose_split_k(24, 1, 4, 1024, cuda) == 4         # capped by the 4 groups
+    assert _int4.choose_split_k(64, 16, 16, 2048, cuda) == 2       # workspace cap K / (64 M)
+    assert _int4.choose_split_k(128, 128, 16, 2048, cuda) == 1
+
+
 @needs_launch
 def test_w4a16_empty_batch():
     x, w, s, z, b = make_case(0, 64, 19, 32, "u8", True, BF16)
