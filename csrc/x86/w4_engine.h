@@ -224,19 +224,14 @@ void tile_kernel(const TileCtx& c, const uint8_t* tile, const int8_t* qa, const 
   constexpr int R = RM * D, H = V::H;
   // vpdpbusd has a few cycles of latency: give few-row kernels more chains.
   constexpr int NACC = V::kChain ? (R >= 4 ? 1 : (R >= 2 ? 2 : 4)) : 1;
-  // fp32 accumulators stay in registers while they fit next to the int32 ones
-  // (V::kRegs vector registers, ~5 taken by the block and constants); beyond that
-  // they live in L1 and each group's epilogue loads and stores them.
-  constexpr bool YMEM = (NACC * R + RM) * H + 5 > V::kRegs;
-  F yacc[YMEM ? 1 : RM][H];
-  alignas(64) float ybuf[YMEM ? RM * H * V::L : 1];
+  // Every accumulator lives in a register: int32 ones plus RM x H fp32 ones,
+  // with ~5 registers left for the block, its two nibble operands and constants.
+  static_assert((NACC * R + RM) * H + 5 <= V::kRegs, "micro-kernel accumulators would spill");
+  F yacc[RM][H];
 #pragma GCC unroll 32
   for (int r = 0; r < RM; ++r)
 #pragma GCC unroll 2
-    for (int h = 0; h < H; ++h) {
-      if (YMEM) V::storef(ybuf + (r * H + h) * V::L, V::zero_f());
-      else yacc[r][h] = V::zero_f();
-    }
+    for (int h = 0; h < H; ++h) yacc[r][h] = V::zero_f();
 
   const int64_t qstride = c.gp * R;
   for (int64_t q = 0; q < c.G; ++q) {
@@ -288,11 +283,8 @@ void tile_kernel(const TileCtx& c, const uint8_t* tile, const int8_t* qa, const 
         F B = V::cvt(acc[0][rm * D][h]);
 #pragma GCC unroll 3
         for (int d = 1; d < D; ++d) B = V::fma(B, V::set1(256.f), V::cvt(acc[0][rm * D + d][h]));
-        F ya = YMEM ? V::loadf(ybuf + (rm * H + h) * V::L, 0) : yacc[YMEM ? 0 : rm][h];
-        ya = V::fma(s, B, ya);
-        if (ASYM) ya = V::fnma(sz, V::set1(asf[q * RM + rm]), ya);
-        if (YMEM) V::storef(ybuf + (rm * H + h) * V::L, ya);
-        else yacc[YMEM ? 0 : rm][h] = ya;
+        yacc[rm][h] = V::fma(s, B, yacc[rm][h]);
+        if (ASYM) yacc[rm][h] = V::fnma(sz, V::set1(asf[q * RM + rm]), yacc[rm][h]);
       }
     }
   }
@@ -305,7 +297,7 @@ void tile_kernel(const TileCtx& c, const uint8_t* tile, const int8_t* qa, const 
     for (int h = 0; h < H; ++h) {
       const int n = ncount - h * V::L;
       if (n <= 0) break;
-      F v = V::mul(YMEM ? V::loadf(ybuf + (rm * H + h) * V::L, 0) : yacc[YMEM ? 0 : rm][h], rs);
+      F v = V::mul(yacc[rm][h], rs);
       if (bias) v = V::add(v, n >= V::L ? V::loadf(bias, h) : V::loadf_n(bias, h, n));
       V::store(y + (rm * c.ldy + h * V::L) * esz, c.dtype, v, std::min(n, V::L));
     }

@@ -72,7 +72,6 @@ struct Avx512Base {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F loadf(const float* p, int) { return _mm512_loadu_ps(p); }
-  static void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F loadf_n(const float* p, int, int n) {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
   }
@@ -184,7 +183,6 @@ struct Avx2 {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F loadf(const float* p, int h) { return _mm256_loadu_ps(p + 8 * h); }
-  static void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
   static __m256i first_n(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
