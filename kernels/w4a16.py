@@ -7,10 +7,11 @@ Nibbles are unpacked in registers (mask / shift), never written back to memory.
 
 Three paths, chosen by M:
 - M == 1 (decode): `_w4a16_gemv_kernel` on the CUDA cores. Each step covers GROUPS_PER_STEP
-  whole groups of BLOCK_N rows: a group's dot with x is summed against the integer codes
-  (sum_k x * (code - z)), then multiplied by the group's scale once, so the only per-weight work
-  is unpack, convert, subtract, multiply-add. The even and odd k of x are loaded separately to
-  meet the low and high nibbles of the same bytes.
+  whole groups of BLOCK_N rows: a group's dot with x is summed against code - z, then multiplied
+  by the group's scale once, so the per-weight work is unpack (mask / shift), code -> float by
+  the 2^23 bit trick (an OR and the subtraction of 2^23 + z: no int->float convert), one FMA.
+  A chunk of x is loaded contiguously and split into its even and odd k, which meet the low and
+  high nibbles of the same bytes.
 - 2 <= M < DEQUANT_MIN_M: `_w4a16_kernel`, a tiled tensor-core GEMM. Each (CHUNK_K x BLOCK_N)
   weight tile is dequantized in registers to x's dtype ((code - z) * s, the scale and zero loaded
   once per group) right before tl.dot; fp32 x uses a tf32x3 dot on fp32 weights.
@@ -23,8 +24,10 @@ Both kernels split K over SPLIT_K programs when there are too few output tiles t
 order by `_splitk_reduce_kernel` (no atomics: deterministic).
 
 Accuracy vs the reference (fp32 weights, one fp32 matmul): fp32 x differs only in summation
-order; bf16/fp16 x in the tiled path also round each dequantized weight to x's dtype before the
-16-bit dot (as tinygemm and cuBLAS-on-dequantized-weights do).
+order (the tiled path uses a tf32x3 dot, ~fp32 accurate; its hi/lo split turns an infinite x into
+NaN where the reference may give inf); bf16/fp16 x in the tiled and dequantize paths also round
+each dequantized weight to x's dtype before the 16-bit dot (as tinygemm and cuBLAS on dequantized
+weights do). The GEMV computes in fp32 throughout.
 """
 from __future__ import annotations
 
@@ -225,20 +228,21 @@ def w4a16_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: 
     M, K = x.shape
     N = w.shape[0]
     g = K if group_size == -1 else group_size
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y
     path = path or choose_path(M)
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    if M == 0:
+        return torch.empty((0, N), dtype=x.dtype, device=x.device)
     if path == "dequant":
         wd = dequantize(w, scales, zeros, g, x.dtype)
         if bias is None:
             return torch.matmul(x, wd.t())
         return torch.addmm(bias.to(x.dtype), x, wd.t())
-    if path not in PATHS:
-        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     G = K // g
     S = max(1, min(split_k or choose_split_k(_tiles(path, M, N), M, G, K, x.device), G))
-    ws = torch.empty((S, M, N), dtype=torch.float32, device=x.device) if S > 1 else y
+    # without split-K the kernels never touch ws: any fp32 tensor will do (not y: no aliased outputs)
+    ws = torch.empty((S, M, N), dtype=torch.float32, device=x.device) if S > 1 else scales
     z = zeros if zeros is not None else scales
     b = bias if bias is not None else scales
     common = dict(GROUP_SIZE=g, HAS_ZEROS=zeros is not None,

@@ -256,7 +256,8 @@ def w4a8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: t
     G = K // g
     S = max(1, min(split_k or choose_split_k(_tiles(path, M, N), M, G, K, x.device), G))
     q, sx = quantize_rows_s8(x)
-    ws = torch.empty((S, M, N), dtype=torch.float32, device=x.device) if S > 1 else y
+    # without split-K the kernels never touch ws: any fp32 tensor will do (not y: no aliased outputs)
+    ws = torch.empty((S, M, N), dtype=torch.float32, device=x.device) if S > 1 else scales
     z = zeros if zeros is not None else scales
     b = bias if bias is not None else scales
     common = dict(GROUP_SIZE=g, HAS_ZEROS=zeros is not None,
