@@ -65,7 +65,6 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K
                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
                        EVEN_CHUNK: tl.constexpr):
-    HALF: tl.constexpr = CHUNK_K // 2
     row = tl.program_id(2).to(tl.int64)
     G = K // GROUP_SIZE
     g_begin, g_end = split_groups(G, SPLIT_K)
@@ -73,7 +72,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K
     n_mask = offs_n < N
     n64 = offs_n.to(tl.int64)
     offs_g = tl.arange(0, GROUPS_PER_STEP)
-    offs_j = tl.arange(0, HALF)
+    offs_j = tl.arange(0, CHUNK_K // 2)
     offs_c = tl.arange(0, CHUNK_K)
     x_row = x_ptr + row * stride_xm
     w_rows = w_ptr + n64[:, None, None] * stride_wn
@@ -96,7 +95,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K
                 bm = bm & ((c0 // 2 + offs_j) < GROUP_SIZE // 2)[None, :]
             # x chunk loaded contiguously, then split into the k that meet low and high nibbles
             xv = tl.load(x_row + (gi[:, None] * GROUP_SIZE + c0 + offs_c[None, :]), mask=xm, other=0.0)
-            xe, xo = tl.split(tl.reshape(xv.to(tl.float32), [GROUPS_PER_STEP, HALF, 2]))
+            xe, xo = tl.split(tl.reshape(xv.to(tl.float32), [GROUPS_PER_STEP, CHUNK_K // 2, 2]))
             kb = gi[:, None] * (GROUP_SIZE // 2) + c0 // 2 + offs_j[None, :]  # byte index of k = 2 * kb
             b = tl.load(w_rows + kb[None, :, :], mask=n_mask[:, None, None] & bm[None, :, :], other=0)
             lo = codes_minus_zero(b & 0xF, zoff, FLOAT_ZEROS)

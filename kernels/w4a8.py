@@ -90,7 +90,6 @@ def _w4a8_gemv_kernel(q_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
                       EVEN_CHUNK: tl.constexpr):
-    HALF: tl.constexpr = CHUNK_K // 2
     row = tl.program_id(2).to(tl.int64)
     G = K // GROUP_SIZE
     g_begin, g_end = split_groups(G, SPLIT_K)
@@ -98,7 +97,7 @@ def _w4a8_gemv_kernel(q_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     n_mask = offs_n < N
     n64 = offs_n.to(tl.int64)
     offs_g = tl.arange(0, GROUPS_PER_STEP)
-    offs_j = tl.arange(0, HALF)
+    offs_j = tl.arange(0, CHUNK_K // 2)
     offs_c = tl.arange(0, CHUNK_K)
     q_row = q_ptr + row * K
     w_rows = w_ptr + n64[:, None, None] * stride_wn
@@ -117,7 +116,7 @@ def _w4a8_gemv_kernel(q_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                 bm = bm & ((c0 // 2 + offs_j) < GROUP_SIZE // 2)[None, :]
             # qx chunk loaded contiguously, then split into the k that meet low and high nibbles
             qv = tl.load(q_row + (gi[:, None] * GROUP_SIZE + c0 + offs_c[None, :]), mask=qm, other=0)
-            qe, qo = tl.split(tl.reshape(qv.to(tl.int32), [GROUPS_PER_STEP, HALF, 2]))
+            qe, qo = tl.split(tl.reshape(qv.to(tl.int32), [GROUPS_PER_STEP, CHUNK_K // 2, 2]))
             kb = gi[:, None] * (GROUP_SIZE // 2) + c0 // 2 + offs_j[None, :]  # byte index of k = 2 * kb
             b = tl.load(w_rows + kb[None, :, :], mask=n_mask[:, None, None] & bm[None, :, :], other=0)
             lo = (b & 0xF).to(tl.int32)
