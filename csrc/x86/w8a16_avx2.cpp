@@ -16,7 +16,7 @@
 namespace slmkern {
 namespace {
 
-constexpr int kMR = 3;
+constexpr int kMR = 5;  // rows per micro-kernel: 10 accumulators + 5 x chunks + 1 weight
 
 // a[j] lanes 0-3 / 4-7 = partial sums of channels 2j / 2j+1  ->  lane c = channel c.
 inline __m256 reduce_partials(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
@@ -38,11 +38,18 @@ inline __m256 broadcast_x_tail(const float* p, int ktail) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(v), v, 1);
 }
 
-// Channels of one tile, 4*NQ of them starting at quad q0 (NQ = 2 or 4), for R rows:
-// out[r * NQ/2 + h] lane c = sum_k x[r, k] * W[n0 + 4*q0 + 8*h + c, k].
+// a0 / a1 lanes 0-3 = partials of channels 0 / 2, lanes 4-7 = channels 1 / 3  ->  4 sums.
+inline __m128 reduce_partials4(__m256 a0, __m256 a1) {
+  const __m256 h = _mm256_hadd_ps(a0, a1);     // lo: c0 c0 c2 c2, hi: c1 c1 c3 c3
+  const __m256 g = _mm256_hadd_ps(h, h);       // lo: c0 c2 .. .., hi: c1 c3 .. ..
+  return _mm_unpacklo_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1));
+}
+
+// Channels n0 + 4*q0 + [0, 4*NQ) of one tile (NQ = 1, 2 or 4 quads) for R rows:
+// res[r * 16 + 4*q0 + c] = sum_k x[r, k] * W[n0 + 4*q0 + c, k].
 template <int R, int NQ>
 inline void block_dot(const float* x, int64_t ldx, int64_t kfull, int ktail, const int8_t* w, int q0,
-                      __m256* out) {
+                      float* res) {
   constexpr int V = 2 * NQ;  // ymm weight vectors per tile row
   __m256 acc[R][V];
   for (int r = 0; r < R; ++r)
@@ -66,10 +73,16 @@ inline void block_dot(const float* x, int64_t ldx, int64_t kfull, int ktail, con
       for (int r = 0; r < R; ++r) acc[r][v] = _mm256_fmadd_ps(wv, xb[r], acc[r][v]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int h = 0; h < NQ / 2; ++h)
-      out[r * (NQ / 2) + h] =
-          reduce_partials(acc[r][4 * h], acc[r][4 * h + 1], acc[r][4 * h + 2], acc[r][4 * h + 3]);
+  for (int r = 0; r < R; ++r) {
+    float* o = res + r * 16 + 4 * q0;
+    if (NQ == 1) {
+      _mm_storeu_ps(o, reduce_partials4(acc[r][0], acc[r][1]));
+    } else {
+      for (int h = 0; h < NQ / 2; ++h)
+        _mm256_storeu_ps(o + 8 * h, reduce_partials(acc[r][4 * h], acc[r][4 * h + 1], acc[r][4 * h + 2],
+                                                    acc[r][4 * h + 3]));
+    }
+  }
 }
 
 // fp32 -> bf16, round to nearest even, NaN -> quiet NaN (as f32_to_bf16).
@@ -106,32 +119,39 @@ inline void store_row(const Int8LinearArgs& a, int64_t m, int64_t n0, int nvalid
   }
 }
 
-// Rows [m0, m0 + R) x the 8-channel half `half` of block nb (NQ = 2), or the
-// whole block (NQ = 4, half = 0).
-template <int R, int NQ>
+// Rows [m0, m0 + rows) x channels [16 nb, 16 nb + 16) of y. One row: the whole
+// tile at once (memory-bound). More rows: one quad (4 channels) at a time, so
+// 2*kMR accumulators + kMR broadcast x chunks fit in 16 registers and each
+// converted weight vector feeds kMR rows.
+template <int R>
 inline void rows_block(const Int8LinearArgs& a, const float* xf, int64_t ldx, int64_t kfull, int ktail,
-                       int64_t m0, int64_t nb, int half) {
-  __m256 out[R * NQ / 2];
+                       int64_t m0, int64_t nb) {
+  alignas(32) float res[R * 16];
   const int64_t Kp = int8_padded_k(a.K);
-  block_dot<R, NQ>(xf + m0 * ldx, ldx, kfull, ktail, a.w_packed + nb * kInt8NB * Kp, 2 * half, out);
-  for (int h = 0; h < NQ / 2; ++h) {
-    const int64_t n0 = nb * kInt8NB + 8 * (half + h);
-    const int64_t nvalid = std::min<int64_t>(8, a.N - n0);
+  const int64_t n0 = nb * kInt8NB;
+  const int8_t* w = a.w_packed + nb * kInt8NB * Kp;
+  const float* x = xf + m0 * ldx;
+  if (R == 1) {
+    block_dot<1, 4>(x, ldx, kfull, ktail, w, 0, res);
+  } else {
+    for (int q = 0; q < 4 && n0 + 4 * q < a.N; ++q) block_dot<R, 1>(x, ldx, kfull, ktail, w, q, res);
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int64_t nvalid = std::min<int64_t>(8, a.N - n0 - 8 * h);
     if (nvalid <= 0) break;
-    for (int r = 0; r < R; ++r) store_row(a, m0 + r, n0, static_cast<int>(nvalid), out[r * (NQ / 2) + h]);
+    for (int r = 0; r < R; ++r)
+      store_row(a, m0 + r, n0 + 8 * h, static_cast<int>(nvalid), _mm256_load_ps(res + r * 16 + 8 * h));
   }
 }
 
 void rows_any(const Int8LinearArgs& a, const float* xf, int64_t ldx, int64_t kfull, int ktail,
               int64_t m0, int64_t rows, int64_t nb) {
-  if (rows == 1) {
-    rows_block<1, 4>(a, xf, ldx, kfull, ktail, m0, nb, 0);
-    return;
-  }
-  for (int half = 0; half < 2; ++half) {
-    if (nb * kInt8NB + 8 * half >= a.N) break;
-    if (rows == 2) rows_block<2, 2>(a, xf, ldx, kfull, ktail, m0, nb, half);
-    else rows_block<3, 2>(a, xf, ldx, kfull, ktail, m0, nb, half);
+  switch (rows) {
+    case 1: rows_block<1>(a, xf, ldx, kfull, ktail, m0, nb); break;
+    case 2: rows_block<2>(a, xf, ldx, kfull, ktail, m0, nb); break;
+    case 3: rows_block<3>(a, xf, ldx, kfull, ktail, m0, nb); break;
+    case 4: rows_block<4>(a, xf, ldx, kfull, ktail, m0, nb); break;
+    default: rows_block<kMR>(a, xf, ldx, kfull, ktail, m0, nb); break;
   }
 }
 
@@ -181,8 +201,10 @@ void w8a16_linear_avx2(const Int8LinearArgs& a) {
     const int64_t nt = t / p.n_mtasks, mt = t % p.n_mtasks;
     const int64_t nb0 = nt * p.blocks_per_task, nb1 = std::min(p.n_blocks, nb0 + p.blocks_per_task);
     const int64_t m0 = mt * p.rows_per_task, m1 = std::min(a.M, m0 + p.rows_per_task);
-    for (int64_t nb = nb0; nb < nb1; ++nb)
-      for (int64_t m = m0; m < m1; m += kMR) rows_any(a, xf, ldx, kfull, ktail, m, std::min<int64_t>(kMR, m1 - m), nb);
+    // Rows outer: kMR rows of x stay in L1/L2 while the task's weight slice
+    // (kept <= ~256 KB by the plan) is re-read from L2 for each row block.
+    for (int64_t m = m0; m < m1; m += kMR)
+      for (int64_t nb = nb0; nb < nb1; ++nb) rows_any(a, xf, ldx, kfull, ktail, m, std::min<int64_t>(kMR, m1 - m), nb);
   });
 }
 

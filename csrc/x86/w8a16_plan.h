@@ -69,6 +69,8 @@ inline W8a16Plan w8a16_plan(int64_t M, int64_t N, int64_t K, int n_threads, int6
   const int64_t min_blocks = std::max<int64_t>(1, 16384 / (kInt8NB * int8_padded_k(K)));
   int64_t bpt = std::max<int64_t>(1, p.n_blocks / (8 * T));
   bpt = std::min(p.n_blocks, std::max(bpt, T == 1 ? p.n_blocks : min_blocks));
+  // Several row blocks re-read the task's weight slice: keep it in L2.
+  if (M > mr) bpt = std::min(bpt, std::max<int64_t>(1, (256 << 10) / (kInt8NB * int8_padded_k(K))));
   if (T > 1 && ceil_div(p.n_blocks, bpt) < T) bpt = ceil_div(p.n_blocks, T);
   p.blocks_per_task = bpt;
   p.n_ntasks = ceil_div(p.n_blocks, bpt);
