@@ -131,14 +131,18 @@ def test_batch_dims_and_row_stride(isa, dtype, K):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_exact_sums_are_bit_exact(isa, dtype, with_bias):
+@pytest.mark.parametrize("scale_exp", [(-12, -4), (-40, -28), (-146, -132)],
+                         ids=["normal", "f16-subnormal", "f32-bf16-subnormal"])
+def test_exact_sums_are_bit_exact(isa, dtype, with_bias, scale_exp):
     """Small integer x and power-of-two scales: every fp32 partial sum is exact,
-    so any summation order gives the reference's bits, output rounding included."""
+    so any summation order gives the reference's bits, output rounding included
+    (down to subnormal outputs)."""
     M, K, N = 17, 130, 100
     w, _ = make_weight(N, K)
-    w_scale = torch.ldexp(torch.ones(N), torch.randint(-12, -4, (N,)))
+    lo, hi = scale_exp
+    w_scale = torch.ldexp(torch.ones(N), torch.randint(lo, hi, (N,)))
     x = torch.randint(-16, 17, (M, K)).to(dtype)
-    bias = torch.randn(N) if with_bias else None
+    bias = torch.randn(N) * 2.0 ** (lo + 12) if with_bias else None
     y = op(x, w, w_scale, bias, int8_format.prepack_cpu(w))
     want = reference.w8a16_linear(x, w, w_scale, bias)
     torch.testing.assert_close(y, want, rtol=0, atol=0)
