@@ -169,10 +169,13 @@ void w8a16_linear_avx512(const Int8LinearArgs& a) {
     const int64_t nt = t / p.n_mtasks, mt = t % p.n_mtasks;
     const int64_t nb0 = nt * p.blocks_per_task, nb1 = std::min(p.n_blocks, nb0 + p.blocks_per_task);
     const int64_t m0 = mt * p.rows_per_task, m1 = std::min(a.M, m0 + p.rows_per_task);
-    // Rows outer: MR rows of x stay in L1/L2 while the task's weight slice
-    // (kept <= ~256 KB by the plan) is re-read from L2 for each row block.
-    for (int64_t m = m0; m < m1; m += kMR)
-      for (int64_t nb = nb0; nb < nb1; ++nb) rows_any(a, xf, ldx, kfull, ktail, m, std::min<int64_t>(kMR, m1 - m), nb);
+    // Rows outer: a row block of x stays in L1/L2 while the task's weight
+    // slice (kept <= ~256 KB by the plan) is re-read from L2 for each block.
+    for (int64_t m = m0; m < m1;) {
+      const int64_t rows = w8a16_row_block(m1 - m, kMR);
+      for (int64_t nb = nb0; nb < nb1; ++nb) rows_any(a, xf, ldx, kfull, ktail, m, rows, nb);
+      m += rows;
+    }
   });
 }
 

@@ -84,5 +84,12 @@ inline W8a16Plan w8a16_plan(int64_t M, int64_t N, int64_t K, int n_threads, int6
   return p;
 }
 
+// Rows of the next micro-kernel call when `left` rows remain: blocks of
+// ceil(left / ceil(left / mr)) rows, so 7 rows with mr = 6 run as 4 + 3, not
+// 6 + 1 (a 1- or 2-row block converts as many weights as a full one).
+inline int64_t w8a16_row_block(int64_t left, int64_t mr) {
+  return ceil_div(left, ceil_div(left, mr));
+}
+
 }  // namespace
 }  // namespace slmkern
