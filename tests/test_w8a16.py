@@ -10,7 +10,10 @@ the output dtype down too.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import math
+import sys
 import threading
 
 import pytest
@@ -146,6 +149,31 @@ def test_exact_sums_are_bit_exact(isa, dtype, with_bias, scale_exp):
     y = op(x, w, w_scale, bias, int8_format.prepack_cpu(w))
     want = reference.w8a16_linear(x, w, w_scale, bias)
     torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs mprotect")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [1, 3, 37])
+def test_x_ending_at_an_unmapped_page(isa, dtype, K):
+    """x's last element is the last byte before a PROT_NONE page: reading past a row faults."""
+    page = mmap.PAGESIZE
+    buf = mmap.mmap(-1, 2 * page)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(addr + page, page, 0) == 0  # PROT_NONE
+    try:
+        M, N = 3, 19
+        w, w_scale = make_weight(N, K)
+        esize = torch.empty((), dtype=dtype).element_size()
+        mem = torch.frombuffer(buf, dtype=torch.uint8, count=page)
+        x = mem[page - M * K * esize:].view(dtype).view(M, K)
+        x.copy_(torch.randn(M, K).to(dtype))
+        y = op(x, w, w_scale, None, int8_format.prepack_cpu(w))
+        assert_close_w8a16(y, x, w, w_scale, None, K)
+        del x, mem
+    finally:
+        libc.mprotect(addr + page, page, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

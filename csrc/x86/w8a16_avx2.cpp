@@ -4,9 +4,9 @@
 // One 64-byte tile row holds 16 channels x 4 consecutive k; each 8-byte piece
 // (channels 2v, 2v+1 x k 0..3) sign-extends and converts to one ymm, which an FMA
 // with the broadcast x chunk [x_k0..x_k3] x2 accumulates into 4 partial sums per
-// channel. With 16 ymm registers a micro-kernel covers 8 channels x 3 rows
-// (12 accumulators, each weight vector converted once for 3 rows), or 16
-// channels x 1 row for M = 1; partial sums are added once, after the K loop.
+// channel. With 16 ymm registers a micro-kernel covers 4 channels x 5 rows
+// (10 accumulators + 5 x chunks; each weight vector converted once for 5 rows),
+// or 16 channels x 1 row for M = 1; partial sums are added once, after the K loop.
 #include <immintrin.h>
 
 #include "slmkern/common.h"
@@ -45,7 +45,7 @@ inline __m128 reduce_partials4(__m256 a0, __m256 a1) {
   return _mm_unpacklo_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1));
 }
 
-// Channels n0 + 4*q0 + [0, 4*NQ) of one tile (NQ = 1, 2 or 4 quads) for R rows:
+// Channels n0 + 4*q0 + [0, 4*NQ) of one tile (NQ = 1, 2 or 4 quads of 4) for R rows:
 // res[r * 16 + 4*q0 + c] = sum_k x[r, k] * W[n0 + 4*q0 + c, k].
 template <int R, int NQ>
 inline void block_dot(const float* x, int64_t ldx, int64_t kfull, int ktail, const int8_t* w, int q0,
@@ -134,7 +134,13 @@ inline void rows_block(const Int8LinearArgs& a, const float* xf, int64_t ldx, in
   if (R == 1) {
     block_dot<1, 4>(x, ldx, kfull, ktail, w, 0, res);
   } else {
-    for (int q = 0; q < 4 && n0 + 4 * q < a.N; ++q) block_dot<R, 1>(x, ldx, kfull, ktail, w, q, res);
+    for (int q = 0; q < 4; ++q) {
+      if (n0 + 4 * q < a.N) {
+        block_dot<R, 1>(x, ldx, kfull, ktail, w, q, res);
+      } else {  // only padding channels left: nothing to compute, but no garbage in res either
+        for (int r = 0; r < R; ++r) _mm_storeu_ps(res + r * 16 + 4 * q, _mm_setzero_ps());
+      }
+    }
   }
   for (int h = 0; h < 2; ++h) {
     const int64_t nvalid = std::min<int64_t>(8, a.N - n0 - 8 * h);
