@@ -194,6 +194,17 @@ def test_nonfinite_x_stays_in_its_row(isa, dtype, K):
     assert_close_w8a16(y[finite].to(dtype), x[finite], w, w_scale, None, K)
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_large_half_input(isa, dtype):
+    """> 4 MB of fp32 activations: the kernels convert into a one-off buffer, not the per-thread one."""
+    M, K, N = 260, 4099, 17
+    w, w_scale = make_weight(N, K)
+    x = make_x((M,), K, dtype, pad=1)
+    bias = torch.randn(N)
+    y = op(x, w, w_scale, bias, int8_format.prepack_cpu(w))
+    assert_close_w8a16(y, x, w, w_scale, bias, K)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_without_w_packed_equals_with(isa, dtype):
     K, N = 130, 33
