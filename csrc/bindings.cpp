@@ -5,6 +5,7 @@
 
 #include "slmkern/common.h"
 #include "slmkern/dispatch.h"
+#include "slmkern/int4.h"
 
 namespace py = pybind11;
 using namespace slmkern;
@@ -37,6 +38,28 @@ Int8LinearArgs make_args(uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N
   return a;
 }
 
+Int4LinearArgs make_int4_args(uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t ldx,
+                              int64_t group_size, bool asym, uintptr_t w_packed, uintptr_t bias, uintptr_t y,
+                              int64_t ldy, int n_threads) {
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+  if (M < 0 || K <= 0 || N <= 0 || ldx < K || ldy < N)
+    throw std::invalid_argument("bad sizes: need M >= 0, K > 0, N > 0, ldx >= K, ldy >= N");
+  if (K % 2 != 0 || group_size <= 0 || group_size % 2 != 0 || K % group_size != 0)
+    throw std::invalid_argument("bad int4 sizes: need K even and group_size even, > 0, dividing K");
+  Int4LinearArgs a;
+  a.x = ptr<const void>(x);
+  a.dtype = static_cast<DType>(dtype);
+  a.M = M; a.K = K; a.N = N; a.ldx = ldx;
+  a.group_size = group_size;
+  a.asym = asym;
+  a.w_packed = ptr<const uint8_t>(w_packed);
+  a.bias = bias ? ptr<const float>(bias) : nullptr;
+  a.y = ptr<void>(y);
+  a.ldy = ldy;
+  a.n_threads = n_threads < 1 ? 1 : n_threads;
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -50,6 +73,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("op_isa", [](const std::string& op) {
     if (op == "w8a8_linear") return std::string(isa_name(select_w8a8().isa));
     if (op == "w8a16_linear") return std::string(isa_name(select_w8a16().isa));
+    if (op == "w4a16_linear") return std::string(isa_name(select_w4a16().isa));
+    if (op == "w4a8_linear") return std::string(isa_name(select_w4a8().isa));
     throw std::invalid_argument("unknown op '" + op + "'");
   });
 
@@ -79,6 +104,39 @@ PYBIND11_MODULE(_C, m) {
                            int64_t ldy, int n_threads) {
     const Int8LinearArgs a = make_args(x, dtype, M, K, N, ldx, w_packed, w_scale, bias, y, ldy, n_threads);
     const OpChoice c = select_w8a16();
+    py::gil_scoped_release nogil;
+    c.fn(a);
+  });
+
+  m.def("int4_packed_bytes", [](int64_t N, int64_t K, int64_t group_size, bool asym) {
+    return int4_packed_bytes(N, K, group_size, asym);
+  }, py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("asym"));
+  // zeros_kind: 0 none (symmetric), 1 uint8 codes, 2 fp32 zero points
+  m.def("int4_pack", [](uintptr_t w, int64_t N, int64_t K, int64_t ldw, uintptr_t scales, uintptr_t zeros,
+                        int zeros_kind, int64_t group_size, uintptr_t out) {
+    if (N <= 0 || K <= 0 || K % 2 != 0 || ldw < K / 2 || group_size <= 0 || K % group_size != 0)
+      throw std::invalid_argument("int4_pack: bad sizes");
+    if (zeros_kind < 0 || zeros_kind > 2 || (zeros_kind != 0 && !zeros))
+      throw std::invalid_argument("int4_pack: zeros_kind must be 0, 1 or 2 (with a zeros pointer)");
+    py::gil_scoped_release nogil;
+    int4_pack(ptr<const uint8_t>(w), N, K, ldw, ptr<const float>(scales), ptr<const void>(zeros),
+              static_cast<Int4Zeros>(zeros_kind), group_size, ptr<uint8_t>(out));
+  });
+  m.def("w4a16_linear", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t ldx,
+                           int64_t group_size, bool asym, uintptr_t w_packed, uintptr_t bias, uintptr_t y,
+                           int64_t ldy, int n_threads) {
+    const Int4LinearArgs a = make_int4_args(x, dtype, M, K, N, ldx, group_size, asym, w_packed, bias, y, ldy,
+                                            n_threads);
+    const Int4OpChoice c = select_w4a16();
+    py::gil_scoped_release nogil;
+    c.fn(a);
+  });
+  m.def("w4a8_linear", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t ldx,
+                          int64_t group_size, bool asym, uintptr_t w_packed, uintptr_t bias, uintptr_t y,
+                          int64_t ldy, int n_threads) {
+    const Int4LinearArgs a = make_int4_args(x, dtype, M, K, N, ldx, group_size, asym, w_packed, bias, y, ldy,
+                                            n_threads);
+    const Int4OpChoice c = select_w4a8();
     py::gil_scoped_release nogil;
     c.fn(a);
   });

@@ -55,8 +55,8 @@ void init_from_env() {
   });
 }
 
-template <size_t N>
-OpChoice pick(const Int8LinearFn (&fns)[N], const Isa (&isas)[N]) {
+template <class Choice, class Fn, size_t N>
+Choice pick(const Fn (&fns)[N], const Isa (&isas)[N]) {
   const Isa cap = active_isa();
   for (size_t i = N; i-- > 0;)
     if (static_cast<int>(isas[i]) <= static_cast<int>(cap)) return {fns[i], isas[i]};
@@ -104,13 +104,28 @@ std::vector<std::string> available_isas() {
 OpChoice select_w8a8() {
   static const Int8LinearFn fns[] = {w8a8_linear_ref, w8a8_linear_avx2, w8a8_linear_avx512vnni};
   static const Isa isas[] = {Isa::ref, Isa::avx2, Isa::avx512vnni};
-  return pick(fns, isas);
+  return pick<OpChoice>(fns, isas);
 }
 
 OpChoice select_w8a16() {
   static const Int8LinearFn fns[] = {w8a16_linear_ref, w8a16_linear_avx2, w8a16_linear_avx512};
   static const Isa isas[] = {Isa::ref, Isa::avx2, Isa::avx512};
-  return pick(fns, isas);
+  return pick<OpChoice>(fns, isas);
+}
+
+// int4 weights: avx512 without VNNI has its own w4a16 (vpmaddubsw on zmm);
+// w4a8 there runs the avx2 variant.
+Int4OpChoice select_w4a16() {
+  static const Int4LinearFn fns[] = {w4a16_linear_ref, w4a16_linear_avx2, w4a16_linear_avx512,
+                                     w4a16_linear_avx512vnni};
+  static const Isa isas[] = {Isa::ref, Isa::avx2, Isa::avx512, Isa::avx512vnni};
+  return pick<Int4OpChoice>(fns, isas);
+}
+
+Int4OpChoice select_w4a8() {
+  static const Int4LinearFn fns[] = {w4a8_linear_ref, w4a8_linear_avx2, w4a8_linear_avx512vnni};
+  static const Isa isas[] = {Isa::ref, Isa::avx2, Isa::avx512vnni};
+  return pick<Int4OpChoice>(fns, isas);
 }
 
 }  // namespace slmkern

@@ -19,5 +19,22 @@ def _reference_kernel(op: str, fn):
 ops.LIB.impl("w8a8_linear", _reference_kernel("w8a8_linear", reference.w8a8_linear), "CompositeExplicitAutograd")
 ops.LIB.impl("w8a16_linear", _reference_kernel("w8a16_linear", reference.w8a16_linear), "CompositeExplicitAutograd")
 
+
+def _int4_reference_kernel(op: str, fn):
+    def kernel(x, w, scales, zeros, group_size, bias=None, w_packed=None):
+        ops.check_int4_linear(op, x, w, scales, zeros, group_size, bias, w_packed)
+        ops.check_int4_zero_values(op, zeros)
+        return fn(x, w, scales, zeros, group_size, bias)
+    return kernel
+
+
+# TODO(merge): switch to reference.w4a16_linear / reference.w4a8_linear once they land.
+from slmkern import _int4_spec  # noqa: E402
+
+ops.LIB.impl("w4a16_linear", _int4_reference_kernel("w4a16_linear", _int4_spec.w4a16_linear),
+             "CompositeExplicitAutograd")
+ops.LIB.impl("w4a8_linear", _int4_reference_kernel("w4a8_linear", _int4_spec.w4a8_linear),
+             "CompositeExplicitAutograd")
+
 from slmkern._backends import cpu  # noqa: E402,F401
 from slmkern._backends import triton  # noqa: E402,F401

@@ -68,3 +68,43 @@ def w8a16_linear_cpu(x, w, w_scale, bias=None, w_packed=None):
 def op_isa(op: str) -> str:
     """Which ISA variant the C++ kernel of `op` runs now ("reference" without the extension)."""
     return _C.op_isa(op) if _C is not None else "reference"
+
+
+# ----------------------------------------------------------------------------- int4 weights
+def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
+    g = ops.check_int4_linear_fast(op, x, w, scales, zeros, group_size, bias, w_packed)
+    if _C is None:
+        from slmkern import _int4_spec  # TODO(merge): reference.w4a16_linear / w4a8_linear
+        ops.check_int4_zero_values(op, zeros)
+        log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
+                 f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
+        return getattr(_int4_spec, op)(x, w, scales, zeros, group_size, bias)
+    N, K = w.shape[0], x.shape[-1]
+    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else _as_rows(x, K)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype)
+    if M > 0:
+        if w_packed is None:
+            from slmkern.formats.int4_cpu import prepack_cpu
+            ops.check_int4_zero_values(op, zeros)
+            log_once(f"{op}-repack", f"slmkern: {op} got no w_packed and repacks w on every call; "
+                     "use slmkern.nn.Int4Linear or pass slmkern.formats.int4_cpu.prepack_cpu(w, scales, zeros, "
+                     "group_size)")
+            w_packed = prepack_cpu(w, scales, zeros, g)
+        elif not w_packed.is_contiguous():
+            w_packed = w_packed.contiguous()
+        b = bias.float().contiguous() if bias is not None else None
+        getattr(_C, op)(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), g, zeros is not None,
+                        w_packed.data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(), N,
+                        torch.get_num_threads())
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+
+
+@torch.library.register_kernel("slmkern::w4a16_linear", "cpu", lib=ops.LIB)
+def w4a16_linear_cpu(x, w, scales, zeros, group_size, bias=None, w_packed=None):
+    return _int4_linear("w4a16_linear", x, w, scales, zeros, group_size, bias, w_packed)
+
+
+@torch.library.register_kernel("slmkern::w4a8_linear", "cpu", lib=ops.LIB)
+def w4a8_linear_cpu(x, w, scales, zeros, group_size, bias=None, w_packed=None):
+    return _int4_linear("w4a8_linear", x, w, scales, zeros, group_size, bias, w_packed)

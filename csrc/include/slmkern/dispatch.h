@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 #include "slmkern/common.h"
+#include "slmkern/int4.h"
 
 namespace slmkern {
 
@@ -22,5 +23,12 @@ struct OpChoice {
 };
 OpChoice select_w8a8();
 OpChoice select_w8a16();
+
+struct Int4OpChoice {
+  Int4LinearFn fn;
+  Isa isa;
+};
+Int4OpChoice select_w4a16();
+Int4OpChoice select_w4a8();
 
 }  // namespace slmkern
