@@ -7,7 +7,10 @@ import platform
 import torch
 
 OPS = ("w8a8_linear", "w8a16_linear", "w4a16_linear", "w4a8_linear")
-TRITON_OPS = ("w8a8_linear", "w8a16_linear", "w4a16_linear", "w4a8_linear")  # ops with a CUDA Triton kernel registered
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"slmkern::{op}", "CUDA")
 
 
 def info_dict() -> dict:
@@ -27,7 +30,7 @@ def info_dict() -> dict:
         "SLMKERN_CPU_ISA": os.environ.get("SLMKERN_CPU_ISA"),
         "threads": torch.get_num_threads(),
         "ops": {op: {"cpu": cpu.op_isa(op),
-                     "cuda": "triton" if (triton_backend.has_triton_kernels() and op in TRITON_OPS) else "reference"}
+                     "cuda": "triton" if _has_cuda_kernel(op) else "reference"}
                for op in OPS},
     }
     if triton_backend.HAS_TRITON:
