@@ -32,7 +32,8 @@ def _as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
-    ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
+    if not ops.int8_linear_ok(x, w, w_scale, bias, w_packed):
+        ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
     if _C is None:
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
