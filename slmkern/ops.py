@@ -60,6 +60,35 @@ def check_int8_linear(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.
                f"({N}, {K}), got {tuple(w_packed.shape)}; build it with slmkern.formats.int8.prepack_cpu(w)")
 
 
+def int8_linear_ok(x, w, w_scale, bias, w_packed) -> bool:
+    """Fast pass of check_int8_linear for concrete tensors: True when every fact holds.
+
+    Real kernels call this first and fall back to check_int8_linear (which raises with
+    a message naming the argument) only when it says False: building the messages
+    costs more than a small-M kernel.
+    """
+    try:
+        if x.dtype not in FLOAT_DTYPES or x.dim() < 1 or w.dtype != torch.int8 or w.dim() != 2:
+            return False
+        N, K = w.shape
+        if N <= 0 or K <= 0 or x.shape[-1] != K or w.stride() != (K, 1):
+            return False
+        if w_scale.dtype != torch.float32 or w_scale.shape != (N,):
+            return False
+        dev = w.device
+        if x.device != dev or w_scale.device != dev:
+            return False
+        if bias is not None and (bias.dtype not in (x.dtype, torch.float32) or bias.shape != (N,)
+                                 or bias.device != dev):
+            return False
+        if w_packed is not None and (w_packed.dtype != torch.uint8 or
+                                     w_packed.shape != (int8_format.packed_bytes(N, K),)):
+            return False
+        return True
+    except Exception:  # anything unexpected (wrong types): let the full check explain it
+        return False
+
+
 def _int8_linear_fake(op: str):
     def fake(x, w, w_scale, bias=None, w_packed=None):
         check_int8_linear(op, x, w, w_scale, bias, w_packed)

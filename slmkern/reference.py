@@ -89,7 +89,14 @@ def _check_int4_linear(op: str, x: torch.Tensor, w_packed: torch.Tensor, scales:
     if isinstance(w_packed, torch.Tensor) and w_packed.dim() == 2 and 2 * w_packed.shape[1] != K:
         raise ValueError(f"{op}: w_packed must have shape (N, K/2) = (N, {K / 2:g}) for x with K={K}, "
                          f"got {tuple(w_packed.shape)}")
-    N, K, g = _int4.check(w_packed, scales, zeros, group_size)
+    if zeros is not None and zeros.dtype == torch.float32:
+        # float zero points (HQQ-style) are an op-level extension of the canonical uint8 ones
+        N, K, g = _int4.check(w_packed, scales, None, group_size)
+        if zeros.shape != scales.shape:
+            raise ValueError(f"{op}: zeros must have the shape of scales {tuple(scales.shape)}, "
+                             f"got {tuple(zeros.shape)}")
+    else:
+        N, K, g = _int4.check(w_packed, scales, zeros, group_size)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"{op}: bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
     return N, K, g
@@ -105,7 +112,11 @@ def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
     Kernels match it within fp32 accumulation-order tolerance.
     """
     N, K, g = _check_int4_linear("w4a16_linear", x, w_packed, scales, zeros, group_size, bias)
-    w = _int4.dequantize(w_packed, scales, zeros, g)
+    if zeros is not None and zeros.dtype == torch.float32:
+        codes = _int4.unpack(w_packed).float().reshape(N, K // g, g)
+        w = ((codes - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(N, K)
+    else:
+        w = _int4.dequantize(w_packed, scales, zeros, g)
     y = x.reshape(-1, K).float() @ w.T
     if bias is not None:
         y = y + bias.float()
@@ -131,10 +142,25 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
 
     Integer parts are exact; a CPU kernel following this order is bit-exact.
     Rows with NaN/inf give NaN outputs; all-zero rows give bias.
+
+    float32 zeros (HQQ-style, not integers) cannot enter the int32 partial; then
+    y = sx * sum_i (scales[n,i] * dot_i - scales[n,i] * z[n,i] * xsum_i) + bias, in float64
+    (dot_i = sum_k qx*code exact, xsum_i = sum_k qx), rounded once to fp32.
     """
     N, K, g = _check_int4_linear("w4a8_linear", x, w_packed, scales, zeros, group_size, bias)
     G = K // g
     qx, sx = quantize_rows_s8(x.reshape(-1, K))
+    if zeros is not None and zeros.dtype == torch.float32:
+        M = qx.shape[0]
+        qg = qx.reshape(M, G, g).double()
+        cg = _int4.unpack(w_packed).reshape(N, G, g).double()
+        dots = torch.einsum("mgk,ngk->mng", qg, cg)
+        xsum = qg.sum(dim=-1).unsqueeze(1)                            # (M, 1, G)
+        s64, z64 = scales.double().unsqueeze(0), zeros.double().unsqueeze(0)
+        y = ((s64 * dots - s64 * z64 * xsum).sum(-1) * sx.double().unsqueeze(1)).float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
     M = qx.shape[0]
     qg = qx.reshape(M, G, g).double()
     cg = _int4.unpack(w_packed).reshape(N, G, g).double()

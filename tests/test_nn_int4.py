@@ -98,6 +98,6 @@ def test_overrides_and_int4_skip_reasons():
     reasons = dict(report.skipped)
     assert "group_size" in reasons["odd"] and "overrides" in reasons["lm_head"]
     with pytest.raises(ValueError, match="calibration"):
-        quantize_(nn.Sequential(nn.Linear(64, 64)), Int4Config(method="gptq"))
+        quantize_(nn.Sequential(nn.Linear(64, 64)), Int4Config(group_size=32, method="gptq"))
     with pytest.raises(TypeError, match=r"overrides\['x'\]"):
         quantize_(nn.Sequential(nn.Linear(64, 64)), Int4Config(), overrides={"x": "int8"})

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from slmkern import _int4_spec as spec
+import int4_spec as spec
 from slmkern._backends import cpu as cpu_backend
 from slmkern.formats import int4_cpu
 

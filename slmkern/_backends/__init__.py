@@ -28,12 +28,9 @@ def _int4_reference_kernel(op: str, fn):
     return kernel
 
 
-# TODO(merge): switch to reference.w4a16_linear / reference.w4a8_linear once they land.
-from slmkern import _int4_spec  # noqa: E402
-
-ops.LIB.impl("w4a16_linear", _int4_reference_kernel("w4a16_linear", _int4_spec.w4a16_linear),
+ops.LIB.impl("w4a16_linear", _int4_reference_kernel("w4a16_linear", reference.w4a16_linear),
              "CompositeExplicitAutograd")
-ops.LIB.impl("w4a8_linear", _int4_reference_kernel("w4a8_linear", _int4_spec.w4a8_linear),
+ops.LIB.impl("w4a8_linear", _int4_reference_kernel("w4a8_linear", reference.w4a8_linear),
              "CompositeExplicitAutograd")
 
 from slmkern._backends import cpu  # noqa: E402,F401

@@ -32,7 +32,8 @@ def _as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
-    ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
+    if not ops.int8_linear_ok(x, w, w_scale, bias, w_packed):
+        ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
     if _C is None:
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
@@ -74,11 +75,10 @@ def op_isa(op: str) -> str:
 def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
     g = ops.check_int4_linear_fast(op, x, w, scales, zeros, group_size, bias, w_packed)
     if _C is None:
-        from slmkern import _int4_spec  # TODO(merge): reference.w4a16_linear / w4a8_linear
         ops.check_int4_zero_values(op, zeros)
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
-        return getattr(_int4_spec, op)(x, w, scales, zeros, group_size, bias)
+        return getattr(reference, op)(x, w, scales, zeros, group_size, bias)
     N, K = w.shape[0], x.shape[-1]
     x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else _as_rows(x, K)
     M = x2.shape[0]

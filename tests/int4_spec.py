@@ -1,7 +1,7 @@
 """Pure-torch spec of the int4 ops (w4a16_linear, w4a8_linear).
 
-Stand-in until slmkern/reference.py carries ``w4a16_linear`` / ``w4a8_linear``;
-the backends and tests import it from here. Float64 variants (``*_f64``) give
+Test-side restatement of the int4 ops (the package spec is slmkern/reference.py);
+the int4 tests compare against it. Float64 variants (``*_f64``) give
 the exact value of each formula for tolerance tests.
 
 Canonical int4 weight (slmkern/formats/int4.py): ``w`` uint8 [N, K/2], two codes
