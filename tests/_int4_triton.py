@@ -1,5 +1,5 @@
-"""Shared by test_w4a16_triton.py and test_w4a8_triton.py: random int4 cases, float64 specs for the
-inputs slmkern.reference rejects (fp32 zeros, group sizes outside {32, 64, 128, K}), tolerances."""
+"""Shared by test_w4a16_triton.py and test_w4a8_triton.py: random int4 cases, the float64 value of
+each op (also for group sizes slmkern.reference rejects: any even g dividing K), tolerances."""
 from __future__ import annotations
 
 import os
