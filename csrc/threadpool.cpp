@@ -46,22 +46,27 @@ class Pool {
     job_ = &fn;
     n_tasks_ = n_tasks;
     next_.store(0, std::memory_order_relaxed);
-    pending_.store(helpers, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
     {
       // Generation and helper count travel in one word, so a worker that wakes
       // late never mixes one job's helper count with another job's generation.
       std::lock_guard<std::mutex> g(mu_);
       const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 8) + 1;
+      join_.store((gen & 0xffffffffu) << 32, std::memory_order_relaxed);
       state_.store((gen << 8) | static_cast<uint64_t>(helpers), std::memory_order_release);
     }
     cv_.notify_all();
     drain();
-    for (int i = 0; pending_.load(std::memory_order_acquire) != 0; ++i) {
+    // Close the job: helpers that have not joined by now never will (on a busy
+    // machine a sleeping helper may wake long after the work is gone), so wait
+    // only for the ones that did.
+    const uint64_t joined = join_.fetch_or(kClosed, std::memory_order_acq_rel) & kCountMask;
+    for (int i = 0; static_cast<uint64_t>(done_.load(std::memory_order_acquire)) != joined; ++i) {
       if (i < kSpinIters * 4) {
         cpu_relax();
       } else {
         std::unique_lock<std::mutex> l(mu_);
-        done_cv_.wait(l, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+        done_cv_.wait(l, [&] { return static_cast<uint64_t>(done_.load(std::memory_order_acquire)) == joined; });
       }
     }
     job_ = nullptr;
@@ -73,6 +78,15 @@ class Pool {
       const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
       if (t >= n_tasks_) return;
       (*job_)(t);
+    }
+  }
+
+  // Join job `gen` unless it is already closed (or superseded).
+  bool try_join(uint64_t gen) {
+    uint64_t j = join_.load(std::memory_order_acquire);
+    for (;;) {
+      if ((j >> 32) != (gen & 0xffffffffu) || (j & kClosed)) return false;
+      if (join_.compare_exchange_weak(j, j + 1, std::memory_order_acq_rel, std::memory_order_acquire)) return true;
     }
   }
 
@@ -90,12 +104,11 @@ class Pool {
       }
       seen = st >> 8;
       if (stop_) return;
-      if (id < static_cast<int>(st & 0xff)) {
+      if (id < static_cast<int>(st & 0xff) && try_join(seen)) {
         drain();
-        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-          std::lock_guard<std::mutex> g(mu_);
-          done_cv_.notify_one();
-        }
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        { std::lock_guard<std::mutex> g(mu_); }
+        done_cv_.notify_one();
       }
     }
   }
@@ -108,7 +121,10 @@ class Pool {
   const std::function<void(int64_t)>* job_ = nullptr;
   int64_t n_tasks_ = 0;
   std::atomic<int64_t> next_{0};
-  std::atomic<int> pending_{0};
+  static constexpr uint64_t kClosed = 1ull << 31;
+  static constexpr uint64_t kCountMask = kClosed - 1;
+  std::atomic<uint64_t> join_{0};  // (generation << 32) | closed bit | helpers that joined
+  std::atomic<int> done_{0};       // joined helpers that finished
   bool stop_ = false;
 };
 

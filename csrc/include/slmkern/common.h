@@ -7,6 +7,10 @@
 
 namespace slmkern {
 
+// Helpers below are `static inline`: each translation unit keeps its own copy,
+// compiled with that file's ISA flags. With plain `inline` the linker would keep
+// one copy for all files -- possibly the AVX-512 one, called from the scalar path.
+
 // Activation / output element type. Values match slmkern/_backends/cpu.py.
 enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
 
@@ -14,7 +18,7 @@ enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
 // 127 / absmax finite. Mirrors reference.ACT_ZERO_THRESHOLD.
 constexpr float kActZeroThreshold = 7.888609052210118e-31f;  // 2^-100
 
-inline float bf16_to_f32(uint16_t h) {
+static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
   std::memcpy(&f, &u, 4);
@@ -22,7 +26,7 @@ inline float bf16_to_f32(uint16_t h) {
 }
 
 // Round-to-nearest-even, NaN stays NaN (quiet) -- same as torch's .to(bfloat16).
-inline uint16_t f32_to_bf16(float f) {
+static inline uint16_t f32_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
@@ -33,7 +37,7 @@ inline uint16_t f32_to_bf16(float f) {
 float f16_to_f32(uint16_t h);    // IEEE half, exact
 uint16_t f32_to_f16(float f);    // round-to-nearest-even, like torch's .to(float16)
 
-inline float load_as_f32(const void* p, DType t, int64_t i) {
+static inline float load_as_f32(const void* p, DType t, int64_t i) {
   switch (t) {
     case DType::f32: return static_cast<const float*>(p)[i];
     case DType::bf16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
@@ -41,7 +45,7 @@ inline float load_as_f32(const void* p, DType t, int64_t i) {
   }
 }
 
-inline void store_from_f32(void* p, DType t, int64_t i, float v) {
+static inline void store_from_f32(void* p, DType t, int64_t i, float v) {
   switch (t) {
     case DType::f32: static_cast<float*>(p)[i] = v; break;
     case DType::bf16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
@@ -49,7 +53,7 @@ inline void store_from_f32(void* p, DType t, int64_t i, float v) {
   }
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------
 // int8 CPU weight layout ("int8 packed", version 1), built once per module by
@@ -65,12 +69,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // ---------------------------------------------------------------------------
 constexpr int64_t kInt8NB = 16;
 constexpr int64_t kInt8KB = 4;
-inline int64_t int8_padded_n(int64_t N) { return ceil_div(N, kInt8NB) * kInt8NB; }
-inline int64_t int8_padded_k(int64_t K) { return ceil_div(K, kInt8KB) * kInt8KB; }
-inline int64_t int8_packed_bytes(int64_t N, int64_t K) {
+static inline int64_t int8_padded_n(int64_t N) { return ceil_div(N, kInt8NB) * kInt8NB; }
+static inline int64_t int8_padded_k(int64_t K) { return ceil_div(K, kInt8KB) * kInt8KB; }
+static inline int64_t int8_packed_bytes(int64_t N, int64_t K) {
   return int8_padded_n(N) * int8_padded_k(K) + int8_padded_n(N) * 4;
 }
-inline const int32_t* int8_colsum(const int8_t* packed, int64_t N, int64_t K) {
+static inline const int32_t* int8_colsum(const int8_t* packed, int64_t N, int64_t K) {
   return reinterpret_cast<const int32_t*>(packed + int8_padded_n(N) * int8_padded_k(K));
 }
 
