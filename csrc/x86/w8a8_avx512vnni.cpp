@@ -18,6 +18,8 @@
 namespace slmkern {
 namespace {
 
+constexpr int kMaxMR = 6;  // rows per register block: 6 rows x 4 tiles = 24 accumulators
+
 struct Gemm {
   const uint8_t* qa;    // quantized rows (u8, q + 128), row stride lda
   int64_t lda;
@@ -53,13 +55,17 @@ struct Gemm {
 
 // int32 dot products of MR (<= 6) activation rows with NT (<= 4) tiles over all
 // ksteps (>= 1) into out[r][t][16] (row stride 4 tiles). Per k4 step: NT 64-byte
-// weight loads, MR 4-byte broadcasts, MR * NT vpdpbusd. Written in assembly so
-// the 24 accumulators stay in registers whatever the compiler does (GCC under
-// -flto spilled a third of them from the intrinsics version: -25% speed).
-template <int MR, int NT>
+// weight loads, MR 4-byte broadcasts, MR * NT vpdpbusd, and for PF = 1 one
+// prefetch into L2 at pf, which then advances pfd bytes (for PF = 4: four lines,
+// advancing 256). pf walks the next panel's weights, so DRAM streams while this
+// panel computes. Written in assembly so the 24 accumulators stay in registers
+// whatever the compiler does (GCC under -flto spilled a third of them from the
+// intrinsics version: -25% speed).
+template <int MR, int NT, int PF>
 SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const int8_t* w, int64_t ts, int64_t ksteps,
-                           int32_t* out) {
+                           int32_t* out, const int8_t* pf, int64_t pfd) {
   static_assert(MR >= 1 && MR <= 6 && NT >= 1 && NT <= 4, "register block is at most 6 x 4");
+  static_assert(PF == 0 || PF == 1 || PF == 4, "prefetch 0, 1 or 4 lines per step");
   const uint8_t* a3 = a + 3 * lda;
   const int8_t* w3 = w + 3 * ts;
   asm volatile(
@@ -72,6 +78,9 @@ SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const int8_t* w, int64
       " .if %c[nt] > 1\n vmovdqu64 (%[w],%[ts]), %%zmm1\n .endif\n"
       " .if %c[nt] > 2\n vmovdqu64 (%[w],%[ts],2), %%zmm2\n .endif\n"
       " .if %c[nt] > 3\n vmovdqu64 (%[w3]), %%zmm3\n .endif\n"
+      " .if %c[npf] > 0\n prefetcht1 (%[pf])\n .endif\n"
+      " .if %c[npf] > 1\n prefetcht1 64(%[pf])\n prefetcht1 128(%[pf])\n prefetcht1 192(%[pf])\n .endif\n"
+      " .if %c[npf] > 0\n add %[pfd], %[pf]\n .endif\n"
       SLMK_ROW(0, "(%[a])", 4, 8, 9, 10, 11)
       SLMK_ROW(1, "(%[a],%[lda])", 5, 12, 13, 14, 15)
       SLMK_ROW(2, "(%[a],%[lda],2)", 4, 16, 17, 18, 19)
@@ -82,8 +91,8 @@ SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const int8_t* w, int64
       " dec %[k]\n jnz 1b\n"
       SLMK_STORE(0, 8, 9, 10, 11) SLMK_STORE(1, 12, 13, 14, 15) SLMK_STORE(2, 16, 17, 18, 19)
       SLMK_STORE(3, 20, 21, 22, 23) SLMK_STORE(4, 24, 25, 26, 27) SLMK_STORE(5, 28, 29, 30, 31)
-      : [w] "+r"(w), [w3] "+r"(w3), [a] "+r"(a), [a3] "+r"(a3), [k] "+r"(ksteps)
-      : [ts] "r"(ts), [lda] "r"(lda), [out] "r"(out), [mr] "i"(MR), [nt] "i"(NT)
+      : [w] "+r"(w), [w3] "+r"(w3), [a] "+r"(a), [a3] "+r"(a3), [k] "+r"(ksteps), [pf] "+r"(pf)
+      : [ts] "r"(ts), [lda] "r"(lda), [out] "r"(out), [pfd] "r"(pfd), [mr] "i"(MR), [nt] "i"(NT), [npf] "i"(PF)
       : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm8", "xmm9", "xmm10", "xmm11",
         "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22",
         "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
@@ -91,10 +100,12 @@ SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const int8_t* w, int64
 
 // MR rows x NT tiles (16 channels each) over the whole K, then the epilogue
 // writes y. m: first row in qa/sx; ym: the same row in y; nb: first tile.
-template <int MR, int NT>
-__attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t ym, int64_t nb) {
+template <int MR, int NT, int PF>
+__attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t ym, int64_t nb, const int8_t* pf,
+                                     int64_t pfd) {
   alignas(64) int32_t acc[6][4][16];
-  dot_block<MR, NT>(g.qa + m * g.lda, g.lda, g.w + nb * g.tstride, g.tstride, g.ksteps, &acc[0][0][0]);
+  dot_block<MR, NT, PF>(g.qa + m * g.lda, g.lda, g.w + nb * g.tstride, g.tstride, g.ksteps, &acc[0][0][0], pf,
+                        pfd);
   // Epilogue, in the spec's order: t = sx * w_scale; v = float(acc) * t; v = v + bias.
   for (int t = 0; t < NT; ++t) {
     const int64_t n = (nb + t) * 16;
@@ -113,37 +124,50 @@ __attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t ym, int64
   }
 }
 
-using BlockFn = void (*)(const Gemm&, int64_t, int64_t, int64_t);
+using BlockFn = void (*)(const Gemm&, int64_t, int64_t, int64_t, const int8_t*, int64_t);
 
-constexpr int kMaxMR = 6;
 constexpr int kNT = 4;  // tiles per panel: 64 channels
 
 template <int MR>
-constexpr BlockFn pick_nt(int nt) {
-  return nt == 1 ? block<MR, 1> : nt == 2 ? block<MR, 2> : nt == 3 ? block<MR, 3> : block<MR, 4>;
+BlockFn pick_mr(int nt, int pf) {
+  if (nt == 4) return pf == 4 ? block<MR, 4, 4> : pf == 1 ? block<MR, 4, 1> : block<MR, 4, 0>;
+  return nt == 1 ? block<MR, 1, 0> : nt == 2 ? block<MR, 2, 0> : block<MR, 3, 0>;
 }
 
-BlockFn pick(int mr, int nt) {
+// pf (lines per k4 step) is honoured for full panels (nt == 4) only.
+BlockFn pick(int mr, int nt, int pf) {
   switch (mr) {
-    case 1: return pick_nt<1>(nt);
-    case 2: return pick_nt<2>(nt);
-    case 3: return pick_nt<3>(nt);
-    case 4: return pick_nt<4>(nt);
-    case 5: return pick_nt<5>(nt);
-    default: return pick_nt<6>(nt);
+    case 1: return pick_mr<1>(nt, pf);
+    case 2: return pick_mr<2>(nt, pf);
+    case 3: return pick_mr<3>(nt, pf);
+    case 4: return pick_mr<4>(nt, pf);
+    case 5: return pick_mr<5>(nt, pf);
+    default: return pick_mr<6>(nt, pf);
   }
 }
 
-// All row blocks of rows [m0, m1) against one panel of tiles [nb0, nb1).
-void panel(const Gemm& g, int64_t m0, int64_t m1, int64_t ym0, int64_t nb0, int64_t nb1) {
+// Rows [m0, m1) (y rows ym0 + ...) against the panels [p0, p1), in order. Rows
+// go in even blocks of at most kMaxMR (128 = 18 x 6 + 4 x 5) and every block
+// re-reads the panel (4 tiles, 64 KB per 1024 k) from L2. While a full panel
+// computes, its blocks prefetch the next panel of the run into L2, spread evenly
+// over all of them (a few bytes per k4 step when there are many blocks; the
+// same line is then touched several times, which costs one load slot).
+void panels(const Gemm& g, int64_t m0, int64_t m1, int64_t ym0, int64_t p0, int64_t p1, int64_t ntiles) {
   const int64_t rows = m1 - m0;
   const int64_t nblk = ceil_div(rows, kMaxMR);
-  for (int64_t nb = nb0; nb < nb1; nb += kNT) {
-    const int nt = static_cast<int>(std::min<int64_t>(kNT, nb1 - nb));
-    // rows split evenly into blocks of at most kMaxMR (e.g. 128 = 18 x 6 + 4 x 5)
+  const int64_t pbytes = kNT * g.tstride;
+  // bytes of the next panel each block covers per k4 step
+  const int64_t pfd = nblk == 1 ? 256 : ceil_div(pbytes, nblk * g.ksteps);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t nb = p * kNT;
+    const int nt = static_cast<int>(std::min<int64_t>(kNT, ntiles - nb));
+    const bool next = p + 1 < p1 && (p + 2) * kNT <= ntiles;  // a full next panel in this run
+    const int8_t* pf = g.w + (nb + kNT) * g.tstride;
     for (int64_t i = 0; i < nblk; ++i) {
       const int64_t r0 = rows * i / nblk, r1 = rows * (i + 1) / nblk;
-      pick(static_cast<int>(r1 - r0), nt)(g, m0 + r0, ym0 + m0 + r0, nb);
+      const int8_t* pfi = pf + i * g.ksteps * pfd;
+      const int lines = !next || pfi >= pf + pbytes ? 0 : nblk == 1 ? 4 : 1;
+      pick(static_cast<int>(r1 - r0), nt, lines)(g, m0 + r0, ym0 + m0 + r0, nb, pfi, pfd);
     }
   }
 }
@@ -174,15 +198,15 @@ void w8a8_linear_avx512vnni(const Int8LinearArgs& a) {
   g.w_scale = a.w_scale;
   g.bias = a.bias;
   g.N = N;
+  g.y = a.y;
   g.ldy = a.ldy;
   g.dt = a.dtype;
 
   const int64_t npanels = ceil_div(ntiles, kNT);
+  const size_t esz = a.dtype == DType::f32 ? 4 : 2;
   for (int64_t m0 = 0; m0 < M; m0 += mc) {
     const int64_t rows = std::min(mc, M - m0);
-    const size_t esz = a.dtype == DType::f32 ? 4 : 2;
     const void* x = static_cast<const char*>(a.x) + m0 * a.ldx * esz;
-    g.y = static_cast<char*>(a.y);
     // Small problems run on the caller alone: waking helpers costs more than they save.
     const double macs = static_cast<double>(rows) * Kp * Np;
     const int nthr = macs < (1 << 21) ? 1 : a.n_threads;
@@ -194,16 +218,16 @@ void w8a8_linear_avx512vnni(const Int8LinearArgs& a) {
     } else {
       quantize_rows_u8_avx512(x, a.dtype, rows, K, a.ldx, buf, lda, sx);
     }
-    // Tasks: one panel of tiles x one slice of rows. Split rows only when there
-    // are too few panels to keep every thread busy.
+    // Tasks: a run of consecutive panels x a slice of rows, claimed dynamically
+    // (4 runs per thread balance a busy machine; within a run the next panel is
+    // prefetched). Rows are split only when there are too few panels.
+    const int64_t nruns = std::min<int64_t>(npanels, 4 * nthr);
     int64_t mslices = 1;
-    while (npanels * mslices < 4 * nthr && rows / (mslices * 2) >= kMaxMR) mslices *= 2;
-    const int64_t ntasks = npanels * mslices;
-    parallel_for(ntasks, nthr, [&](int64_t task) {
-      const int64_t p = task / mslices, s = task % mslices;
+    while (nruns * mslices < 4 * nthr && rows / (mslices * 2) >= kMaxMR) mslices *= 2;
+    parallel_for(nruns * mslices, nthr, [&](int64_t task) {
+      const int64_t run = task / mslices, s = task % mslices;
       const int64_t r0 = rows * s / mslices, r1 = rows * (s + 1) / mslices;
-      const int64_t nb0 = p * kNT, nb1 = std::min(ntiles, nb0 + kNT);
-      panel(g, r0, r1, m0, nb0, nb1);
+      panels(g, r0, r1, m0, npanels * run / nruns, npanels * (run + 1) / nruns, ntiles);
     });
   }
 }
