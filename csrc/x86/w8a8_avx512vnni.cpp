@@ -172,6 +172,9 @@ void panels(const Gemm& g, int64_t m0, int64_t m1, int64_t ym0, int64_t p0, int6
   }
 }
 
+// Below ~5 us of work a second thread does not pay for its wake-up and join.
+constexpr double kMinParallelCycles = 16000;
+
 thread_local ScratchBuf tl_scratch;
 
 }  // namespace
@@ -207,9 +210,11 @@ void w8a8_linear_avx512vnni(const Int8LinearArgs& a) {
   for (int64_t m0 = 0; m0 < M; m0 += mc) {
     const int64_t rows = std::min(mc, M - m0);
     const void* x = static_cast<const char*>(a.x) + m0 * a.ldx * esz;
-    // Small problems run on the caller alone: waking helpers costs more than they save.
-    const double macs = static_cast<double>(rows) * Kp * Np;
-    const int nthr = macs < (1 << 21) ? 1 : a.n_threads;
+    // Small problems run on the caller alone: waking helpers costs more than they
+    // save. Estimated single-core cycles: 64 MACs per cycle (one vpdpbusd), or the
+    // weights streaming at ~8 bytes per cycle, whichever is larger.
+    const double cycles = std::max(static_cast<double>(rows) * Kp * Np / 64, static_cast<double>(Kp) * Np / 8);
+    const int nthr = cycles < kMinParallelCycles ? 1 : a.n_threads;
     if (nthr > 1 && rows * K >= (1 << 16)) {
       parallel_chunks(rows, nthr, 1, [&](int64_t r0, int64_t r1) {
         quantize_rows_u8_avx512(static_cast<const char*>(x) + r0 * a.ldx * esz, a.dtype, r1 - r0, K, a.ldx,

@@ -59,16 +59,33 @@ inline void quantize_rows_u8_avx512(const void* x, DType t, int64_t rows, int64_
       continue;
     }
     const __m512 inv = _mm512_set1_ps(127.f / amax);
+    // x * inv rounded once (no FMA), then rint half-to-even: nearbyint in the spec.
+    const auto qround = [&](int64_t i, __mmask16 msk) {
+      return _mm512_cvt_roundps_epi32(_mm512_mul_ps(load16_f32(x, t, off + i, msk), inv),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    };
+    k = 0;
+    {
+      // 64 at a time: in-lane saturating packs to int16, clamp, pack to int8,
+      // then one dword permute restores the order.
+      const __m512i lo16 = _mm512_set1_epi16(-127), hi16 = _mm512_set1_epi16(127);
+      const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+      const __m512i shift64 = _mm512_set1_epi8(static_cast<char>(0x80));
+      for (; k + 64 <= K; k += 64) {
+        __m512i a = _mm512_packs_epi32(qround(k, 0xffff), qround(k + 16, 0xffff));
+        __m512i b = _mm512_packs_epi32(qround(k + 32, 0xffff), qround(k + 48, 0xffff));
+        a = _mm512_min_epi16(_mm512_max_epi16(a, lo16), hi16);
+        b = _mm512_min_epi16(_mm512_max_epi16(b, lo16), hi16);
+        const __m512i q8 = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(a, b));
+        _mm512_storeu_si512(qr + k, _mm512_xor_si512(q8, shift64));  // q + 128 as u8
+      }
+    }
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     const __m128i shift = _mm_set1_epi8(static_cast<char>(0x80));
-    for (k = 0; k < K; k += 16) {
+    for (; k < K; k += 16) {
       const __mmask16 msk = tail_mask16(K - k);
-      // x * inv rounded once (no FMA), then rint half-to-even: nearbyint in the spec.
-      const __m512 p = _mm512_mul_ps(load16_f32(x, t, off + k, msk), inv);
-      __m512i q = _mm512_cvt_roundps_epi32(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
-      const __m128i b = _mm_xor_si128(_mm512_cvtepi32_epi8(q), shift);  // q + 128 as u8
-      _mm_mask_storeu_epi8(qr + k, msk, b);
+      const __m512i q = _mm512_min_epi32(_mm512_max_epi32(qround(k, msk), lo), hi);
+      _mm_mask_storeu_epi8(qr + k, msk, _mm_xor_si128(_mm512_cvtepi32_epi8(q), shift));
     }
     for (k = K; k < Kp; ++k) qr[k] = 128;
     sx[m] = amax / 127.f;
