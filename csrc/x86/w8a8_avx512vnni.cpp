@@ -55,17 +55,17 @@ struct Gemm {
 
 // int32 dot products of MR (<= 6) activation rows with NT (<= 4) tiles over all
 // ksteps (>= 1) into out[r][t][16] (row stride 4 tiles). Per k4 step: NT 64-byte
-// weight loads, MR 4-byte broadcasts, MR * NT vpdpbusd, and for PF = 1 one
-// prefetch into L2 at pf, which then advances pfd bytes (for PF = 4: four lines,
-// advancing 256). pf walks the next panel's weights, so DRAM streams while this
-// panel computes. Written in assembly so the 24 accumulators stay in registers
+// weight loads, MR 4-byte broadcasts, MR * NT vpdpbusd, and PF (0, 1, 2 or 4)
+// prefetches of consecutive lines from pf, which then advances pfd <= 64 * PF
+// bytes: pf walks the next panel's weights, so DRAM streams while this panel
+// computes. Written in assembly so the 24 accumulators stay in registers
 // whatever the compiler does (GCC under -flto spilled a third of them from the
 // intrinsics version: -25% speed).
 template <int MR, int NT, int PF>
 SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const int8_t* w, int64_t ts, int64_t ksteps,
                            int32_t* out, const int8_t* pf, int64_t pfd) {
   static_assert(MR >= 1 && MR <= 6 && NT >= 1 && NT <= 4, "register block is at most 6 x 4");
-  static_assert(PF == 0 || PF == 1 || PF == 4, "prefetch 0, 1 or 4 lines per step");
+  static_assert(PF == 0 || PF == 1 || PF == 2 || PF == 4, "prefetch 0, 1, 2 or 4 lines per step");
   const uint8_t* a3 = a + 3 * lda;
   const int8_t* w3 = w + 3 * ts;
   asm volatile(
@@ -78,8 +78,11 @@ SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const int8_t* w, int64
       " .if %c[nt] > 1\n vmovdqu64 (%[w],%[ts]), %%zmm1\n .endif\n"
       " .if %c[nt] > 2\n vmovdqu64 (%[w],%[ts],2), %%zmm2\n .endif\n"
       " .if %c[nt] > 3\n vmovdqu64 (%[w3]), %%zmm3\n .endif\n"
-      " .if %c[npf] > 0\n prefetcht1 (%[pf])\n .endif\n"
-      " .if %c[npf] > 1\n prefetcht1 64(%[pf])\n prefetcht1 128(%[pf])\n prefetcht1 192(%[pf])\n .endif\n"
+      // a slow trickle (1 line per step) may land in L1; faster prefetch goes
+      // to L2 only, or it evicts the panel lines this block is streaming
+      " .if %c[npf] == 1\n prefetcht0 (%[pf])\n .endif\n"
+      " .if %c[npf] > 1\n prefetcht1 (%[pf])\n prefetcht1 64(%[pf])\n .endif\n"
+      " .if %c[npf] > 2\n prefetcht1 128(%[pf])\n prefetcht1 192(%[pf])\n .endif\n"
       " .if %c[npf] > 0\n add %[pfd], %[pf]\n .endif\n"
       SLMK_ROW(0, "(%[a])", 4, 8, 9, 10, 11)
       SLMK_ROW(1, "(%[a],%[lda])", 5, 12, 13, 14, 15)
@@ -130,7 +133,8 @@ constexpr int kNT = 4;  // tiles per panel: 64 channels
 
 template <int MR>
 BlockFn pick_mr(int nt, int pf) {
-  if (nt == 4) return pf == 4 ? block<MR, 4, 4> : pf == 1 ? block<MR, 4, 1> : block<MR, 4, 0>;
+  if (nt == 4)
+    return pf == 4 ? block<MR, 4, 4> : pf == 2 ? block<MR, 4, 2> : pf == 1 ? block<MR, 4, 1> : block<MR, 4, 0>;
   return nt == 1 ? block<MR, 1, 0> : nt == 2 ? block<MR, 2, 0> : block<MR, 3, 0>;
 }
 
@@ -148,16 +152,18 @@ BlockFn pick(int mr, int nt, int pf) {
 
 // Rows [m0, m1) (y rows ym0 + ...) against the panels [p0, p1), in order. Rows
 // go in even blocks of at most kMaxMR (128 = 18 x 6 + 4 x 5) and every block
-// re-reads the panel (4 tiles, 64 KB per 1024 k) from L2. While a full panel
-// computes, its blocks prefetch the next panel of the run into L2, spread evenly
-// over all of them (a few bytes per k4 step when there are many blocks; the
-// same line is then touched several times, which costs one load slot).
+// re-reads the panel (4 tiles, 64 KB per 1024 k) from L2. With several blocks
+// per panel (compute-bound), they prefetch the next panel of the run, spread
+// evenly over all of them, so the DRAM stream overlaps the dot products: -3..5%
+// at M = 128. With one block per panel (M <= 6, bandwidth-bound) software
+// prefetch only competes with the hardware prefetcher's streams: none then.
 void panels(const Gemm& g, int64_t m0, int64_t m1, int64_t ym0, int64_t p0, int64_t p1, int64_t ntiles) {
   const int64_t rows = m1 - m0;
   const int64_t nblk = ceil_div(rows, kMaxMR);
   const int64_t pbytes = kNT * g.tstride;
-  // bytes of the next panel each block covers per k4 step
-  const int64_t pfd = nblk == 1 ? 256 : ceil_div(pbytes, nblk * g.ksteps);
+  // bytes of the next panel each block covers per k4 step, and lines to touch for them
+  const int64_t pfd = ceil_div(pbytes, nblk * g.ksteps);
+  const int lines = nblk == 1 ? 0 : pfd <= 64 ? 1 : pfd <= 128 ? 2 : 4;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t nb = p * kNT;
     const int nt = static_cast<int>(std::min<int64_t>(kNT, ntiles - nb));
@@ -166,8 +172,8 @@ void panels(const Gemm& g, int64_t m0, int64_t m1, int64_t ym0, int64_t p0, int6
     for (int64_t i = 0; i < nblk; ++i) {
       const int64_t r0 = rows * i / nblk, r1 = rows * (i + 1) / nblk;
       const int8_t* pfi = pf + i * g.ksteps * pfd;
-      const int lines = !next || pfi >= pf + pbytes ? 0 : nblk == 1 ? 4 : 1;
-      pick(static_cast<int>(r1 - r0), nt, lines)(g, m0 + r0, ym0 + m0 + r0, nb, pfi, pfd);
+      const int npf = next && pfi < pf + pbytes ? lines : 0;
+      pick(static_cast<int>(r1 - r0), nt, npf)(g, m0 + r0, ym0 + m0 + r0, nb, pfi, pfd);
     }
   }
 }
