@@ -5,6 +5,8 @@ order, so every comparison here is exact equality (torch.equal), never a toleran
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import threading
 
 import pytest
@@ -207,6 +209,38 @@ def test_without_w_packed_equals_with(cpu_isa, dtype):
     x = torch.randn(17, K).to(dtype)
     w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
     assert torch.equal(op(x, w, s, b), op(x, w, s, b, prepack_cpu(w)))
+
+
+class GuardedBuffer:
+    """A tensor whose last byte is followed by an inaccessible page: reading past it crashes."""
+
+    def __init__(self, t: torch.Tensor):
+        page = mmap.PAGESIZE
+        nbytes = t.numel() * t.element_size()
+        n = -(-nbytes // page) * page
+        self._map = mmap.mmap(-1, n + page)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if libc.mprotect(addr + n, page, 0) != 0:  # PROT_NONE
+            raise OSError(ctypes.get_errno(), "mprotect failed")
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=n)[n - nbytes:]
+        self.tensor = raw.view(t.dtype).view(t.shape)
+        self.tensor.copy_(t)
+
+
+@pytest.mark.skipif(not hasattr(mmap, "PAGESIZE") or not hasattr(ctypes, "CDLL"), reason="needs mmap/mprotect")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_never_reads_past_inputs(cpu_isa, dtype):
+    # x, w_scale, bias and w_packed each end right before a PROT_NONE page.
+    for M, K, N in [(1, 1, 1), (3, 3, 19), (5, 37, 33), (7, 130, 100), (2, 71, 16)]:
+        x = GuardedBuffer(torch.randn(M, K).to(dtype))
+        w = rand_w(N, K)
+        s = GuardedBuffer(rand_scale(N))
+        b = GuardedBuffer(torch.randn(N))
+        wp = GuardedBuffer(prepack_cpu(w))
+        y = op(x.tensor, w, s.tensor, b.tensor, wp.tensor)
+        assert torch.equal(y, reference.w8a8_linear(x.tensor, w, s.tensor, b.tensor)), (M, K, N)
 
 
 def test_calls_from_several_threads(cpu_isa):
