@@ -229,10 +229,12 @@ void w8a8_linear_avx512vnni(const Int8LinearArgs& a) {
     } else {
       quantize_rows_u8_avx512(x, a.dtype, rows, K, a.ldx, buf, lda, sx);
     }
-    // Tasks: a run of consecutive panels x a slice of rows, claimed dynamically
-    // (4 runs per thread balance a busy machine; within a run the next panel is
-    // prefetched). Rows are split only when there are too few panels.
-    const int64_t nruns = std::min<int64_t>(npanels, 4 * nthr);
+    // Tasks: a run of consecutive panels x a slice of rows, claimed dynamically.
+    // Compute-bound (several row blocks per panel): 4 runs per thread, long
+    // enough for the next-panel prefetch to pay. Bandwidth-bound (M <= 6): 16
+    // per thread, so a helper that starts late leaves a short tail. Rows are
+    // split only when there are too few panels.
+    const int64_t nruns = std::min<int64_t>(npanels, (rows <= kMaxMR ? 16 : 4) * nthr);
     int64_t mslices = 1;
     while (nruns * mslices < 4 * nthr && rows / (mslices * 2) >= kMaxMR) mslices *= 2;
     parallel_for(nruns * mslices, nthr, [&](int64_t task) {
