@@ -221,7 +221,7 @@ void w8a8_linear_avx512vnni(const Int8LinearArgs& a) {
     // weights streaming at ~8 bytes per cycle, whichever is larger.
     const double cycles = std::max(static_cast<double>(rows) * Kp * Np / 64, static_cast<double>(Kp) * Np / 8);
     const int nthr = cycles < kMinParallelCycles ? 1 : a.n_threads;
-    if (nthr > 1 && rows * K >= (1 << 16)) {
+    if (nthr > 1 && rows >= 2 * nthr && rows * K >= (1 << 14)) {  // ~4 us and up: split rows
       parallel_chunks(rows, nthr, 1, [&](int64_t r0, int64_t r1) {
         quantize_rows_u8_avx512(static_cast<const char*>(x) + r0 * a.ldx * esz, a.dtype, r1 - r0, K, a.ldx,
                                 buf + r0 * lda, lda, sx + r0);
