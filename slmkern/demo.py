@@ -1,8 +1,8 @@
-"""`slmkern demo`: compress a small BERT-style encoder (built in code, random weights) to int8.
+"""`slmkern demo`: compress a small BERT-style encoder (built in code, random weights) to int8 and int4.
 
 Prints the layer count, the Linear weight bytes, the error against fp32 and the
-latency of fp32 vs W8A8 vs W8A16 on this machine. (The real-model demo, with
-fine-tuning, accuracy and int4/sparse variants, builds on this later.)
+latency of fp32 vs W8A8 / W8A16 / W4A16 / W4A8 on this machine. (The real-model
+demo, with fine-tuning, accuracy and sparse variants, builds on this later.)
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import time
 import torch
 from torch import nn
 
-from slmkern import Int8Config, quantize_
-from slmkern.nn import Int8Linear
+from slmkern import Int4Config, Int8Config, quantize_
+from slmkern.nn import Int4Linear, Int8Linear
 
 
 def build_encoder(seed: int = 0) -> nn.Module:
@@ -34,8 +34,9 @@ def linear_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if type(m) is nn.Linear:
             total += sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
-        elif isinstance(m, Int8Linear):
-            total += sum(t.numel() * t.element_size() for t in (m.weight, m.weight_scale, m.bias) if t is not None)
+        elif isinstance(m, (Int8Linear, Int4Linear)):
+            total += sum(t.numel() * t.element_size() for name, t in m.named_buffers(recurse=False)
+                         if name != "w_packed" and t is not None)
     return total
 
 
@@ -61,14 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     n_lin = sum(type(m) is nn.Linear for m in dense.modules())
     batches = {"b1": torch.randint(0, 30522, (1, args.seq)), "b32": torch.randint(0, 30522, (32, args.seq))}
     rows = []
-    variants = [("dense fp32", None), ("W8A8 (int8 act)", "int8"), ("W8A16 (weight-only)", "float")]
+    variants = [("dense fp32", None),
+                ("W8A8 (int8 act)", Int8Config(activations="int8")),
+                ("W8A16 (weight-only)", Int8Config(activations="float")),
+                ("W4A16 g128 RTN", Int4Config(group_size=128, activations="float")),
+                ("W4A8 g128 RTN", Int4Config(group_size=128, activations="int8"))]
     with torch.inference_mode():
         ref = {k: dense(input_ids=ids).last_hidden_state for k, ids in batches.items()}
-        for name, act in tqdm(variants, desc="variants", unit="model"):
-            model = dense if act is None else copy.deepcopy(dense)
+        for name, cfg in tqdm(variants, desc="variants", unit="model"):
+            model = dense if cfg is None else copy.deepcopy(dense)
             swapped = 0
-            if act is not None:
-                swapped = len(quantize_(model, Int8Config(activations=act)).swapped)
+            if cfg is not None:
+                swapped = len(quantize_(model, cfg).swapped)
             out = model(input_ids=batches["b32"]).last_hidden_state
             err = (out - ref["b32"]).abs().max().item()
             cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref["b32"].flatten(1)).min().item()
