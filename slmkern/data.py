@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import io
 import random
 import re
 from importlib import metadata

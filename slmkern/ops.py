@@ -20,6 +20,14 @@ LIB.define("w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, T
 LIB.define("w8a16_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None) -> Tensor")
 
 
+def as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """(..., K) -> (M, K) with unit inner stride and row stride >= K (copies only if needed)."""
+    x2 = x.reshape(-1, K)
+    if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < K):
+        x2 = x2.contiguous()
+    return x2
+
+
 def _type(cond: bool, msg: str) -> None:
     torch._check_type(cond, lambda: msg)
 

@@ -23,14 +23,6 @@ def has_cpp() -> bool:
     return _C is not None
 
 
-def _as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
-    """(..., K) -> (M, K) with unit inner stride and row stride >= K (copies only if needed)."""
-    x2 = x.reshape(-1, K)
-    if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < K):
-        x2 = x2.contiguous()
-    return x2
-
-
 def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
     if not ops.int8_linear_ok(x, w, w_scale, bias, w_packed):
         ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
@@ -39,7 +31,7 @@ def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return getattr(reference, op)(x, w, w_scale, bias)
     N, K = w.shape
-    x2 = _as_rows(x, K)
+    x2 = ops.as_rows(x, K)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
     if M > 0:
@@ -80,7 +72,7 @@ def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return getattr(reference, op)(x, w, scales, zeros, group_size, bias)
     N, K = w.shape[0], x.shape[-1]
-    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else _as_rows(x, K)
+    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else ops.as_rows(x, K)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
     if M > 0:

@@ -73,14 +73,6 @@ def has_triton_kernels() -> bool:
     return kernels is not None
 
 
-def _as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
-    """(..., K) -> (M, K) with unit inner stride and row stride >= K (copies only if needed)."""
-    x2 = x.reshape(-1, K)
-    if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < K):
-        x2 = x2.contiguous()
-    return x2
-
-
 def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
     ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
     if kernels is None:
@@ -89,7 +81,7 @@ def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
                  logging.WARNING)
         return getattr(reference, op)(x, w, w_scale, bias)
     N, K = w.shape
-    x2 = _as_rows(x, K)
+    x2 = ops.as_rows(x, K)
     # w_packed is the CPU kernels' tile layout; the Triton kernels read w (N, K) directly.
     b = bias.contiguous() if bias is not None else None
     # Regular tensors in eager mode: launch the kernels directly, not through wrap_triton's
@@ -127,7 +119,7 @@ def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
                  logging.WARNING)
         return getattr(reference, op)(x, w, scales, zeros, group_size, bias)
     N, K = w.shape[0], x.shape[-1]
-    x2 = _as_rows(x, K)
+    x2 = ops.as_rows(x, K)
     # w_packed is the CPU kernels' layout; the Triton kernels read the canonical w (N, K/2) directly.
     z = zeros.contiguous() if zeros is not None else None
     b = bias.contiguous() if bias is not None else None
