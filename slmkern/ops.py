@@ -255,3 +255,55 @@ def w4a8_linear(x, w, scales, zeros, group_size, bias=None, w_packed=None):
     y = sx * sum_g (s*acc_g - (s*z)*asum_g) + bias.
     """
     return torch.ops.slmkern.w4a8_linear(x, w, scales, zeros, group_size, bias, w_packed)
+
+
+# ----------------------------------------------------------------------------- autograd
+# The ops are inference kernels, but a model that holds them may still be trained around
+# them (adapters, distillation of other layers). Gradients flow to x (and bias) through the
+# dequantized weight: exact for the weight-only ops, the straight-through estimate for the
+# dynamic-int8 ones. Quantized weights, scales and zero points get no gradient.
+
+
+def _int8_setup(ctx, inputs, output):
+    x, w, w_scale, bias, _ = inputs
+    ctx.save_for_backward(w, w_scale)
+    ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _int8_backward(ctx, grad):
+    w, w_scale = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = (grad.float() @ (w.float() * w_scale.unsqueeze(1))).to(ctx.x_dtype)
+    gb = None
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        gb = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+    return gx, None, None, gb, None
+
+
+def _int4_setup(ctx, inputs, output):
+    x, w, scales, zeros, group_size, bias, _ = inputs
+    ctx.save_for_backward(w, scales, zeros)
+    ctx.group_size = group_size if group_size > 0 else x.shape[-1]
+    ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _int4_backward(ctx, grad):
+    from slmkern.reference import int4_weight
+
+    w, scales, zeros = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = (grad.float() @ int4_weight(w, scales, zeros, ctx.group_size)).to(ctx.x_dtype)
+    gb = None
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        gb = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+    return gx, None, None, None, None, gb, None
+
+
+for _op in ("w8a8_linear", "w8a16_linear"):
+    torch.library.register_autograd(f"slmkern::{_op}", _int8_backward, setup_context=_int8_setup, lib=LIB)
+for _op in ("w4a16_linear", "w4a8_linear"):
+    torch.library.register_autograd(f"slmkern::{_op}", _int4_backward, setup_context=_int4_setup, lib=LIB)

@@ -102,6 +102,15 @@ def _check_int4_linear(op: str, x: torch.Tensor, w_packed: torch.Tensor, scales:
     return N, K, g
 
 
+def int4_weight(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, g: int) -> torch.Tensor:
+    """Dequantized fp32 [N, K] weight of an int4 op's arguments (uint8, float32 or no zero points)."""
+    if zeros is not None and zeros.dtype == torch.float32:
+        N, K = w_packed.shape[0], 2 * w_packed.shape[1]
+        codes = _int4.unpack(w_packed).float().reshape(N, K // g, g)
+        return ((codes - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(N, K)
+    return _int4.dequantize(w_packed, scales, zeros, g)
+
+
 def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, group_size: int,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,11 +121,7 @@ def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
     Kernels match it within fp32 accumulation-order tolerance.
     """
     N, K, g = _check_int4_linear("w4a16_linear", x, w_packed, scales, zeros, group_size, bias)
-    if zeros is not None and zeros.dtype == torch.float32:
-        codes = _int4.unpack(w_packed).float().reshape(N, K // g, g)
-        w = ((codes - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(N, K)
-    else:
-        w = _int4.dequantize(w_packed, scales, zeros, g)
+    w = int4_weight(w_packed, scales, zeros, g)
     y = x.reshape(-1, K).float() @ w.T
     if bias is not None:
         y = y + bias.float()
