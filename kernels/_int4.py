@@ -144,21 +144,6 @@ def split_groups(G, SPLIT_K: tl.constexpr):
     return g_begin, g_end
 
 
-@triton.jit
-def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program_id(0): GROUP_M row-tiles sweep the N tiles together, so weight
-    tiles are reused from L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_rows
-    pid_n = (pid % group) // group_rows
-    return pid_m, pid_n
-
-
 # --------------------------------------------------------------------------------------------
 # split-K reduction
 # --------------------------------------------------------------------------------------------

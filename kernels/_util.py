@@ -59,6 +59,21 @@ def prune_to_bucket(tiles_by_bucket: dict):
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program_id(0): GROUP_M row-tiles sweep the N tiles together, so weight
+    tiles are reused from L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_rows
+    pid_n = (pid % group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
 def cast_out(y, OUT_DTYPE: tl.constexpr):
     """fp32 -> OUT_DTYPE, round to nearest even.
 

@@ -35,9 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._int4 import (choose_split_k, codes_minus_zero, dequantize, gemv_heuristics, grouped_tile,
+from ._int4 import (choose_split_k, codes_minus_zero, dequantize, gemv_heuristics,
                     load_zero_offset, prune_tiles, split_groups, splitk_reduce, tile_heuristics)
-from ._util import INTERPRET, cast_out, launch, m_bucket, tiled_configs
+from ._util import INTERPRET, cast_out, grouped_tile, launch, m_bucket, tiled_configs
 
 DEQUANT_MIN_M = 1024
 MIN_DOT_K = 16  # a 16-bit tl.dot needs K >= 16

@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._int4 import (_Z8, choose_split_k, gemv_heuristics, grouped_tile, prune_tiles, split_groups,
+from ._int4 import (_Z8, choose_split_k, gemv_heuristics, prune_tiles, split_groups,
                     splitk_reduce, tile_heuristics)
-from ._util import INTERPRET, cast_out, launch, m_bucket, tiled_configs
+from ._util import INTERPRET, cast_out, grouped_tile, launch, m_bucket, tiled_configs
 from .w8a8 import quantize_rows_s8
 
 MIN_DOT_K = 32  # an int8 tl.dot needs K >= 32
