@@ -194,7 +194,7 @@ def _w4a8_kernel(q_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N,
                 b = tl.load(w_rows + (k // 2 + offs_h)[None, :],
                             mask=n_mask[:, None] & ((c0 // 2 + offs_h) < GROUP_SIZE // 2)[None, :], other=0)
             codes = tl.interleave(b & 0xF, b >> 4).to(tl.int8)  # (BLOCK_N, CHUNK_K), 0..15
-            d = tl.dot(a, tl.trans(codes), d)                    # int8 x int8 -> int32: exact
+            d = tl.dot(a, tl.trans(codes), d, out_dtype=tl.int32)                    # int8 x int8 -> int32: exact
             asum += tl.sum(a.to(tl.int32), axis=1)
         s = tl.load(s_ptr + n64 * G + gi, mask=n_mask, other=0.0)[None, :]
         z = 0

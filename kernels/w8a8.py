@@ -24,7 +24,6 @@ from slmkern.reference import ACT_ZERO_THRESHOLD
 from ._util import INTERPRET, cast_out, grouped_tile, launch, m_bucket, prune_to_bucket, tiled_configs
 
 _INF = tl.constexpr(float("inf"))
-_NAN = tl.constexpr(float("nan"))
 _ZERO_THRESHOLD = tl.constexpr(ACT_ZERO_THRESHOLD)  # 2^-100, exact in fp32
 
 
@@ -44,7 +43,9 @@ def _row_quant_params(amax):
     # IEEE division: Triton's `/` on fp32 may lower to an approximate divide.
     inv = tl.math.div_rn(tl.full(safe.shape, 127.0, tl.float32), safe)
     scale = tl.math.div_rn(safe, tl.full(safe.shape, 127.0, tl.float32))
-    scale = tl.where(ok, scale, tl.where(finite, 0.0, _NAN))
+    # not finite -> NaN, written as inf - inf: a NaN global constexpr never compares equal to itself,
+    # which makes Triton's cache check reject the compiled kernel ("global variable _NAN has changed").
+    scale = tl.where(ok, scale, tl.where(finite, 0.0, amax - amax))
     return inv, scale, ok
 
 
@@ -202,7 +203,7 @@ def _w8a8_kernel(q_ptr, sx_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_ym,
             k_mask = (k0 + offs_k) < K
             a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
-        acc = tl.dot(a, b, acc)  # int8 x int8 -> int32: exact
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # int8 x int8 -> int32: exact
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
