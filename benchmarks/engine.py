@@ -191,14 +191,22 @@ class _Timer:
                   for _ in range(n)]
         torch.cuda.synchronize()
         try:
-            torch.cuda._sleep(int(2e5 * n))  # ~0.1 ms per call at ~2 GHz: keeps the queue full
+            # ~1 ms per call at ~2 GHz: the queue stays full even when the host side of a call
+            # (dispatch, checks, Triton's launcher) takes hundreds of microseconds, so the events
+            # time the kernels alone. The host side is recorded separately (host_us).
+            torch.cuda._sleep(int(2e6 * n))
         except (AttributeError, RuntimeError):
             pass
+        clock = time.perf_counter_ns
+        host = []
         for j, i in enumerate(range(start, start + n)):
             a, b = events[j]
+            t0 = clock()
             a.record()
             fn(copies[i % k], x)
             b.record()
+            host.append((clock() - t0) * 1e-3)
+        self.last_host_us = host
         torch.cuda.synchronize()
         return [a.elapsed_time(b) * 1e3 for a, b in events]
 
@@ -215,6 +223,7 @@ class Prepared:
     out_dtype: torch.dtype
     rel_err: float | None
     times_us: list = field(default_factory=list)
+    host_us: list = field(default_factory=list)  # CUDA: host time per call (enqueue), not in "us"
     next_index: int = 0
     reps: int = 0
 
@@ -287,6 +296,7 @@ def run_case(bench: BenchOp, case: Case, cfg: BenchConfig, bandwidth_gbs: float,
                 n = p.reps // rounds + (1 if r < p.reps % rounds else 0)
                 if n:
                     p.times_us += timer.time(p.impl.run, p.copies, p.x, p.next_index, n)
+                    p.host_us += getattr(timer, "last_host_us", [])
                     p.next_index += n
 
     others = load.stop()
@@ -299,7 +309,8 @@ def run_case(bench: BenchOp, case: Case, cfg: BenchConfig, bandwidth_gbs: float,
                "p10_us": stats["p10_us"], "p90_us": stats["p90_us"], "bytes": p.bytes,
                "weight_bytes": p.weight_bytes, "bandwidth_gbs": bandwidth_gbs, "device": case.device,
                "reps": len(p.times_us), "copies": len(p.copies), "rel_err": p.rel_err,
-               "others_cpu": None if others is None else round(others, 3)}
+               "others_cpu": None if others is None else round(others, 3),
+               "host_us": statistics.median(p.host_us) if p.host_us else None}
         row.update(bench.extra_fields(case))
         rows.append(row)
     return rows, skipped

@@ -75,6 +75,9 @@ def case_block(case, rows: list[dict], skipped: list[dict]) -> str:
         lines.append(f"  {r['impl']:<20}{r['us']:>11.1f}{r['p10_us']:>10.1f}{r['p90_us']:>10.1f}"
                      f"{r['floor_us']:>10.1f}{pct:>7.1f}%{r['bytes'] / 2**20:>8.2f}{r['copies']:>7}"
                      f"{r['reps']:>6}  {vs}")
+    host = [f"{r['impl']} {r['host_us']:.0f}" for r in rows if r.get("host_us") is not None]
+    if host:
+        lines.append("  host us per call (dispatch + launch, not in the GPU time above): " + ", ".join(host))
     for r in rows:
         if r.get("rel_err") is not None and r["rel_err"] > REL_ERR_WARN:
             lines.append(f"  WARNING: {r['impl']} output differs from the float layer: rel err {r['rel_err']:.3g}")
