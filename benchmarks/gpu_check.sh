@@ -3,8 +3,9 @@
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
-# Writes into OUTDIR (9 files): env.log, build.log, tests.log, tests.xml (JUnit), bench.log,
+# Writes into OUTDIR (10 files): env.log, build.log, tests.log, tests.xml (JUnit), bench.log,
 # bench_gpu.json (one row per measurement, from `slmkern bench --device cuda --json`),
+# bench_gpu_sparse.json (benchmarks/gpu_sparse.py),
 # bench_gpu_int4.json and bench_gpu_int4_prefill.json (int4 ops at (4096, 14336), M = 1, 16, and
 # at (2048, 8192), M = 2048) and
 # summary.txt (one line per step: rc and seconds). Every step runs and keeps its log even if an
@@ -115,6 +116,13 @@ step bench_int4 "$OUT/bench.log" "${STEP_TIMEOUT_BENCH_INT4:-60}" "$PY" -m slmke
 step bench_int4_prefill "$OUT/bench.log" "${STEP_TIMEOUT_BENCH_INT4:-60}" "$PY" -m slmkern.cli bench \
     --device cuda --op w4a16_linear --op w4a8_linear --shape 2048x8192 --m 2048 \
     --json "$OUT/bench_gpu_int4_prefill.json"
+
+# 2:4 and unstructured sparse kernels vs cuBLAS bf16, cuSPARSELt (to_sparse_semi_structured),
+# torch._int_mm and tinygemm (benchmarks/gpu_sparse.py; its own rows and table).
+if [ -f benchmarks/gpu_sparse.py ]; then
+    step bench_sparse "$OUT/bench.log" "${STEP_TIMEOUT_BENCH_SPARSE:-150}" "$PY" benchmarks/gpu_sparse.py \
+        --json "$OUT/bench_gpu_sparse.json"
+fi
 
 echo "=== summary ($OUT)"
 cat "$OUT/summary.txt"
