@@ -439,7 +439,8 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], convert, stric
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         swapped.append(fqn)
-    own = model.state_dict()
+    done = tuple(f"{fqn}." for fqn in swapped)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(done)}
     rest = {k: v for k, v in tensors.items() if k in own}
     for k, v in rest.items():
         if tuple(v.shape) != tuple(own[k].shape):
