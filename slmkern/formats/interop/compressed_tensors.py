@@ -322,7 +322,7 @@ def sparse24_to_values_meta(tensors: Mapping[str, torch.Tensor], where: str = "l
     """sparse-24-bitmask tensors -> slmkern 2:4 (values [N, K/2], meta uint8 [N, ceil(K/8)]) (adapter)."""
     vals, mask = _read_sparse24(tensors, where)
     N, K = mask.shape
-    cols = mask.reshape(N, K // 4, 4).to(torch.int64).argsort(-1, descending=True, stable=True)[..., :2]
+    cols = mask.reshape(N, K // 4, 4).to(torch.int64).argsort(dim=-1, descending=True, stable=True)[..., :2]
     cols = cols.sort(-1).values  # c0 < c1
     nib = (cols[..., 0] | (cols[..., 1] << 2)).to(torch.uint8)
     nib = nn.functional.pad(nib, (0, nib.shape[1] % 2))
