@@ -51,7 +51,7 @@ from torch import nn
 
 from slmkern.formats import int4 as int4_format
 from slmkern.formats import int8 as int8_format
-from slmkern.formats.interop._safetensors_io import CheckpointError, read_safetensors, write_safetensors
+from slmkern.formats.interop._safetensors_io import CheckpointError, read_checkpoint, write_safetensors
 
 __all__ = [
     "CheckpointError", "int4_to_pack_quantized", "int8_to_pack_quantized", "pack_quantized_to_int4",
@@ -119,7 +119,7 @@ def _args(args: Mapping[str, Any], where: str) -> tuple[int, bool, str, int | No
         raise CheckpointError(f"{where}: weight quantization args must be a mapping, got {type(args).__name__}")
     bits, sym = args.get("num_bits"), args.get("symmetric", True)
     strategy, g = args.get("strategy"), args.get("group_size")
-    if args.get("type", "int") != "int" or bits not in (4, 8):
+    if args.get("type", "int") != "int" or type(bits) is not int or bits not in (4, 8):
         raise CheckpointError(f"{where}: only int weights with num_bits 4 or 8 are supported, "
                               f"got type={args.get('type')!r} num_bits={bits!r}")
     if strategy not in ("group", "channel") or not isinstance(sym, bool):
@@ -463,7 +463,6 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     a dense ``model`` of the same architecture: targeted nn.Linear layers become Int4Linear (4-bit) or
     Int8Linear (8-bit, channel, symmetric), everything else is loaded as is. Returns the swapped fqns.
     Layers that slmkern cannot represent raise CheckpointError (never a silent approximation)."""
-    from slmkern.formats.interop._safetensors_io import read_checkpoint
     from slmkern.nn import Int4Linear, Int8Linear
 
     tensors, cfg = read_checkpoint(path)
