@@ -1,0 +1,14 @@
+"""Checkpoint formats other stacks read and write (documented bit layouts next to the code).
+
+- ``compressed_tensors``: vLLM / llm-compressor ``pack-quantized`` (int4, int8) and ``sparse-24-bitmask``;
+  export and import per layer, and whole Hugging Face checkpoint directories (``save_compressed`` /
+  ``load_compressed``).
+- ``gptq``: AutoGPTQ / GPTQModel 4-bit checkpoints (v1 "zero minus one" and v2) -> slmkern int4.
+- ``awq``: AutoAWQ GEMM 4-bit checkpoints -> slmkern int4.
+
+Every loader validates before it converts: a bad file, name, shape or index raises
+``CheckpointError`` (a ValueError) naming what is wrong.
+"""
+from slmkern.formats.interop._safetensors_io import CheckpointError, read_safetensors, write_safetensors
+
+__all__ = ["CheckpointError", "read_safetensors", "write_safetensors"]
