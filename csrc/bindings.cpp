@@ -185,5 +185,7 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     c.fn(a);
   });
+  m.def("sparse_force_path", &sparse_force_path, py::arg("path"),
+        "avx512vnni sparse_linear path: 0 by cost (default), 1 expand, 2 nonzero broadcast (tests, tuning)");
   // ---- end unstructured
 }

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "slmkern/bitmask.h"
@@ -29,6 +30,7 @@ namespace {
 #define SLMK_INLINE inline __attribute__((always_inline))
 
 thread_local ScratchBuf tl_sparse_scratch;
+thread_local ScratchBuf tl_sparse_xt;
 
 template <class F>
 void for_row_chunks(const SparseLinearArgs& a, const int64_t* offsets, int64_t per_row, F&& f) {
@@ -99,6 +101,86 @@ void s8_rows(const Ctx& c, int64_t n, int64_t M) {
     case 2: s8_block<NR, 2>(c, n, m); break;
     case 1: s8_block<NR, 1>(c, n, m); break;
     default: break;
+  }
+}
+
+int64_t row_indices(const Ctx& c, int64_t n, int32_t* idx);
+
+// ---------------------------------------------------------------- int8 values, nonzero broadcast
+// x transposed to xT8[k][m] (u8 = q + 128, W rows of x per tile). Four nonzeros (k0..k3, w0..w3)
+// of a weight row at a time: two levels of byte/word unpacks interleave xT8[k0..k3] into dwords
+// [x(m,k0), x(m,k1), x(m,k2), x(m,k3)], and one vpdpbusd with the broadcast w0..w3 adds the four
+// products for every m. The unpacks work per 128-bit lane, so dword 4L + i of accumulator j
+// holds row m = 16L + 4j + i. Work scales with nnz, not K.
+struct Z {  // 64 rows per tile
+  using T = __m512i;
+  static constexpr int W = 64;
+  static SLMK_INLINE T load(const uint8_t* p) { return _mm512_load_si512(p); }
+  static SLMK_INLINE T zero() { return _mm512_setzero_si512(); }
+  static SLMK_INLINE T set1(int32_t v) { return _mm512_set1_epi32(v); }
+  static SLMK_INLINE T lo8(T a, T b) { return _mm512_unpacklo_epi8(a, b); }
+  static SLMK_INLINE T hi8(T a, T b) { return _mm512_unpackhi_epi8(a, b); }
+  static SLMK_INLINE T lo16(T a, T b) { return _mm512_unpacklo_epi16(a, b); }
+  static SLMK_INLINE T hi16(T a, T b) { return _mm512_unpackhi_epi16(a, b); }
+  static SLMK_INLINE T dp(T acc, T x, T w) { return _mm512_dpbusd_epi32(acc, x, w); }
+  static SLMK_INLINE T add(T a, T b) { return _mm512_add_epi32(a, b); }
+  static SLMK_INLINE void store(int32_t* p, T v) { _mm512_storeu_si512(p, v); }
+};
+struct X {  // 16 rows per tile
+  using T = __m128i;
+  static constexpr int W = 16;
+  static SLMK_INLINE T load(const uint8_t* p) { return _mm_load_si128(reinterpret_cast<const __m128i*>(p)); }
+  static SLMK_INLINE T zero() { return _mm_setzero_si128(); }
+  static SLMK_INLINE T set1(int32_t v) { return _mm_set1_epi32(v); }
+  static SLMK_INLINE T lo8(T a, T b) { return _mm_unpacklo_epi8(a, b); }
+  static SLMK_INLINE T hi8(T a, T b) { return _mm_unpackhi_epi8(a, b); }
+  static SLMK_INLINE T lo16(T a, T b) { return _mm_unpacklo_epi16(a, b); }
+  static SLMK_INLINE T hi16(T a, T b) { return _mm_unpackhi_epi16(a, b); }
+  static SLMK_INLINE T dp(T acc, T x, T w) { return _mm_dpbusd_epi32(acc, x, w); }
+  static SLMK_INLINE T add(T a, T b) { return _mm_add_epi32(a, b); }
+  static SLMK_INLINE void store(int32_t* p, T v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); }
+};
+
+// idx/w4: the row's nonzero columns and values, padded with (column 0, value 0) to a multiple of 4.
+template <class V>
+__attribute__((noinline)) void s8_nz_row(const Ctx& c, const uint8_t* xT, int64_t n, int64_t m0, int64_t rows,
+                                         const int32_t* idx, const int32_t* w4, int64_t groups) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  T a[2][4];
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 4; ++j) a[h][j] = V::zero();
+  // two accumulator sets (even / odd groups) so the vpdpbusd chains overlap
+#define SLMK_S8_STEP(H, G)                                                                              \
+  {                                                                                                    \
+    const int32_t* k = idx + 4 * (G);                                                                  \
+    const T x0 = V::load(xT + static_cast<int64_t>(k[0]) * W), x1 = V::load(xT + static_cast<int64_t>(k[1]) * W); \
+    const T x2 = V::load(xT + static_cast<int64_t>(k[2]) * W), x3 = V::load(xT + static_cast<int64_t>(k[3]) * W); \
+    const T l01 = V::lo8(x0, x1), h01 = V::hi8(x0, x1), l23 = V::lo8(x2, x3), h23 = V::hi8(x2, x3);       \
+    const T w = V::set1(w4[G]);                                                                        \
+    a[H][0] = V::dp(a[H][0], V::lo16(l01, l23), w);                                                    \
+    a[H][1] = V::dp(a[H][1], V::hi16(l01, l23), w);                                                    \
+    a[H][2] = V::dp(a[H][2], V::lo16(h01, h23), w);                                                    \
+    a[H][3] = V::dp(a[H][3], V::hi16(h01, h23), w);                                                    \
+  }
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    SLMK_S8_STEP(0, g)
+    SLMK_S8_STEP(1, g + 1)
+  }
+  if (g < groups) SLMK_S8_STEP(0, g)
+#undef SLMK_S8_STEP
+  alignas(64) int32_t acc[4][W / 4];
+  for (int j = 0; j < 4; ++j) V::store(acc[j], V::add(a[0][j], a[1][j]));
+  const int32_t corr = 128 * c.w.rowsum[n];
+  const float ws = c.scales[n];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t L = r / 16, j = (r / 4) % 4, i = r % 4;  // row r = 16L + 4j + i
+    const int32_t s = acc[j][4 * L + i] - corr;
+    const float sc = c.sx[m0 + r] * ws;
+    float y = static_cast<float>(s) * sc;
+    if (c.bias) y = y + c.bias[n];
+    store_from_f32(c.y, c.dt, (m0 + r) * c.ldy + n, y);
   }
 }
 
@@ -177,28 +259,55 @@ __attribute__((noinline)) void f32_nz_row(const Ctx& c, const float* xT, int64_t
   }
 }
 
+// The row's nonzero columns, in order: vpcompressd of the column numbers per 16 mask bits
+// (register form + a full store: idx has 16 spare entries), no data-dependent branches.
 int64_t row_indices(const Ctx& c, int64_t n, int32_t* idx) {
   int64_t cnt = 0;
   const uint64_t* mk = c.w.masks + n * c.Kw;
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i col = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t b = 0; b < c.Kw; ++b) {
-    uint64_t m = mk[b];
-    while (m) {
-      idx[cnt++] = static_cast<int32_t>(b * 64 + static_cast<int64_t>(_tzcnt_u64(m)));
-      m = _blsr_u64(m);
+    const uint64_t m = mk[b];
+    for (int j = 0; j < 4; ++j) {
+      const __mmask16 h = static_cast<__mmask16>(m >> (16 * j));
+      _mm512_storeu_si512(idx + cnt, _mm512_maskz_compress_epi32(h, col));
+      cnt += _mm_popcnt_u32(h);
+      col = _mm512_add_epi32(col, step);
     }
   }
   return cnt;
 }
 
-// x rows at or above this count take the nonzero-broadcast path for float values.
-constexpr int64_t kF32BroadcastMinM = 4;
+// Path choice by a cost model fitted on Zen 4 (single thread, K = 2048, N = 8192; times per
+// weight row in units of Kw = K/64 words, both paths scale with K). d = nnz / (N K).
+//   float expand   : 1.5 + 0.63 M
+//   float broadcast: per 64-row tile, 1.2 + 5.8 d + J (0.7 + 10.5 d), J = ceil(rows / 16)
+//   int8 expand    : 0.3 + 0.7 d + 0.17 M
+//   int8 broadcast : per 16-row tile (M <= 16) 1.9 + 9.5 d, per 64-row tile 3.6 + 12.7 d
+inline bool f32_broadcast_wins(int64_t M, double d) {
+  double bc = 0.0;
+  for (int64_t m0 = 0; m0 < M; m0 += 64) {
+    const int64_t J = (std::min<int64_t>(64, M - m0) + 15) / 16;
+    bc += 1.2 + 5.8 * d + static_cast<double>(J) * (0.7 + 10.5 * d);
+  }
+  return bc < 1.5 + 0.63 * static_cast<double>(M);
+}
+inline bool s8_broadcast_wins(int64_t M, double d, bool narrow, int64_t tiles) {
+  const double bc = static_cast<double>(tiles) * (narrow ? 1.9 + 9.5 * d : 3.6 + 12.7 * d);
+  return bc < 0.3 + 0.7 * d + 0.17 * static_cast<double>(M);
+}
+
+// 0: choose by cost, 1: always expand, 2: always broadcast (tests and tuning: sparse_force_path)
+std::atomic<int> g_force_path{0};
 
 void f32_linear(const SparseLinearArgs& a) {
   const int64_t M = a.M, K = a.K, N = a.N, Kw = sparse_words(K), Kp = Kw * 64;
   Ctx c{};
   c.w = sparse_view(a.w_packed, N, K, a.kind);
   c.Kw = Kw; c.N = N; c.ldq = Kp; c.bias = a.bias; c.y = a.y; c.ldy = a.ldy; c.dt = a.dtype;
-  const bool broadcast = M >= kF32BroadcastMinM;
+  const int force = g_force_path.load(std::memory_order_relaxed);
+  const double d = static_cast<double>(a.nnz) / (static_cast<double>(N) * static_cast<double>(K));
+  const bool broadcast = force ? force == 2 : f32_broadcast_wins(M, d);
   const int64_t tiles = broadcast ? ceil_div(M, 64) : 0;
   const size_t xf_bytes = static_cast<size_t>(M * Kp * 4);
   const size_t xt_bytes = static_cast<size_t>(tiles * Kp * 64 * 4);
@@ -235,7 +344,7 @@ void f32_linear(const SparseLinearArgs& a) {
     }
   }
   for_row_chunks(a, c.w.offsets, Kw * 2, [&](int64_t n0, int64_t n1) {
-    std::vector<int32_t> idx(static_cast<size_t>(Kp));
+    std::vector<int32_t> idx(static_cast<size_t>(Kp) + 16);
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t cnt = row_indices(c, n, idx.data());
       for (int64_t t = 0; t < tiles; ++t) {
@@ -271,14 +380,53 @@ void s8_linear(const SparseLinearArgs& a) {
   const int64_t Kp4 = int8_padded_k(K);
   for (int64_t m = 0; m < M; ++m) std::memset(xq + m * Kp + Kp4, 128, static_cast<size_t>(Kp - Kp4));
   c.xq = xq; c.sx = sx;
-  for_row_chunks(a, c.w.offsets, Kw * 8, [&](int64_t n0, int64_t n1) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) s8_rows<4>(c, n, M);
-    for (; n < n1; ++n) s8_rows<1>(c, n, M);
+  const int force = g_force_path.load(std::memory_order_relaxed);
+  const bool narrow = M <= 16;
+  const int64_t TW = narrow ? 16 : 64, tiles = ceil_div(M, TW);
+  const double d = static_cast<double>(a.nnz) / (static_cast<double>(N) * static_cast<double>(K));
+  const bool broadcast = force ? force == 2 : s8_broadcast_wins(M, d, narrow, tiles);
+  if (!broadcast) {
+    for_row_chunks(a, c.w.offsets, Kw * 8, [&](int64_t n0, int64_t n1) {
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) s8_rows<4>(c, n, M);
+      for (; n < n1; ++n) s8_rows<1>(c, n, M);
+    });
+    return;
+  }
+  // xT8[t][k][TW]: column k of rows TW*t .. TW*t + TW-1 as u8 (128 = q of 0 past M)
+  uint8_t* xT = tl_sparse_xt.get(static_cast<size_t>(tiles * K * TW + 64));
+  std::memset(xT, 128, static_cast<size_t>(tiles * K * TW));
+  for (int64_t m = 0; m < M; ++m) {
+    uint8_t* T = xT + (m / TW) * K * TW + (m % TW);
+    const uint8_t* src = xq + m * Kp;
+    for (int64_t k = 0; k < K; ++k) T[k * TW] = src[k];
+  }
+  const int8_t* vals = static_cast<const int8_t*>(c.w.values);
+  for_row_chunks(a, c.w.offsets, 4, [&](int64_t n0, int64_t n1) {
+    std::vector<int32_t> idx(static_cast<size_t>(Kp) + 16), w4(static_cast<size_t>(Kp / 4) + 1);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t cnt = row_indices(c, n, idx.data());
+      const int64_t groups = (cnt + 3) / 4;
+      const int8_t* v = vals + c.w.offsets[n];
+      int8_t* wb = reinterpret_cast<int8_t*>(w4.data());
+      std::memcpy(wb, v, static_cast<size_t>(cnt));
+      for (int64_t i = cnt; i < groups * 4; ++i) {
+        idx[static_cast<size_t>(i)] = 0;
+        wb[i] = 0;
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t m0 = t * TW, rows = std::min<int64_t>(TW, M - m0);
+        const uint8_t* T = xT + t * K * TW;
+        if (narrow) s8_nz_row<X>(c, T, n, m0, rows, idx.data(), w4.data(), groups);
+        else s8_nz_row<Z>(c, T, n, m0, rows, idx.data(), w4.data(), groups);
+      }
+    }
   });
 }
 
 }  // namespace
+
+void sparse_force_path(int path) { g_force_path.store(path < 0 || path > 2 ? 0 : path); }
 
 void sparse_linear_avx512vnni(const SparseLinearArgs& a) {
   if (a.M <= 0) return;
