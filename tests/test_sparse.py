@@ -393,3 +393,26 @@ class TestBadInputs:
         # a w_packed built for float values does not fit int8 values of the same mask
         fwp = bf.prepack_cpu(self.fv, self.fb, self.fr, self.K)
         self.call(ValueError, r"w_packed", wp=fwp)
+
+
+@pytest.mark.parametrize("path", [1, 2], ids=["expand", "broadcast"])
+def test_avx512_paths_forced(path):
+    """The avx512vnni variant picks expand or nonzero-broadcast by cost; force each on every shape."""
+    if not cpu_backend.has_cpp() or cpu_backend.op_isa("sparse_linear") != "avx512vnni":
+        pytest.skip("the avx512vnni sparse variant does not run on this CPU")
+    cpu_backend._C.sparse_force_path(path)
+    try:
+        for M, K, N, sp in [(1, 131, 17, 0.9), (3, 67, 5, 0.5), (16, 1, 3, 0.0), (17, 200, 33, 0.0),
+                            (65, 129, 7, 0.99), (130, 77, 9, 0.7), (5, 64, 3, 1.0)]:
+            x, bias = torch.randn(M, K), torch.randn(N)
+            x[M // 2, K // 2] = float("inf")  # broadcast skips zero weights: the dense-semantics fixup must run
+            v, b, r, _ = float_case(N, K, sp)
+            torch.testing.assert_close(op(x, v, b, r, None, bias, bf.prepack_cpu(v, b, r, K)),
+                                       reference.sparse_linear(x, v, b, r, None, bias), equal_nan=True)
+            v, b, r, s = int8_case(N, K, sp)
+            y = op(x, v, b, r, s, bias, bf.prepack_cpu(v, b, r, K, s))
+            want = reference.w8a8_linear(x, bf.decompress(v, b, r, K), s, bias)
+            assert torch.equal(torch.isnan(y), torch.isnan(want)), (M, K, N, sp)
+            assert torch.equal(y.nan_to_num(), want.nan_to_num()), (M, K, N, sp)
+    finally:
+        cpu_backend._C.sparse_force_path(0)
