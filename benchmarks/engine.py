@@ -29,7 +29,9 @@ import torch
 from . import machine
 
 IMPL_NAMES = ("slmkern", "torch_fp32", "torch_fbgemm_int8", "torch_int4pack_bf16", "torch_csr",
-              "cublas_bf16", "torch_int_mm", "tinygemm", "cusparselt_24", "gemlite")
+              "cublas_bf16", "torch_int_mm", "tinygemm", "cusparselt_24", "gemlite",
+              # ---- unstructured: our dense w8a8_linear as a peer of sparse_linear with int8 values
+              "slmkern_w8a8")
 DEFAULT_SHAPES = ((384, 1536), (576, 1536), (2048, 8192))  # MiniLM, SmolLM2, 1B-class
 DEFAULT_MS = (1, 16, 128)
 DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}

@@ -6,6 +6,7 @@
 #include "slmkern/common.h"
 #include "slmkern/dispatch.h"
 #include "slmkern/int4.h"
+#include "slmkern/bitmask.h"
 
 namespace py = pybind11;
 using namespace slmkern;
@@ -75,6 +76,7 @@ PYBIND11_MODULE(_C, m) {
     if (op == "w8a16_linear") return std::string(isa_name(select_w8a16().isa));
     if (op == "w4a16_linear") return std::string(isa_name(select_w4a16().isa));
     if (op == "w4a8_linear") return std::string(isa_name(select_w4a8().isa));
+    if (op == "sparse_linear") return std::string(isa_name(select_sparse().isa));
     throw std::invalid_argument("unknown op '" + op + "'");
   });
 
@@ -145,4 +147,45 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     return stream_read(ptr<const uint8_t>(p), bytes, n_threads);
   });
+
+  // ---- unstructured (bitmask) sparse_linear. kind: 0 float values (f32 in the packed
+  // buffer), 1 int8 values. vdtype: dtype code of the canonical float values for sparse_pack.
+  m.def("sparse_packed_bytes", [](int64_t N, int64_t K, int64_t nnz, int kind) {
+    if (N < 0 || K <= 0 || nnz < 0 || kind < 0 || kind > 1) throw std::invalid_argument("sparse_packed_bytes: bad sizes");
+    return sparse_packed_bytes(N, K, nnz, static_cast<SparseValues>(kind));
+  }, py::arg("N"), py::arg("K"), py::arg("nnz"), py::arg("kind"));
+  m.def("sparse_pack", [](uintptr_t bitmask, uintptr_t row_offsets, uintptr_t values, int vdtype, int kind,
+                          int64_t N, int64_t K, int64_t nnz, uintptr_t out) {
+    if (N <= 0 || K <= 0 || nnz < 0 || kind < 0 || kind > 1 || vdtype < 0 || vdtype > 2)
+      throw std::invalid_argument("sparse_pack: bad sizes or codes");
+    py::gil_scoped_release nogil;
+    sparse_pack(ptr<const uint8_t>(bitmask), ptr<const int64_t>(row_offsets), ptr<const void>(values),
+                static_cast<DType>(vdtype), static_cast<SparseValues>(kind), N, K, nnz, ptr<uint8_t>(out));
+  });
+  m.def("sparse_linear", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t ldx,
+                            uintptr_t w_packed, int kind, int64_t nnz, uintptr_t scales, uintptr_t bias,
+                            uintptr_t y, int64_t ldy, int n_threads) {
+    if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+    if (M < 0 || K <= 0 || N <= 0 || ldx < K || ldy < N || nnz < 0 || kind < 0 || kind > 1)
+      throw std::invalid_argument("sparse_linear: bad sizes");
+    if (kind == 1 && !scales) throw std::invalid_argument("sparse_linear: int8 values need scales");
+    SparseLinearArgs a;
+    a.x = ptr<const void>(x);
+    a.dtype = static_cast<DType>(dtype);
+    a.M = M; a.K = K; a.N = N; a.ldx = ldx;
+    a.w_packed = ptr<const uint8_t>(w_packed);
+    a.kind = static_cast<SparseValues>(kind);
+    a.nnz = nnz;
+    a.scales = scales ? ptr<const float>(scales) : nullptr;
+    a.bias = bias ? ptr<const float>(bias) : nullptr;
+    a.y = ptr<void>(y);
+    a.ldy = ldy;
+    a.n_threads = n_threads < 1 ? 1 : n_threads;
+    const SparseOpChoice c = select_sparse();
+    py::gil_scoped_release nogil;
+    c.fn(a);
+  });
+  m.def("sparse_force_path", &sparse_force_path, py::arg("path"),
+        "avx512vnni sparse_linear path: 0 by cost (default), 1 expand, 2 nonzero broadcast (tests, tuning)");
+  // ---- end unstructured
 }

@@ -128,4 +128,19 @@ Int4OpChoice select_w4a8() {
   return pick<Int4OpChoice>(fns, isas);
 }
 
+// ---- unstructured (bitmask) sparse: the avx512vnni variant also needs AVX512-VBMI2
+// (vpexpandb); a VNNI CPU without it runs the avx2 variant.
+SparseOpChoice select_sparse() {
+  static const SparseLinearFn fns[] = {sparse_linear_ref, sparse_linear_avx2, sparse_linear_avx512vnni};
+  static const Isa isas[] = {Isa::ref, Isa::avx2, Isa::avx512vnni};
+  static const SparseLinearFn fns2[] = {sparse_linear_ref, sparse_linear_avx2};
+  static const Isa isas2[] = {Isa::ref, Isa::avx2};
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool vbmi2 = __builtin_cpu_supports("avx512vbmi2");
+#else
+  static const bool vbmi2 = false;
+#endif
+  return vbmi2 ? pick<SparseOpChoice>(fns, isas) : pick<SparseOpChoice>(fns2, isas2);
+}
+
 }  // namespace slmkern

@@ -180,3 +180,28 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+# ============================================================================= unstructured (bitmask)
+from slmkern.formats import bitmask as _bitmask  # noqa: E402  (pure torch, no cycle)
+
+
+def sparse_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
+                  scales: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  w_packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) f32/bf16/f16, values [nnz] float or int8, bitmask (N, ceil(K/8)) uint8,
+    row_offsets (N+1,) int64, scales (N,) f32 (int8 values only), bias (N,)? -> (..., N) x.dtype.
+
+    Decompress (slmkern.formats.bitmask), then the dense spec:
+    float values: y = x.float() @ W.float().T + bias (fp32 accumulation);
+    int8 values : y = w8a8_linear(x, W_int8, scales, bias), bit for bit. w_packed is ignored.
+    """
+    K = x.shape[-1]
+    W = _bitmask.decompress(values, bitmask, row_offsets, K)
+    if values.dtype == torch.int8:
+        return w8a8_linear(x, W, scales, bias)
+    N = W.shape[0]
+    y = x.reshape(-1, K).float() @ W.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)

@@ -100,3 +100,47 @@ def w4a16_linear_cpu(x, w, scales, zeros, group_size, bias=None, w_packed=None):
 @torch.library.register_kernel("slmkern::w4a8_linear", "cpu", lib=ops.LIB)
 def w4a8_linear_cpu(x, w, scales, zeros, group_size, bias=None, w_packed=None):
     return _int4_linear("w4a8_linear", x, w, scales, zeros, group_size, bias, w_packed)
+
+
+# ============================================================================= unstructured (bitmask)
+def _sparse_linear_reference(x, values, bitmask, row_offsets, scales=None, bias=None, w_packed=None):
+    ops.check_sparse_linear(x, values, bitmask, row_offsets, scales, bias, w_packed)
+    ops.check_sparse_linear_data(x, values, bitmask, row_offsets, scales)
+    return reference.sparse_linear(x, values, bitmask, row_offsets, scales, bias)
+
+
+# Every device without a dedicated kernel (CUDA included: no Triton kernel yet) runs the
+# reference. Registered here, next to the CPU kernel, so _backends/__init__.py stays as it is.
+ops.LIB.impl("sparse_linear", _sparse_linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_kernel("slmkern::sparse_linear", "cpu", lib=ops.LIB)
+def sparse_linear_cpu(x, values, bitmask, row_offsets, scales=None, bias=None, w_packed=None):
+    if w_packed is None or not ops.sparse_linear_ok(x, values, bitmask, row_offsets, scales, bias, w_packed):
+        ops.check_sparse_linear(x, values, bitmask, row_offsets, scales, bias, w_packed)
+        if w_packed is None:
+            ops.check_sparse_linear_data(x, values, bitmask, row_offsets, scales)
+    if _C is None:
+        log_once("sparse_linear-no-cpp", "slmkern: sparse_linear runs the pure-torch reference on CPU because "
+                 f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
+        return reference.sparse_linear(x, values, bitmask, row_offsets, scales, bias)
+    K, N = x.shape[-1], bitmask.shape[0]
+    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else ops.as_rows(x, K)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype)
+    if M > 0:
+        if w_packed is None:
+            from slmkern.formats.bitmask import prepack_cpu
+            log_once("sparse_linear-repack", "slmkern: sparse_linear got no w_packed and repacks the weight on "
+                     "every call; use slmkern.nn.SparseLinear or pass slmkern.formats.bitmask.prepack_cpu(values, "
+                     "bitmask, row_offsets, K, scales)")
+            w_packed = prepack_cpu(values, bitmask, row_offsets, K, scales)
+        elif not w_packed.is_contiguous():
+            w_packed = w_packed.contiguous()
+        int8v = values.dtype == torch.int8
+        s = scales.contiguous() if int8v else None
+        b = bias.float().contiguous() if bias is not None else None
+        _C.sparse_linear(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), w_packed.data_ptr(),
+                         int(int8v), values.shape[0], s.data_ptr() if s is not None else 0,
+                         b.data_ptr() if b is not None else 0, y.data_ptr(), N, torch.get_num_threads())
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)

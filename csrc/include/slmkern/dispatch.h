@@ -4,6 +4,7 @@
 #include <vector>
 #include "slmkern/common.h"
 #include "slmkern/int4.h"
+#include "slmkern/bitmask.h"
 
 namespace slmkern {
 
@@ -30,5 +31,12 @@ struct Int4OpChoice {
 };
 Int4OpChoice select_w4a16();
 Int4OpChoice select_w4a8();
+
+// ---- unstructured (bitmask) sparse
+struct SparseOpChoice {
+  SparseLinearFn fn;
+  Isa isa;
+};
+SparseOpChoice select_sparse();
 
 }  // namespace slmkern
