@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-OPS = ("w8a8_linear", "w8a16_linear", "w4a16_linear", "w4a8_linear")
+OPS = ("w8a8_linear", "w8a16_linear", "w4a16_linear", "w4a8_linear", "sparse_linear")
 
 
 def _has_cuda_kernel(op: str) -> bool:

@@ -14,7 +14,7 @@ from slmkern import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"op", "impl", "K", "N", "M", "dtype", "us", "floor_us"}
-IMPL_NAMES = {"slmkern", "torch_fp32", "torch_fbgemm_int8", "torch_int4pack_bf16", "torch_csr",
+IMPL_NAMES = {"slmkern", "slmkern_w8a8", "torch_fp32", "torch_fbgemm_int8", "torch_int4pack_bf16", "torch_csr",
               "cublas_bf16", "torch_int_mm", "tinygemm", "cusparselt_24", "gemlite"}
 
 
