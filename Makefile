@@ -15,7 +15,7 @@ STAMP := $(VENV)/.deps-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test demo bench info install clean
+.PHONY: test demo bench info install clean fuzz sanitize
 
 $(STAMP): Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -37,6 +37,27 @@ bench: install
 
 info: install
 	$(VPY) -m slmkern.cli info
+
+# Nightly fuzzing: >= 10,000 hypothesis cases over every op and module, plus 100
+# repetitions of the 8-thread concurrency test (the "ci" profile inside `make test` is short).
+fuzz: install
+	HYPOTHESIS_PROFILE=nightly $(VPY) -m pytest tests/test_fuzz.py tests/test_concurrency.py -q -p no:cacheprovider
+
+# slmkern._C with AddressSanitizer + UndefinedBehaviorSanitizer, built into build/asan/ (the
+# in-place build is untouched) and imported from there by the C++-facing tests. Python is not
+# instrumented: libasan (and libstdc++, so ASan can intercept C++ throws) is preloaded and
+# leak checking is off.
+SAN_DIR := build/asan
+SAN_TESTS := test_w8a8.py test_w8a16.py test_w4a16.py test_w4a8.py test_formats.py test_formats_int4.py \
+             test_nn.py test_nn_int4.py test_fuzz.py test_concurrency.py
+sanitize: $(STAMP)
+	rm -rf $(SAN_DIR)/lib
+	SLMKERN_SANITIZE=address,undefined SLMKERN_BUILD_TYPE=Debug \
+	  $(VPY) setup.py -q build --build-base $(SAN_DIR) --build-lib $(SAN_DIR)/lib
+	cd $(SAN_DIR) && PYTHONPATH=$(CURDIR)/$(SAN_DIR)/lib \
+	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(abspath $(VPY)) -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/tests/,$(SAN_TESTS))
 
 clean:
 	rm -rf build *.egg-info slmkern/_C*.so

@@ -17,6 +17,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Hypothesis profiles: "ci" (default, inside `make test`: a few dozen cases per fuzz test,
+# derandomized) and "nightly" (`make fuzz`: >= 10,000 cases in all). Select with HYPOTHESIS_PROFILE.
+_FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, database=None,
+                          print_blob=True, suppress_health_check=_FUZZ_HEALTH)
+settings.register_profile("nightly", max_examples=1500, deadline=None, print_blob=True,
+                          suppress_health_check=_FUZZ_HEALTH)
+FUZZ_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(FUZZ_PROFILE)
 
 import slmkern  # noqa: E402,F401
 from slmkern._backends import cpu as cpu_backend  # noqa: E402
@@ -53,3 +64,13 @@ def has_cuda() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print how many fuzz cases ran (tests/fuzz_specs.py counts them)."""
+    import sys
+    specs = sys.modules.get("fuzz_specs")
+    if specs is not None and specs.CASES_RUN:
+        total = sum(specs.CASES_RUN.values())
+        per = ", ".join(f"{k} {v}" for k, v in sorted(specs.CASES_RUN.items()))
+        terminalreporter.write_line(f"fuzz [{FUZZ_PROFILE}]: {total} cases ({per})")
