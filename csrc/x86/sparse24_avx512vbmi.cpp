@@ -1,0 +1,100 @@
+// 2:4 linear with int8 values on AVX-512 VNNI + VBMI: w8a8 math, bit-exact with
+// sparse24_i8_linear_ref (and so with w8a8_linear on the decompressed weight).
+//
+// Activations are quantized per row (quantize_rows_s8's spec) to u8 = q + 128. Per 64 kept
+// values of a row, its 16 meta bytes become 64 byte indices: vpmovzxwq spreads 8 kept values'
+// 16 bits over each qword, vpmultishiftqb pulls out bits 2j..2j+7 for byte j, and 3, + the
+// group bases 16q + 4(j/2). vpermt2b gathers the 64 matching activation bytes out of the
+// 128-column window (two registers) and vpdpbusd multiplies them with the 64 int8 values.
+// The +128 shift comes back out through the packed per-row sums of kept values.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "slmkern/sparse24.h"
+#include "slmkern/threadpool.h"
+#include "w8a8_quant_avx512.h"
+
+namespace slmkern {
+namespace {
+
+thread_local ScratchBuf t_qa;
+
+template <int MR>
+inline void tile_kernel(const uint8_t* tile, int64_t C, const uint8_t* qa, int64_t Kp, int32_t out[4][4]) {
+  constexpr int64_t bb = kS24TileN * kS24ChunkV + kS24TileN * kS24ChunkMeta;
+  const __m512i ctrl = _mm512_set1_epi64(0x0E0C0A0806040200LL);
+  const __m512i three = _mm512_set1_epi8(3);
+  alignas(64) static const uint8_t kBase[64] = {
+      0,   0,   4,   4,   8,   8,   12,  12,  16,  16,  20,  20,  24,  24,  28,  28,
+      32,  32,  36,  36,  40,  40,  44,  44,  48,  48,  52,  52,  56,  56,  60,  60,
+      64,  64,  68,  68,  72,  72,  76,  76,  80,  80,  84,  84,  88,  88,  92,  92,
+      96,  96,  100, 100, 104, 104, 108, 108, 112, 112, 116, 116, 120, 120, 124, 124};
+  const __m512i base = _mm512_load_si512(kBase);
+  __m512i acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < C; ++c) {
+    const uint8_t* blk = tile + c * bb;
+    const uint8_t* meta = blk + kS24TileN * kS24ChunkV;
+    _mm_prefetch(reinterpret_cast<const char*>(blk + 8 * bb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(blk + 8 * bb + 64), _MM_HINT_T0);
+    __m512i idx[4], w[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m512i mq = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + 16 * r)));
+      idx[r] = _mm512_add_epi8(_mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, mq), three), base);
+      w[r] = _mm512_loadu_si512(blk + 64 * r);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const uint8_t* xw = qa + m * Kp + c * kS24ChunkK;
+      const __m512i xa = _mm512_loadu_si512(xw), xb = _mm512_loadu_si512(xw + 64);
+      for (int r = 0; r < 4; ++r)
+        acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], _mm512_permutex2var_epi8(xa, idx[r], xb), w[r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < 4; ++r) out[m][r] = _mm512_reduce_add_epi32(acc[m][r]);
+}
+
+}  // namespace
+
+void sparse24_i8_linear_avx512vbmi(const Sparse24Args& a) {
+  const int64_t M = a.M, K = a.K, N = a.N, Kp = s24_padded_k(K), C = Kp / kS24ChunkK;
+  const int64_t T = s24_padded_n(N) / kS24TileN, tb = s24_tile_bytes(K, S24Values::i8);
+  uint8_t* qa = t_qa.get(static_cast<size_t>(M * Kp + 4 * M + 64));
+  float* sx = reinterpret_cast<float*>(qa + ((M * Kp + 63) / 64) * 64);
+  quantize_rows_u8_avx512(a.x, a.dtype, M, K, a.ldx, qa, Kp, sx);
+  const int64_t k4 = int8_padded_k(K);
+  for (int64_t m = 0; m < M; ++m) std::memset(qa + m * Kp + k4, 128, static_cast<size_t>(Kp - k4));
+  const int32_t* rowsum = s24_rowsum(a.w_packed, N, K);
+  const int64_t tg = std::max<int64_t>(1, (96 << 10) / tb), n_tasks = ceil_div(T, tg);
+  parallel_for(n_tasks, a.n_threads, [&](int64_t task) {
+    const int64_t t0 = task * tg, t1 = std::min(T, t0 + tg);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
+      for (int64_t t = t0; t < t1; ++t) {
+        int32_t out[4][4];
+        const uint8_t* tile = a.w_packed + t * tb;
+        const uint8_t* x0 = qa + m0 * Kp;
+        switch (mr) {
+          case 1: tile_kernel<1>(tile, C, x0, Kp, out); break;
+          case 2: tile_kernel<2>(tile, C, x0, Kp, out); break;
+          case 3: tile_kernel<3>(tile, C, x0, Kp, out); break;
+          default: tile_kernel<4>(tile, C, x0, Kp, out); break;
+        }
+        for (int m = 0; m < mr; ++m)
+          for (int r = 0; r < 4; ++r) {
+            const int64_t n = t * kS24TileN + r;
+            if (n >= N) break;
+            const int32_t acc = out[m][r] - 128 * rowsum[n];
+            const float s = sx[m0 + m] * a.scales[n];
+            float v = static_cast<float>(acc) * s;
+            if (a.bias) v = v + a.bias[n];
+            store_from_f32(a.y, a.dtype, (m0 + m) * a.ldy + n, v);
+          }
+      }
+    }
+  });
+}
+
+}  // namespace slmkern
