@@ -51,10 +51,11 @@ inline void tile_kernel(const uint8_t* tile, int64_t C, const float* xs, int64_t
       __m512i idx[4];
       __m512 w[4];
       for (int r = 0; r < 4; ++r) {
-        uint32_t mw;
+        // base has bits 0-1 clear, so (t & 3) + base == (t & 3) | base: one vpternlogd
+        int mw;
         std::memcpy(&mw, meta + r * kS24ChunkMeta + 4 * s, 4);
-        idx[r] = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(mw)), shifts),
-                                                   three), base);
+        const __m512i t = _mm512_srlv_epi32(_mm512_set1_epi32(mw), shifts);
+        idx[r] = _mm512_ternarylogic_epi32(t, three, base, 0xEA);  // (A & B) | C
         w[r] = load_vals16<V>(blk + (r * kS24ChunkV + 16 * s) * vs);
       }
       for (int m = 0; m < MR; ++m) {
