@@ -30,6 +30,9 @@ from . import machine
 
 IMPL_NAMES = ("slmkern", "torch_fp32", "torch_fbgemm_int8", "torch_int4pack_bf16", "torch_csr",
               "cublas_bf16", "torch_int_mm", "tinygemm", "cusparselt_24", "gemlite")
+# --- 2:4 sparse (bench_sparse24): our dense w8a8_linear timed as a peer of sparse24_linear's int8 values
+IMPL_NAMES += ("slmkern_w8a8",)
+# --- end 2:4 sparse
 DEFAULT_SHAPES = ((384, 1536), (576, 1536), (2048, 8192))  # MiniLM, SmolLM2, 1B-class
 DEFAULT_MS = (1, 16, 128)
 DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
@@ -76,6 +79,10 @@ class Impl:
     make_x: Callable[["Impl", Case, torch.Tensor], torch.Tensor] = _default_make_x
     skip: Callable[[Case], str | None] = lambda case: None  # a reason string when it cannot run this case
     float_output: bool = True                              # False: output is not y (e.g. int32 accumulators)
+    # --- 2:4 sparse: op-specific row fields of this impl, e.g. (("values", "bfloat16"),) for one of several
+    # slmkern variants timed in one case (rows then differ by that field, not by impl name)
+    fields: tuple = ()
+    # --- end 2:4 sparse
 
     def __post_init__(self) -> None:
         if self.name not in IMPL_NAMES:
@@ -301,6 +308,7 @@ def run_case(bench: BenchOp, case: Case, cfg: BenchConfig, bandwidth_gbs: float,
                "reps": len(p.times_us), "copies": len(p.copies), "rel_err": p.rel_err,
                "others_cpu": None if others is None else round(others, 3)}
         row.update(bench.extra_fields(case))
+        row.update(dict(p.impl.fields))  # 2:4 sparse: per-impl fields (e.g. "values")
         rows.append(row)
     return rows, skipped
 

@@ -70,12 +70,23 @@ def packed_bytes(N: int, K: int, values_dtype: torch.dtype) -> int:
 
 # ----------------------------------------------------------------------------- compress / decompress
 
+def _canonical_table() -> torch.Tensor:
+    """(16, 2): nonzero pattern of a group (bit c = column c) -> its canonical kept columns."""
+    rows = []
+    for p in range(16):
+        cols = [c for c in range(4) if p >> c & 1][:2]
+        cols += [c for c in range(4) if c not in cols][: 2 - len(cols)]   # lowest unused columns
+        rows.append(sorted(cols))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+_CANONICAL = _canonical_table()
+
+
 def _kept_columns(nz: torch.Tensor) -> torch.Tensor:
     """nz bool (N, G, 4) with <= 2 True per group -> canonical kept columns (N, G, 2), sorted."""
-    col = torch.arange(4, device=nz.device)
-    key = torch.where(nz, col, col + 4)              # nonzero columns first, then the lowest unused
-    two = key.topk(2, dim=-1, largest=False).values % 4
-    return two.sort(dim=-1).values
+    pattern = (nz.to(torch.int64) * torch.tensor([1, 2, 4, 8], device=nz.device)).sum(-1)
+    return _CANONICAL.to(nz.device)[pattern]
 
 
 def _meta_from_cols(cols: torch.Tensor, K: int) -> torch.Tensor:
