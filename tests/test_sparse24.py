@@ -103,6 +103,17 @@ def test_int8_equals_our_dense_w8a8_kernel(cpu_isa, dtype):
     assert torch.equal(bits(y), bits(torch.ops.slmkern.w8a8_linear(x, s24.decompress(v, m), sc, b)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_int8_many_rows_and_strided_x(cpu_isa, dtype):
+    # N > 1024 and M >= 48: the AVX-512 path expands the weight in groups of rows for w8a8's kernel
+    K, N = 132, 1100
+    v, m, sc = s24.compress_int8(rand_24(N, K))
+    wp, b = s24.prepack_cpu(v, m, sc), torch.randn(N).to(dtype)
+    x = torch.randn(50, 2 * K).to(dtype)[:, :K]          # row stride > K
+    y = op(x, v, m, sc, b, wp)
+    assert torch.equal(bits(y), bits(reference.w8a8_linear(x, s24.decompress(v, m), sc, b)))
+
+
 @pytest.mark.parametrize("M", [1, 4, 9])
 def test_larger_float_shape(cpu_isa, M):
     K, N = 1024, 67

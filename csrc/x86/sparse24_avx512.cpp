@@ -92,9 +92,9 @@ void run(const Sparse24Args& a) {
   const int64_t tg = std::max<int64_t>(1, (96 << 10) / tb), n_tasks = ceil_div(T, tg);
   parallel_for(n_tasks, a.n_threads, [&](int64_t task) {
     const int64_t t0 = task * tg, t1 = std::min(T, t0 + tg);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
-      for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t = t0; t < t1; ++t) {  // a row tile's weights stay in L1 across the x-row blocks
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
         float out[4][4];
         const uint8_t* tile = a.w_packed + t * tb;
         const float* x0 = xs + m0 * Kp;

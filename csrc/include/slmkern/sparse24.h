@@ -74,14 +74,14 @@ void sparse24_f_linear_avx512(const Sparse24Args& a);
 // int8 values: w8a8 math (quantize_rows_s8_ref, exact int32, y = float(acc) * (sx * s) + b).
 void sparse24_i8_linear_ref(const Sparse24Args& a);
 void sparse24_i8_linear_avx2(const Sparse24Args& a);
-void sparse24_i8_linear_avx512vbmi(const Sparse24Args& a);  // needs VNNI + VBMI
+void sparse24_i8_linear_avx512vbmi(const Sparse24Args& a);  // needs VNNI + VBMI + VBMI2
 
 // The dense-emulation of one x row with a non-finite entry (shared by every float variant):
 // y[n] = sum over all k of x[k] * W[n, k] (+ bias) in fp32, W read from the packed layout.
 void sparse24_f_dense_row(const Sparse24Args& a, const float* xrow, int64_t m);
 
 // Runtime choice (csrc/dispatch.cpp): the best variant at or below the active ISA cap. The
-// int8 AVX-512 variant needs VBMI besides VNNI; a VNNI CPU without VBMI runs the avx2 one.
+// int8 AVX-512 variant needs VBMI and VBMI2 besides VNNI; a VNNI CPU without them runs the avx2 one.
 struct Sparse24OpChoice {
   Sparse24Fn fn;
   Isa isa;
