@@ -42,7 +42,8 @@ inline void tile_kernel(const uint8_t* tile, int64_t C, const uint8_t* qa, int64
     __m512i idx[4], w[4];
     for (int r = 0; r < 4; ++r) {
       const __m512i mq = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + 16 * r)));
-      idx[r] = _mm512_add_epi8(_mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, mq), three), base);
+      // base bytes have bits 0-1 clear: (t & 3) + base == (t & 3) | base, one vpternlogd
+      idx[r] = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mq), three, base, 0xEA);
       w[r] = _mm512_loadu_si512(blk + 64 * r);
     }
     for (int m = 0; m < MR; ++m) {
