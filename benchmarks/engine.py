@@ -78,6 +78,10 @@ class Impl:
     make_x: Callable[["Impl", Case, torch.Tensor], torch.Tensor] = _default_make_x
     skip: Callable[[Case], str | None] = lambda case: None  # a reason string when it cannot run this case
     float_output: bool = True                              # False: output is not y (e.g. int32 accumulators)
+    # --- 2:4 sparse: op-specific row fields of this impl, e.g. (("values", "bfloat16"),) for one of several
+    # slmkern variants timed in one case (rows then differ by that field, not by impl name)
+    fields: tuple = ()
+    # --- end 2:4 sparse
 
     def __post_init__(self) -> None:
         if self.name not in IMPL_NAMES:
@@ -314,6 +318,7 @@ def run_case(bench: BenchOp, case: Case, cfg: BenchConfig, bandwidth_gbs: float,
                "others_cpu": None if others is None else round(others, 3),
                "host_us": statistics.median(p.host_us) if p.host_us else None}
         row.update(bench.extra_fields(case))
+        row.update(dict(p.impl.fields))  # 2:4 sparse: per-impl fields (e.g. "values")
         rows.append(row)
     return rows, skipped
 

@@ -7,6 +7,7 @@
 #include "slmkern/dispatch.h"
 #include "slmkern/int4.h"
 #include "slmkern/bitmask.h"
+#include "slmkern/sparse24.h"
 
 namespace py = pybind11;
 using namespace slmkern;
@@ -77,6 +78,9 @@ PYBIND11_MODULE(_C, m) {
     if (op == "w4a16_linear") return std::string(isa_name(select_w4a16().isa));
     if (op == "w4a8_linear") return std::string(isa_name(select_w4a8().isa));
     if (op == "sparse_linear") return std::string(isa_name(select_sparse().isa));
+    if (op == "sparse24_linear") return std::string(isa_name(select_sparse24_f().isa));
+    if (op == "sparse24_linear[int8]") return std::string(isa_name(select_sparse24_i8().isa));
+    if (op == "sparse24_w4a16_linear") return std::string(isa_name(select_w4a16().isa));
     throw std::invalid_argument("unknown op '" + op + "'");
   });
 
@@ -142,6 +146,44 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     c.fn(a);
   });
+
+  // ------------------------------------------------------------------ 2:4 sparse (sparse24_linear)
+  m.def("sparse24_packed_bytes", [](int64_t N, int64_t K, int vcode) {
+    if (vcode < 0 || vcode > 3) throw std::invalid_argument("value code must be 0..3");
+    return s24_packed_bytes(N, K, static_cast<S24Values>(vcode));
+  }, py::arg("N"), py::arg("K"), py::arg("values_code"));
+  m.def("sparse24_pack", [](uintptr_t values, uintptr_t meta, int64_t N, int64_t K, int vcode, uintptr_t out) {
+    if (N <= 0 || K <= 0 || K % 4 != 0) throw std::invalid_argument("sparse24_pack: need N > 0, K > 0, K % 4 == 0");
+    if (vcode < 0 || vcode > 3) throw std::invalid_argument("sparse24_pack: value code must be 0..3");
+    py::gil_scoped_release nogil;
+    sparse24_pack(ptr<const void>(values), ptr<const uint8_t>(meta), N, K, static_cast<S24Values>(vcode),
+                  ptr<uint8_t>(out));
+  });
+  // vcode: 0 f32, 1 bf16, 2 f16 values (scales must be 0); 3 int8 values (scales required)
+  m.def("sparse24_linear", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t ldx,
+                              uintptr_t w_packed, int vcode, uintptr_t scales, uintptr_t bias, uintptr_t y,
+                              int64_t ldy, int n_threads) {
+    if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (f32), 1 (bf16) or 2 (f16)");
+    if (M < 0 || K <= 0 || N <= 0 || K % 4 != 0 || ldx < K || ldy < N)
+      throw std::invalid_argument("bad sizes: need M >= 0, K > 0 with K % 4 == 0, N > 0, ldx >= K, ldy >= N");
+    if (vcode < 0 || vcode > 3 || (vcode == 3) != (scales != 0))
+      throw std::invalid_argument("value code must be 0..3, with scales exactly for int8 values (3)");
+    Sparse24Args a;
+    a.x = ptr<const void>(x);
+    a.dtype = static_cast<DType>(dtype);
+    a.M = M; a.K = K; a.N = N; a.ldx = ldx;
+    a.w_packed = ptr<const uint8_t>(w_packed);
+    a.values = static_cast<S24Values>(vcode);
+    a.scales = scales ? ptr<const float>(scales) : nullptr;
+    a.bias = bias ? ptr<const float>(bias) : nullptr;
+    a.y = ptr<void>(y);
+    a.ldy = ldy;
+    a.n_threads = n_threads < 1 ? 1 : n_threads;
+    const Sparse24OpChoice c = vcode == 3 ? select_sparse24_i8() : select_sparse24_f();
+    py::gil_scoped_release nogil;
+    c.fn(a);
+  });
+  // ------------------------------------------------------------------ end 2:4 sparse
 
   m.def("stream_read", [](uintptr_t p, int64_t bytes, int n_threads) {
     py::gil_scoped_release nogil;

@@ -1,6 +1,7 @@
 // CPUID once, then pick each op's best variant. SLMKERN_CPU_ISA (read at first
 // use) or set_isa() caps the choice, so tests can force every path in turn.
 #include "slmkern/dispatch.h"
+#include "slmkern/sparse24.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -142,5 +143,26 @@ SparseOpChoice select_sparse() {
 #endif
   return vbmi2 ? pick<SparseOpChoice>(fns, isas) : pick<SparseOpChoice>(fns2, isas2);
 }
+
+// ---------------------------------------------------------------- 2:4 sparse (sparse24_linear)
+Sparse24OpChoice select_sparse24_f() {
+  static const Sparse24Fn fns[] = {sparse24_f_linear_ref, sparse24_f_linear_avx2, sparse24_f_linear_avx512};
+  static const Isa isas[] = {Isa::ref, Isa::avx2, Isa::avx512};
+  return pick<Sparse24OpChoice>(fns, isas);
+}
+
+Sparse24OpChoice select_sparse24_i8() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool vbmi = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2");
+#else
+  static const bool vbmi = false;
+#endif
+  static const Sparse24Fn fns[] = {sparse24_i8_linear_ref, sparse24_i8_linear_avx2, sparse24_i8_linear_avx512vbmi};
+  static const Isa isas[] = {Isa::ref, Isa::avx2, Isa::avx512vnni};
+  static const Sparse24Fn fns2[] = {sparse24_i8_linear_ref, sparse24_i8_linear_avx2};
+  static const Isa isas2[] = {Isa::ref, Isa::avx2};
+  return vbmi ? pick<Sparse24OpChoice>(fns, isas) : pick<Sparse24OpChoice>(fns2, isas2);
+}
+// ---------------------------------------------------------------- end 2:4 sparse
 
 }  // namespace slmkern

@@ -205,3 +205,44 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+# ============================================================================= 2:4 semi-structured
+# sparse24_linear / sparse24_w4a16_linear: decompress (slmkern.formats.sparse24), then the dense spec.
+
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    scales: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    w_packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) f32/bf16/f16, values (N, K/2) float or int8, meta uint8 (N, ceil(K/8)), scales (N,)? -> (..., N).
+
+    Float values: y = x.float() @ W.float().T + bias (fp32). int8 values: exactly
+    w8a8_linear(x, W_int8, scales, bias) on the decompressed int8 weight. w_packed is ignored.
+    """
+    from slmkern.formats import sparse24 as _s24
+
+    w = _s24.decompress(values, meta)
+    if values.dtype == torch.int8:
+        return w8a8_linear(x, w, scales, bias)
+    K, N = x.shape[-1], w.shape[0]
+    y = x.reshape(-1, K).float() @ w.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def sparse24_w4a16_linear(x: torch.Tensor, qvalues: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor,
+                          zeros: torch.Tensor | None, group_size: int, bias: torch.Tensor | None = None,
+                          w_packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) f32/bf16/f16, qvalues uint8 (N, K/4), meta, scales (N, K/g) f32, zeros (N, K/g) uint8? -> (..., N).
+
+    y = x.float() @ W.T + bias with W = (code - zero) * scale at kept positions, 0 elsewhere (fp32).
+    """
+    from slmkern.formats import sparse24 as _s24
+
+    w = _s24.decompress_int4(qvalues, meta, scales, zeros, group_size)
+    K, N = x.shape[-1], w.shape[0]
+    y = x.reshape(-1, K).float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+# ============================================================================= end 2:4

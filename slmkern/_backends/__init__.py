@@ -33,5 +33,24 @@ ops.LIB.impl("w4a16_linear", _int4_reference_kernel("w4a16_linear", reference.w4
 ops.LIB.impl("w4a8_linear", _int4_reference_kernel("w4a8_linear", reference.w4a8_linear),
              "CompositeExplicitAutograd")
 
+
+# ----------------------------------------------------------------------------- 2:4 semi-structured
+def _sparse24_reference(x, values, meta, scales=None, bias=None, w_packed=None):
+    ops.check_sparse24_linear("sparse24_linear", x, values, meta, scales, bias, w_packed)
+    ops.sparse24_format.validate(values, meta, scales)
+    return reference.sparse24_linear(x, values, meta, scales, bias)
+
+
+def _sparse24_w4a16_reference(x, qvalues, meta, scales, zeros, group_size, bias=None, w_packed=None):
+    ops.check_sparse24_w4a16_linear("sparse24_w4a16_linear", x, qvalues, meta, scales, zeros, group_size, bias,
+                                    w_packed)
+    ops.sparse24_format.validate_int4(qvalues, meta, scales, zeros, group_size)
+    return reference.sparse24_w4a16_linear(x, qvalues, meta, scales, zeros, group_size, bias)
+
+
+ops.LIB.impl("sparse24_linear", _sparse24_reference, "CompositeExplicitAutograd")
+ops.LIB.impl("sparse24_w4a16_linear", _sparse24_w4a16_reference, "CompositeExplicitAutograd")
+# ----------------------------------------------------------------------------- end 2:4
+
 from slmkern._backends import cpu  # noqa: E402,F401
 from slmkern._backends import triton  # noqa: E402,F401

@@ -144,3 +144,64 @@ def sparse_linear_cpu(x, values, bitmask, row_offsets, scales=None, bias=None, w
                          int(int8v), values.shape[0], s.data_ptr() if s is not None else 0,
                          b.data_ptr() if b is not None else 0, y.data_ptr(), N, torch.get_num_threads())
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+
+
+# ============================================================================= 2:4 semi-structured
+from slmkern.formats import sparse24 as sparse24_format  # noqa: E402
+
+
+@torch.library.register_kernel("slmkern::sparse24_linear", "cpu", lib=ops.LIB)
+def sparse24_linear_cpu(x, values, meta, scales=None, bias=None, w_packed=None):
+    op = "sparse24_linear"
+    if not ops.sparse24_linear_ok(x, values, meta, scales, bias, w_packed):
+        ops.check_sparse24_linear(op, x, values, meta, scales, bias, w_packed)
+    if w_packed is None:  # the canonical tensors are read: every value fact is checked first
+        sparse24_format.validate(values, meta, scales)
+    if _C is None:
+        log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
+                 f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
+        return reference.sparse24_linear(x, values, meta, scales, bias)
+    N, K = values.shape[0], x.shape[-1]
+    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else ops.as_rows(x, K)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype)
+    if M > 0:
+        if w_packed is None:
+            log_once(f"{op}-repack", f"slmkern: {op} got no w_packed and packs the weight on every call; "
+                     "pass slmkern.formats.sparse24.prepack_cpu(values, meta, scales)")
+            w_packed = sparse24_format.prepack_cpu(values, meta, scales)
+        elif not w_packed.is_contiguous():
+            w_packed = w_packed.contiguous()
+        s = scales.contiguous() if scales is not None else None
+        b = bias.float().contiguous() if bias is not None else None
+        _C.sparse24_linear(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), w_packed.data_ptr(),
+                           sparse24_format.value_code(values.dtype), s.data_ptr() if s is not None else 0,
+                           b.data_ptr() if b is not None else 0, y.data_ptr(), N, torch.get_num_threads())
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+
+
+@torch.library.register_kernel("slmkern::sparse24_w4a16_linear", "cpu", lib=ops.LIB)
+def sparse24_w4a16_linear_cpu(x, qvalues, meta, scales, zeros, group_size, bias=None, w_packed=None):
+    """Runs the dense w4a16 CPU kernel on the expanded int4 weight (pruned codes = zero point)."""
+    op = "sparse24_w4a16_linear"
+    N, K, g = ops.check_sparse24_w4a16_linear(op, x, qvalues, meta, scales, zeros, group_size, bias, w_packed)
+    if w_packed is None:
+        sparse24_format.validate_int4(qvalues, meta, scales, zeros, group_size)
+    if _C is None:
+        log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
+                 f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
+        return reference.sparse24_w4a16_linear(x, qvalues, meta, scales, zeros, group_size, bias)
+    if w_packed is None:
+        log_once(f"{op}-repack", f"slmkern: {op} got no w_packed and packs the weight on every call; "
+                 "pass slmkern.formats.sparse24.prepack_cpu_int4(qvalues, meta, scales, zeros, group_size)")
+        w_packed = sparse24_format.prepack_cpu_int4(qvalues, meta, scales, zeros, g)
+    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else ops.as_rows(x, K)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype)
+    if M > 0:
+        b = bias.float().contiguous() if bias is not None else None
+        _C.w4a16_linear(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), g, zeros is not None,
+                        w_packed.contiguous().data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(), N,
+                        torch.get_num_threads())
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+# ============================================================================= end 2:4
