@@ -385,3 +385,64 @@ def test_sparse24_cuda_bench_shapes(M):
     q, metaq, sq, zq = make_w4(N, K, 128, True)
     y = k24q.sparse24_w4a16_linear(*to_dev(x, q, metaq, sq, zq, device="cuda"), 128, b.cuda())
     w4_check(y.cpu(), x, q, metaq, sq, zq, 128, b, K, k24q.choose_path(M))
+
+
+# --------------------------------------------------------------------------------------------
+# the CUDA registration (slmkern/_backends/triton_sparse.py), called directly
+# --------------------------------------------------------------------------------------------
+
+@needs_launch
+def test_sparse24_backend_entries_reshape_validate_and_ignore_w_packed():
+    from slmkern._backends import triton_sparse as ts
+
+    x, K, N = make_x(6, 132, BF16, special_rows=True), 132, 19
+    v, meta = make_24(N, K, torch.int8)
+    s = torch.rand(N) + 0.5
+    b = torch.randn(N).to(BF16)
+    xd, vd, md, sd, bd = to_dev(x.reshape(2, 3, K), v, meta, s, b)
+    y = ts.sparse24_linear_cuda(xd, vd, md, sd, bd, torch.zeros(3, dtype=torch.uint8))
+    assert y.shape == (2, 3, N)
+    assert_bits_equal(y.reshape(6, N), reference.w8a8_linear(x, dense_from_24(v, meta, K), s, b))
+    assert ts.sparse24_linear_cuda(xd[:, :0], vd, md, sd, bd).shape == (2, 0, N)
+    with pytest.raises(ValueError, match="K % 4"):
+        ts.sparse24_linear_cuda(xd[..., :130], vd[:, :65], md[:, :17], sd, bd)
+    with pytest.raises(ValueError, match="values"):
+        ts.sparse24_linear_cuda(xd, vd[:, :64], md, sd, bd)
+    with pytest.raises(ValueError, match="meta"):
+        ts.sparse24_linear_cuda(xd, vd, md[:, :16], sd, bd)
+    with pytest.raises(ValueError, match="scales"):
+        ts.sparse24_linear_cuda(xd, vd, md, None, bd)
+    with pytest.raises(ValueError, match="scales"):
+        ts.sparse24_linear_cuda(xd, vd.to(BF16), md, sd, bd)
+    with pytest.raises(TypeError, match="meta"):
+        ts.sparse24_linear_cuda(xd, vd, md.to(torch.int8), sd, bd)
+    with pytest.raises(TypeError, match="bias"):
+        ts.sparse24_linear_cuda(xd, vd, md, sd, bd.to(F16))
+
+    q, mq, sq, zq = make_w4(N, 128, 32, True)
+    xq = make_x(3, 128, BF16)
+    yq = ts.sparse24_w4a16_linear_cuda(*to_dev(xq, q, mq, sq, zq), 32, None)
+    w4_check(yq, xq, q, mq, sq, zq, 32, None, 128, "gemm")
+    yk = ts.sparse24_w4a16_linear_cuda(*to_dev(xq, q, mq, sq[:, :1].contiguous(), zq[:, :1].contiguous()), -1)
+    w4_check(yk, xq, q, mq, sq[:, :1], zq[:, :1], 128, None, 128, "gemm")
+    with pytest.raises(ValueError, match="group_size"):
+        ts.sparse24_w4a16_linear_cuda(*to_dev(xq, q, mq, sq, zq), 16, None)
+    with pytest.raises(ValueError, match="zeros"):
+        ts.sparse24_w4a16_linear_cuda(*to_dev(xq, q, mq, sq, zq[:, :2]), 32, None)
+
+
+def test_sparse_register_puts_cuda_kernels_on_a_library():
+    """register(lib) on a scratch namespace with the contract's schemas: a CUDA kernel for each op."""
+    from slmkern._backends import triton_sparse as ts
+
+    lib = torch.library.Library("slmkern_striton_test", "DEF")
+    lib.define("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? scales=None, Tensor? bias=None, "
+               "Tensor? w_packed=None) -> Tensor")
+    lib.define("sparse24_w4a16_linear(Tensor x, Tensor qvalues, Tensor meta, Tensor scales, Tensor? zeros, "
+               "int group_size, Tensor? bias=None, Tensor? w_packed=None) -> Tensor")
+    lib.define("sparse_linear(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, Tensor? scales=None, "
+               "Tensor? bias=None, Tensor? w_packed=None) -> Tensor")
+    ts.register(lib)
+    for name in ("sparse24_linear", "sparse24_w4a16_linear", "sparse_linear"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"slmkern_striton_test::{name}", "CUDA"), name
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"slmkern_striton_test::{name}", "CPU"), name

@@ -240,3 +240,29 @@ def test_sparse_cuda_bench_shapes(M):
     Wf = random_sparse(N, K, BF16, 0.9)
     y = ksp.sparse_linear(*to_dev(xf, *compress(Wf), None, b, device="cuda"))
     float_check(y.cpu(), xf, Wf, b, BF16)
+
+
+@needs_launch
+def test_sparse_backend_entry_reshapes_and_validates():
+    from slmkern._backends import triton_sparse as ts
+
+    x = make_x(6, 37, BF16, special_rows=True)
+    W = random_sparse(19, 37, torch.int8, 0.9)
+    v, bm, ro = compress(W)
+    s = torch.rand(19) + 0.5
+    xd, vd, bmd, rod, sd = to_dev(x.reshape(3, 2, 37), v, bm, ro, s)
+    y = ts.sparse_linear_cuda(xd, vd, bmd, rod, sd, None, torch.zeros(3, dtype=torch.uint8))
+    assert y.shape == (3, 2, 19)
+    assert_bits_equal(y.reshape(6, 19), reference.w8a8_linear(x, W, s))
+    with pytest.raises(ValueError, match="bitmask"):
+        ts.sparse_linear_cuda(xd, vd, bmd[:, :4], rod, sd)
+    with pytest.raises(ValueError, match="row_offsets"):
+        ts.sparse_linear_cuda(xd, vd, bmd, rod[:-1], sd)
+    with pytest.raises(TypeError, match="row_offsets"):
+        ts.sparse_linear_cuda(xd, vd, bmd, rod.int(), sd)
+    with pytest.raises(ValueError, match="scales"):
+        ts.sparse_linear_cuda(xd, vd, bmd, rod, None)
+    with pytest.raises(TypeError, match="values"):
+        ts.sparse_linear_cuda(xd, vd.to(torch.int16), bmd, rod, sd)
+    with pytest.raises(TypeError, match="values"):
+        ts.sparse_linear_cuda(xd, vd.reshape(1, -1), bmd, rod, sd)
