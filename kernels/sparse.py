@@ -12,7 +12,7 @@ bounds (the op validates row_offsets against the popcounts before this runs).
 - M == 1: `_sparse_gemv_kernel`, multiply-reduce on the CUDA cores; int8 values quantize the row
   in the kernel (as w8a8's GEMV) and accumulate in int32.
 - M >= 2: `_sparse_kernel`, the tile expanded to dense in registers, then a tensor-core tl.dot
-  (int8: quantized rows from w8a8.quantize_rows_s8, int8 x int8 -> int32).
+  (int8: quantized rows from _act_quant.quantize_rows, int8 x int8 -> int32).
 
 Float values: y = x @ W.T + bias, fp32 accumulation (as sparse24.py); int8 values: w8a8's epilogue,
 bit-exact with slmkern.reference.w8a8_linear on the dense int8 weight.
@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 
 from ._util import INTERPRET, cast_out, grouped_tile, launch, m_bucket, prune_to_bucket, tiled_configs
-from .sparse24 import dot_in_fp32, row_block
-from .w8a8 import _dequant_epilogue, _nan_to_inf_abs, _quantize, _row_quant_params, quantize_rows_s8
+from ._act_quant import quantize_rows, row_absmax_params, row_block
+from .sparse24 import dot_in_fp32
+from .w8a8 import _dequant_epilogue, _quantize
 
 
 @triton.jit
@@ -60,13 +61,7 @@ def _sparse_gemv_kernel(x_ptr, v_ptr, mask_ptr, off_ptr, ws_ptr, b_ptr, y_ptr, N
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     if INT8_VALUES:
-        offs_x = tl.arange(0, X_BLOCK)
-        amax_vec = tl.zeros([X_BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, X_BLOCK):
-            kx = k0 + offs_x
-            xf = tl.load(x_row + kx, mask=kx < K, other=0.0).to(tl.float32)
-            amax_vec = tl.maximum(amax_vec, _nan_to_inf_abs(xf))
-        inv, sx, ok = _row_quant_params(tl.max(amax_vec, axis=0))
+        inv, sx, ok = row_absmax_params(x_row, K, X_BLOCK)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -139,7 +134,7 @@ def _sparse_kernel(a_ptr, sx_ptr, v_ptr, mask_ptr, off_ptr, ws_ptr, b_ptr, y_ptr
         w, count = _load_tile(v_ptr, mask_ptr, n64, n_mask, start, kk, K, NNZ, stride_bn)
         start += count
         if INT8_VALUES:
-            acc = tl.dot(a, tl.trans(w), acc)  # int8 x int8 -> int32: exact
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)  # int8 x int8 -> int32: exact
         elif DOT_IN_FP32:
             if a_ptr.dtype.element_ty != tl.float32:  # interpreter bf16: the GPU's weight rounding
                 w = w.to(a_ptr.dtype.element_ty)
@@ -204,7 +199,7 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, 
                                           HAS_BIAS=bias is not None, X_BLOCK=row_block(K))
         return y
     if int8_values:
-        a, sx = quantize_rows_s8(x)
+        a, sx = quantize_rows(x)
     else:
         a, sx = x, dummy
 

@@ -7,12 +7,12 @@ c0 = nibble & 3 and c1 = (nibble >> 2) & 3 of group g's nibble (low nibble of me
 even g). Nothing is decompressed to memory:
 
 - M == 1 (decode): `_sparse24_gemv_kernel` on the CUDA cores. Instead of building the dense row it
-  selects, for each kept value, the x entry it meets (x's tile split into its 4 in-group columns,
-  then a 3-way select by the 2-bit index), so the work is K/2 multiply-adds. int8 values quantize
-  the row in the kernel (as w8a8's GEMV) and accumulate in int32.
+  loads, for each kept value, the x entry it meets (a gather at 4g + c from the L1-resident row),
+  so the work is K/2 multiply-adds. int8 values quantize the row in the kernel (as w8a8's GEMV)
+  and accumulate in int32.
 - M >= 2: `_sparse24_kernel`, a tiled tensor-core GEMM. Each (BLOCK_N x BLOCK_K) weight tile is
   expanded to dense in registers (where + interleave; no shared-memory gather) right before
-  tl.dot. int8 values take quantized rows (w8a8.quantize_rows_s8) and an int8 x int8 -> int32 dot.
+  tl.dot. int8 values take quantized rows (_act_quant.quantize_rows) and an int8 x int8 -> int32 dot.
 
 Float values: y = x @ W.T + bias with fp32 accumulation (fp32 x: a tf32x3 dot; 16-bit x: weights
 rounded to x's dtype when values are wider, as cuBLAS on a converted weight would).
@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ._util import INTERPRET, cast_out, grouped_tile, launch, m_bucket, prune_to_bucket, tiled_configs
-from .w8a8 import _dequant_epilogue, _nan_to_inf_abs, _quantize, _row_quant_params, quantize_rows_s8
+from ._act_quant import quantize_rows, row_absmax_params, row_block
+from .w8a8 import _dequant_epilogue, _quantize
 
 META_COLS = 8  # dense columns per meta byte: tiles start at multiples of 8
 
@@ -54,21 +55,6 @@ def split_pairs(v, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def split_columns4(xv, BLOCK_K: tl.constexpr):
-    """(BLOCK_K,) -> the entries at in-group column 0, 1, 2, 3, each (BLOCK_K // 4,)."""
-    even, odd = tl.split(tl.reshape(xv, [BLOCK_K // 4, 2, 2]))  # column 4g + 2h + l: split on l
-    x0, x2 = tl.split(even)
-    x1, x3 = tl.split(odd)
-    return x0, x1, x2, x3
-
-
-@triton.jit
-def select4(c, x0, x1, x2, x3):
-    """x_c[g] for c (BLOCK_N, G) in 0..3 and x_i (G,)."""
-    return tl.where(c == 0, x0[None, :], tl.where(c == 1, x1[None, :], tl.where(c == 2, x2[None, :], x3[None, :])))
-
-
-@triton.jit
 def expand24(v0, v1, c0, c1):
     """Kept values (v0 at column c0, v1 at c1), each (BLOCK_N, G) -> dense (BLOCK_N, 4 G), v's dtype.
 
@@ -83,8 +69,17 @@ def expand24(v0, v1, c0, c1):
 
 
 # --------------------------------------------------------------------------------------------
-# M == 1: GEMV, x entries selected by the 2-bit indices
+# M == 1: GEMV, each kept value meets the x entry its 2-bit index points at
 # --------------------------------------------------------------------------------------------
+
+@triton.jit
+def load_group_indices(meta_ptr, n64, gg, mask, stride_mn):
+    """In-group columns (c0, c1), int32, of groups gg (BLOCK_N, BLOCK_G) of rows n64, read from
+    the group's nibble directly (the byte is re-read for both groups it holds: L1 hits)."""
+    b = tl.load(meta_ptr + n64[:, None] * stride_mn + (gg >> 1)[None, :], mask=mask, other=0).to(tl.int32)
+    nib = (b >> ((gg & 1) * 4)[None, :]) & 0xF
+    return nib & 3, (nib >> 2) & 3
+
 
 def _gemv_configs():
     if INTERPRET:
@@ -99,43 +94,37 @@ def _gemv_configs():
 def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_vn, stride_mn,
                           stride_ym, M_BUCKET, INT8_VALUES: tl.constexpr, HAS_BIAS: tl.constexpr,
                           X_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Plain (gather) loads only: x entries at 4g + c (L1-resident: the row is K floats), kept
+    # values 0 and 1 of each group, its meta nibble; no register reshapes between threads.
+    BLOCK_G: tl.constexpr = BLOCK_K // 4
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_xm
-    KH = K // 2
-    MB = tl.cdiv(K, 8)
-
+    NG = K // 4
     if INT8_VALUES:
-        # The row's absmax first (every program recomputes it: K floats from L2 cost less than a launch).
-        offs_x = tl.arange(0, X_BLOCK)
-        amax_vec = tl.zeros([X_BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, X_BLOCK):
-            kx = k0 + offs_x
-            xf = tl.load(x_row + kx, mask=kx < K, other=0.0).to(tl.float32)
-            amax_vec = tl.maximum(amax_vec, _nan_to_inf_abs(xf))
-        inv, sx, ok = _row_quant_params(tl.max(amax_vec, axis=0))
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.int32)
+        inv, sx, ok = row_absmax_params(x_row, K, X_BLOCK)
+        acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.int32)
     else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
 
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_j = tl.arange(0, BLOCK_K // 2)
+    offs_g = tl.arange(0, BLOCK_G)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     n64 = offs_n.to(tl.int64)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        xf = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-        jj = k0 // 2 + offs_j
-        v = tl.load(v_ptr + n64[:, None] * stride_vn + jj[None, :], mask=n_mask[:, None] & (jj < KH)[None, :], other=0)
-        c0, c1 = load_meta_indices(meta_ptr, n64, n_mask, k0, stride_mn, MB, BLOCK_K)
-        v0, v1 = split_pairs(v, BLOCK_N, BLOCK_K)
+    v_rows = v_ptr + n64[:, None] * stride_vn
+    for g0 in range(0, NG, BLOCK_G):
+        gg = g0 + offs_g
+        mask = n_mask[:, None] & (gg < NG)[None, :]
+        v0 = tl.load(v_rows + 2 * gg[None, :], mask=mask, other=0)
+        v1 = tl.load(v_rows + 2 * gg[None, :] + 1, mask=mask, other=0)
+        c0, c1 = load_group_indices(meta_ptr, n64, gg, mask, stride_mn)
+        col = 4 * gg[None, :]  # 4g + c < K for every g < K / 4, whatever c (0..3)
+        x0 = tl.load(x_row + col + c0, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_row + col + c1, mask=mask, other=0.0).to(tl.float32)
         if INT8_VALUES:
-            x0, x1, x2, x3 = split_columns4(_quantize(xf, inv, ok), BLOCK_K)
-            acc += v0.to(tl.int32) * select4(c0, x0, x1, x2, x3) + v1.to(tl.int32) * select4(c1, x0, x1, x2, x3)
+            acc += v0.to(tl.int32) * _quantize(x0, inv, ok) + v1.to(tl.int32) * _quantize(x1, inv, ok)
         else:
-            x0, x1, x2, x3 = split_columns4(xf, BLOCK_K)
-            acc += v0.to(tl.float32) * select4(c0, x0, x1, x2, x3) + v1.to(tl.float32) * select4(c1, x0, x1, x2, x3)
+            acc += v0.to(tl.float32) * x0 + v1.to(tl.float32) * x1
 
     bias = 0.0
     if HAS_BIAS:
@@ -198,14 +187,16 @@ def _sparse24_kernel(a_ptr, sx_ptr, v_ptr, meta_ptr, ws_ptr, b_ptr, y_ptr, M, N,
         c0, c1 = load_meta_indices(meta_ptr, n64, n_mask, k0, stride_mn, MB, BLOCK_K)
         v0, v1 = split_pairs(v, BLOCK_N, BLOCK_K)
         if INT8_VALUES:
-            acc = tl.dot(a, tl.trans(expand24(v0, v1, c0, c1)), acc)  # int8 x int8 -> int32: exact
+            acc = tl.dot(a, tl.trans(expand24(v0, v1, c0, c1)), acc, out_dtype=tl.int32)  # exact
         elif DOT_IN_FP32:
             w = expand24(v0, v1, c0, c1)
             if a_ptr.dtype.element_ty != tl.float32:  # interpreter bf16: the GPU's weight rounding
                 w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
             acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32x3")
         else:
-            w = expand24(v0.to(a_ptr.dtype.element_ty), v1.to(a_ptr.dtype.element_ty), c0, c1)
+            # expanded in the values' dtype, converted last (a conversion before the expansion's
+            # join/reshape chain crashed triton 3.6's dot-operand optimization pass)
+            w = expand24(v0, v1, c0, c1).to(a_ptr.dtype.element_ty)
             acc = tl.dot(a, tl.trans(w), acc)
 
     bias = tl.zeros([1, BLOCK_N], dtype=tl.float32)
@@ -240,11 +231,6 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
-def row_block(K: int) -> int:
-    """Block of the GEMV's absmax pass: the whole row up to 4096 (64 in the interpreter)."""
-    return max(16, min(triton.next_power_of_2(K), 64 if INTERPRET else 4096))
-
-
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, *, path: str | None = None) -> torch.Tensor:
     """x (M, K) f32/bf16/f16 with unit inner stride, values (N, K/2) float or int8, meta (N, ceil(K/8))
@@ -274,7 +260,7 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, s
                                             HAS_BIAS=bias is not None, X_BLOCK=row_block(K))
         return y
     if int8_values:
-        a, sx = quantize_rows_s8(x)
+        a, sx = quantize_rows(x)
     else:
         a, sx = x, dummy
 

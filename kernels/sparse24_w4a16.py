@@ -8,13 +8,14 @@ j // (g / 2); W[n, k] = (code - z) * s at kept positions (z = 8 without zeros), 
 with fp32 accumulation. Dequantized in registers, never written to memory:
 
 - M == 1: `_sparse24_w4a16_gemv_kernel`, kept values (code - z) * s multiplied with the x entries
-  their 2-bit indices select (sparse24.select4), on the CUDA cores.
+  their 2-bit indices point at (gathered from the L1-resident row), on the CUDA cores.
 - M >= 2: `_sparse24_w4a16_kernel`, each (BLOCK_N x BLOCK_K) tile dequantized, expanded to dense
   (sparse24.expand24) in x's dtype, then a tensor-core tl.dot (fp32 x: tf32x3).
 
 Scales (and zeros) are loaded once per row per tile when the tile lies inside one group
-(SCALE_PER_TILE: g a multiple of BLOCK_K), once per whole group in the tile (WHOLE_GROUPS: BLOCK_K a
-multiple of g, g a power of two), else per kept value (any g that is a multiple of 4, e.g. g = K).
+(SCALE_PER_TILE: g a multiple of BLOCK_K), in the GEMM once per whole group in the tile
+(WHOLE_GROUPS: BLOCK_K a multiple of g, g a power of two), else per kept value (any g that is a
+multiple of 4, e.g. g = K).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import triton.language as tl
 
 from ._int4 import codes_minus_zero, load_zero_offset
 from ._util import INTERPRET, cast_out, grouped_tile, launch, m_bucket, prune_to_bucket, tiled_configs
-from .sparse24 import (dot_in_fp32, expand24, load_meta_indices, select4, split_columns4, split_pairs)
+from .sparse24 import dot_in_fp32, expand24, load_group_indices, load_meta_indices, split_pairs
 
 
 def _scale_flags(block_k_key: str = "BLOCK_K") -> dict:
@@ -92,33 +93,46 @@ def _gemv_configs():
 
 
 @triton.autotune(configs=_gemv_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"])
-@triton.heuristics(_scale_flags())
+@triton.heuristics({"SCALE_PER_TILE": lambda a: a["GROUP_SIZE"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _sparse24_w4a16_gemv_kernel(x_ptr, q_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_qn,
                                 stride_mn, stride_ym, M_BUCKET, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                SCALE_PER_TILE: tl.constexpr, WHOLE_GROUPS: tl.constexpr):
+                                SCALE_PER_TILE: tl.constexpr):
+    # Byte g of a row holds both kept codes of group g (kept values 2g, 2g + 1): one byte load per
+    # group, plus its meta nibble and the two x entries it meets (gathers from the L1-resident row).
+    BLOCK_G: tl.constexpr = BLOCK_K // 4
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     G = K // GROUP_SIZE
-    KQ = K // 4
-    MB = tl.cdiv(K, 8)
-    offs_k = tl.arange(0, BLOCK_K)
+    NG = K // 4
+    offs_g = tl.arange(0, BLOCK_G)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     n64 = offs_n.to(tl.int64)
-    acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        xf = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-        codes = _load_codes(q_ptr, n64, n_mask, k0 // 2, stride_qn, KQ, BLOCK_K)
-        v = _dequant_kept(codes, s_ptr, z_ptr, n64, n_mask, k0 // 2, G, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K,
-                          SCALE_PER_TILE, WHOLE_GROUPS)
-        c0, c1 = load_meta_indices(meta_ptr, n64, n_mask, k0, stride_mn, MB, BLOCK_K)
-        v0, v1 = split_pairs(v, BLOCK_N, BLOCK_K)
-        x0, x1, x2, x3 = split_columns4(xf, BLOCK_K)
-        acc += v0 * select4(c0, x0, x1, x2, x3) + v1 * select4(c1, x0, x1, x2, x3)
+    acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    for g0 in range(0, NG, BLOCK_G):
+        gg = g0 + offs_g
+        mask = n_mask[:, None] & (gg < NG)[None, :]
+        b = tl.load(q_ptr + n64[:, None] * stride_qn + gg[None, :], mask=mask, other=0)
+        if SCALE_PER_TILE:  # the step's BLOCK_K dense columns lie in one group
+            gi = (4 * g0) // GROUP_SIZE
+            s = tl.load(s_ptr + n64 * G + gi, mask=n_mask, other=0.0)[:, None]
+            zoff = load_zero_offset(z_ptr + n64 * G + gi, n_mask, HAS_ZEROS, False)
+            if HAS_ZEROS:
+                zoff = zoff[:, None]
+        else:
+            off = n64[:, None] * G + ((4 * gg) // GROUP_SIZE)[None, :]
+            s = tl.load(s_ptr + off, mask=mask, other=0.0)
+            zoff = load_zero_offset(z_ptr + off, mask, HAS_ZEROS, False)
+        c0, c1 = load_group_indices(meta_ptr, n64, gg, mask, stride_mn)
+        col = 4 * gg[None, :]
+        x0 = tl.load(x_row + col + c0, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_row + col + c1, mask=mask, other=0.0).to(tl.float32)
+        w0 = codes_minus_zero(b & 0xF, zoff, False)
+        w1 = codes_minus_zero(b >> 4, zoff, False)
+        acc += (w0 * x0 + w1 * x1) * s
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y = y + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -168,14 +182,14 @@ def _sparse24_w4a16_kernel(x_ptr, q_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M
         v = _dequant_kept(codes, s_ptr, z_ptr, n64, n_mask, k0 // 2, G, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K,
                           SCALE_PER_TILE, WHOLE_GROUPS)
         c0, c1 = load_meta_indices(meta_ptr, n64, n_mask, k0, stride_mn, MB, BLOCK_K)
+        v0, v1 = split_pairs(v, BLOCK_N, BLOCK_K)
+        w = expand24(v0, v1, c0, c1)  # fp32; rounded to x's dtype last (see sparse24._sparse24_kernel)
         if DOT_IN_FP32:
             if x_ptr.dtype.element_ty != tl.float32:  # interpreter bf16: the GPU's weight rounding
-                v = v.to(x_ptr.dtype.element_ty).to(tl.float32)
-            v0, v1 = split_pairs(v, BLOCK_N, BLOCK_K)
-            acc = tl.dot(a.to(tl.float32), tl.trans(expand24(v0, v1, c0, c1)), acc, input_precision="tf32x3")
+                w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
+            acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="tf32x3")
         else:
-            v0, v1 = split_pairs(v.to(x_ptr.dtype.element_ty), BLOCK_N, BLOCK_K)
-            acc = tl.dot(a, tl.trans(expand24(v0, v1, c0, c1)), acc)
+            acc = tl.dot(a, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
 
     y = acc
     if HAS_BIAS:
