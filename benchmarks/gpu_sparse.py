@@ -89,8 +89,8 @@ def nbytes(*ts) -> int:
 
 # ------------------------------------------------------------------ timing
 
-def bench(run, make_weights, x, weight_bytes: int) -> float:
-    """Median us of run(weights, x), weights rotated over copies spanning > 3x L2."""
+def bench(run, make_weights, x, weight_bytes: int) -> float | str:
+    """Median us of run(weights, x), weights rotated over copies spanning > 3x L2 (or the error, as text)."""
     import triton.testing
 
     copies = max(2, min(64, math.ceil(3 * L2_BYTES / max(weight_bytes, 1))))
@@ -101,11 +101,14 @@ def bench(run, make_weights, x, weight_bytes: int) -> float:
         state["i"] += 1
         return run(ws[state["i"] % copies], x)
 
-    fn()  # compiles / autotunes outside the timing
-    torch.cuda.synchronize()
-    us = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
-    del ws
-    return us
+    try:
+        fn()  # compiles / autotunes outside the timing
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+    except Exception as exc:  # noqa: BLE001 - one failing kernel must not end the sweep
+        return f"{type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
+    finally:
+        del ws
 
 
 def main(argv=None) -> int:
@@ -126,6 +129,8 @@ def main(argv=None) -> int:
     print(f"{'op':24s} {'impl':14s} {'values':6s} {'K':>5s} {'N':>6s} {'M':>5s} {'us':>9s} {'floor':>8s}")
 
     def record(op, impl, K, N, M, us, moved, values, sparsity, **extra):
+        if isinstance(us, str):  # bench() caught an error
+            us, extra = None, {**extra, "error": us}
         floor = moved / HBM_BYTES_PER_S * 1e6
         row = {"op": op, "impl": impl, "K": K, "N": N, "M": M, "dtype": "bfloat16",
                "us": None if us is None else round(us, 3), "floor_us": round(floor, 3),

@@ -121,40 +121,41 @@ def _sparse_kernel(a_ptr, sx_ptr, v_ptr, mask_ptr, off_ptr, ws_ptr, b_ptr, y_ptr
     m_mask = offs_m < M
     n_mask = offs_n < N
     n64 = offs_n.to(tl.int64)
-    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+    a_cols = a_ptr + offs_m[None, :].to(tl.int64) * stride_am  # x tile read as (BLOCK_K, BLOCK_M)
     start = tl.load(off_ptr + offs_n, mask=n_mask, other=0)
 
     if INT8_VALUES:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0)
+        at = tl.load(a_cols + kk[:, None], mask=(kk < K)[:, None] & m_mask[None, :], other=0)
         w, count = _load_tile(v_ptr, mask_ptr, n64, n_mask, start, kk, K, NNZ, stride_bn)
         start += count
         if INT8_VALUES:
-            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)  # int8 x int8 -> int32: exact
+            acc = tl.dot(w, at, acc, out_dtype=tl.int32)  # int8 x int8 -> int32: exact
         elif DOT_IN_FP32:
             if a_ptr.dtype.element_ty != tl.float32:  # interpreter bf16: the GPU's weight rounding
                 w = w.to(a_ptr.dtype.element_ty)
-            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32x3")
+            acc = tl.dot(w.to(tl.float32), at.to(tl.float32), acc, input_precision="tf32x3")
         else:
-            acc = tl.dot(a, tl.trans(w.to(a_ptr.dtype.element_ty)), acc)
+            acc = tl.dot(w.to(a_ptr.dtype.element_ty), at, acc)
 
-    bias = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    # acc is y's tile transposed, (BLOCK_N, BLOCK_M)
+    bias = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     if INT8_VALUES:
         sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
         ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
-        y = _dequant_epilogue(acc, sx[:, None], ws[None, :], bias, HAS_BIAS)
+        y = _dequant_epilogue(acc, sx[None, :], ws[:, None], bias, HAS_BIAS)
     else:
         y = acc
         if HAS_BIAS:
             y = y + bias
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, cast_out(y, y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, cast_out(y, y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------------

@@ -172,12 +172,12 @@ def _sparse24_w4a16_kernel(x_ptr, q_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M
     m_mask = offs_m < M
     n_mask = offs_n < N
     n64 = offs_n.to(tl.int64)
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # x tile read as (BLOCK_K, BLOCK_M)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        a = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+        at = tl.load(x_cols + kk[:, None], mask=(kk < K)[:, None] & m_mask[None, :], other=0.0)
         codes = _load_codes(q_ptr, n64, n_mask, k0 // 2, stride_qn, KQ, BLOCK_K)
         v = _dequant_kept(codes, s_ptr, z_ptr, n64, n_mask, k0 // 2, G, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K,
                           SCALE_PER_TILE, WHOLE_GROUPS)
@@ -187,15 +187,15 @@ def _sparse24_w4a16_kernel(x_ptr, q_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M
         if DOT_IN_FP32:
             if x_ptr.dtype.element_ty != tl.float32:  # interpreter bf16: the GPU's weight rounding
                 w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
-            acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="tf32x3")
+            acc = tl.dot(w, at.to(tl.float32), acc, input_precision="tf32x3")
         else:
-            acc = tl.dot(a, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+            acc = tl.dot(w.to(x_ptr.dtype.element_ty), at, acc)
 
     y = acc
     if HAS_BIAS:
-        y = y + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, cast_out(y, y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        y = y + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, cast_out(y, y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------------
