@@ -11,8 +11,9 @@ even g). Nothing is decompressed to memory:
   so the work is K/2 multiply-adds. int8 values quantize the row in the kernel (as w8a8's GEMV)
   and accumulate in int32.
 - M >= 2: `_sparse24_kernel`, a tiled tensor-core GEMM. Each (BLOCK_N x BLOCK_K) weight tile is
-  expanded to dense in registers (where + interleave; no shared-memory gather) right before
-  tl.dot. int8 values take quantized rows (_act_quant.quantize_rows) and an int8 x int8 -> int32 dot.
+  expanded to dense in registers (where + interleave; no shared-memory gather) and is the dot's
+  A operand: the kernel computes y's tile transposed, W_tile @ x_tile^T, so the expanded tile
+  needs no transpose (tl.trans of it crashed triton 3.6's dot-operand pass on Hopper). int8 values take quantized rows (_act_quant.quantize_rows) and an int8 x int8 -> int32 dot.
 
 Float values: y = x @ W.T + bias with fp32 accumulation (fp32 x: a tf32x3 dot; 16-bit x: weights
 rounded to x's dtype when values are wider, as cuBLAS on a converted weight would).

@@ -10,7 +10,8 @@ with fp32 accumulation. Dequantized in registers, never written to memory:
 - M == 1: `_sparse24_w4a16_gemv_kernel`, kept values (code - z) * s multiplied with the x entries
   their 2-bit indices point at (gathered from the L1-resident row), on the CUDA cores.
 - M >= 2: `_sparse24_w4a16_kernel`, each (BLOCK_N x BLOCK_K) tile dequantized, expanded to dense
-  (sparse24.expand24) in x's dtype, then a tensor-core tl.dot (fp32 x: tf32x3).
+  (sparse24.expand24) in fp32, rounded to x's dtype, then the A operand of a tensor-core tl.dot
+  computing y's tile transposed (as sparse24.py; fp32 x: tf32x3).
 
 Scales (and zeros) are loaded once per row per tile when the tile lies inside one group
 (SCALE_PER_TILE: g a multiple of BLOCK_K), in the GEMM once per whole group in the tile
