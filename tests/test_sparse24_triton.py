@@ -131,13 +131,12 @@ FLOAT_COMBOS = [_p(BF16, BF16), _p(F32, F32, marks=interpret_only), _p(F16, F16,
 
 
 @needs_launch
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("xdt,vdt", FLOAT_COMBOS)
 @pytest.mark.parametrize("M,K,N", SHAPES)
-def test_sparse24_float_matches_dense(M, K, N, xdt, vdt, bias):
+def test_sparse24_float_matches_dense(M, K, N, xdt, vdt):
     x = make_x(M, K, xdt)
     v, meta = make_24(N, K, vdt)
-    b = (torch.randn(N) * 2).to(xdt) if bias else None
+    b = (torch.randn(N) * 2).to(xdt) if M % 2 else None  # bias at odd M (M = 1, 3, 17, 65)
     y = k24.sparse24_linear(*to_dev(x, v, meta, None, b))
     assert y.device.type == DEVICE
     float_check(y, x, dense_from_24(v, meta, K), b, vdt)
@@ -165,14 +164,13 @@ INT8_DTYPES = [pytest.param(BF16, id="bf16"), pytest.param(F32, marks=interpret_
 
 
 @needs_launch
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", INT8_DTYPES)
 @pytest.mark.parametrize("M,K,N", SHAPES)
-def test_sparse24_int8_bit_exact(M, K, N, dtype, bias):
+def test_sparse24_int8_bit_exact(M, K, N, dtype):
     x = make_x(M, K, dtype, special_rows=True)
     v, meta = make_24(N, K, torch.int8)
     s = torch.rand(N) * 0.02 + 1e-3
-    b = (torch.randn(N) * 2).to(dtype) if bias else None
+    b = (torch.randn(N) * 2).to(dtype) if M % 2 else None
     y = k24.sparse24_linear(*to_dev(x, v, meta, s, b))
     assert_bits_equal(y, reference.w8a8_linear(x, dense_from_24(v, meta, K), s, b))
 

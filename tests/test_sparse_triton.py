@@ -110,8 +110,9 @@ def test_compress_is_the_contract():
     assert torch.equal(decompress(v, bm, ro, 10), W)
 
 
-SHAPES = [(1, 37, 19), (2, 37, 19), (3, 130, 33), (17, 64, 40), (65, 130, 33), (2, 5, 3)]
-SPARSITIES = [0.9, 0.5, 0.0]
+# (M, K, N, sparsity): every M with 90%, 50% and 0% (plus the all-zero row 1 of random_sparse)
+SHAPES = [(1, 37, 19, 0.9), (1, 130, 33, 0.0), (2, 37, 19, 0.5), (3, 130, 33, 0.9), (17, 64, 40, 0.5),
+          (17, 64, 40, 0.0), (65, 130, 33, 0.9), (2, 5, 3, 0.5)]
 FLOAT_COMBOS = [pytest.param(BF16, BF16, id="bf16-bf16"),
                 pytest.param(F32, F32, marks=interpret_only, id="f32-f32"),
                 pytest.param(F16, F16, marks=interpret_only, id="f16-f16"),
@@ -120,9 +121,8 @@ FLOAT_COMBOS = [pytest.param(BF16, BF16, id="bf16-bf16"),
 
 
 @needs_launch
-@pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("xdt,vdt", FLOAT_COMBOS)
-@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("M,K,N,sparsity", SHAPES)
 def test_sparse_float_matches_dense(M, K, N, xdt, vdt, sparsity):
     x = make_x(M, K, xdt)
     W = random_sparse(N, K, vdt, sparsity)
@@ -138,9 +138,8 @@ INT8_DTYPES = [pytest.param(BF16, id="bf16"), pytest.param(F32, marks=interpret_
 
 
 @needs_launch
-@pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("dtype", INT8_DTYPES)
-@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("M,K,N,sparsity", SHAPES)
 def test_sparse_int8_bit_exact(M, K, N, dtype, sparsity):
     x = make_x(M, K, dtype, special_rows=True)
     W = random_sparse(N, K, torch.int8, sparsity)
