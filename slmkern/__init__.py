@@ -5,8 +5,8 @@ __version__ = "0.1.0"
 
 from slmkern import ops  # noqa: F401  (defines torch.ops.slmkern.*)
 from slmkern import _backends  # noqa: F401  (registers kernels)
-from slmkern.api import SwapReport, quantize_
-from slmkern.config import Int4Config, Int8Config
+from slmkern.api import SwapReport, quantize_, sparsify_
+from slmkern.config import Int4Config, Int8Config, SparseConfig
 from slmkern._info import info
 
-__all__ = ["Int4Config", "Int8Config", "SwapReport", "info", "quantize_", "__version__"]
+__all__ = ["Int4Config", "Int8Config", "SparseConfig", "SwapReport", "info", "quantize_", "sparsify_", "__version__"]

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from slmkern.config import Int4Config, Int8Config
+from slmkern.config import Int4Config, Int8Config, SparseConfig
 from slmkern.nn import Int4Linear, Int8Linear
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -129,4 +129,73 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
             new = Int4Linear.from_linear(mod, cfg.group_size, cfg.symmetric, cfg.activations, cfg.method, cfg.clip)
         _set_submodule(model, fqn, new)
         report.swapped.append((fqn, new.extra_repr()))
+    return report
+
+
+def sparsify_(model: nn.Module, config: SparseConfig | None = None, filter_fn: FilterFn | None = None, *,
+              overrides: dict[str, SparseConfig | None] | None = None) -> SwapReport:
+    """Replace pruned nn.Linear layers of `model` by slmkern.nn.SparseLinear in place.
+
+    Prune first (slmkern.algorithms.magnitude / wanda / sparsegpt write zeros into the weights);
+    this keeps those zeros in a sparse format the kernels skip. With format="auto" a layer whose
+    sparsity is too low to pay off becomes SparseLinear(format="dense") and the report says why.
+    filter_fn / overrides / skip_names select layers as in quantize_.
+    """
+    import torch
+
+    from slmkern.nn.sparse_linear import SparseLinear, choose_format, is_24_sparse
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
+    config = config or SparseConfig()
+    if not isinstance(config, SparseConfig):
+        raise TypeError(f"config: expected SparseConfig, got {type(config).__name__}")
+    for pattern, over in (overrides or {}).items():
+        if over is not None and not isinstance(over, SparseConfig):
+            raise TypeError(f"overrides[{pattern!r}]: expected SparseConfig or None, got {type(over).__name__}")
+    report = SwapReport()
+    targets = [(fqn, m) for fqn, m in model.named_modules() if type(m) is nn.Linear]
+    if not targets:
+        raise ValueError("model: has no torch.nn.Linear layers to sparsify")
+    for fqn, mod in targets:
+        cfg, matched = config, None
+        for pattern, over in (overrides or {}).items():
+            if fnmatch.fnmatchcase(fqn, pattern):
+                matched, cfg = pattern, over
+                break
+        if matched is not None and cfg is None:
+            report.skipped.append((fqn, f"overrides[{matched!r}] is None"))
+            continue
+        if filter_fn is not None and not filter_fn(mod, fqn):
+            report.skipped.append((fqn, "filter_fn returned False"))
+            continue
+        if matched is None and filter_fn is None and any(fqn == s or fqn.endswith("." + s) for s in cfg.skip_names):
+            report.skipped.append((fqn, f"name matches config.skip_names {cfg.skip_names}"))
+            continue
+        w = mod.weight.detach()
+        if not w.is_floating_point():
+            report.skipped.append((fqn, f"weight dtype {w.dtype} is not floating point"))
+            continue
+        fmt = cfg.format
+        if fmt == "2:4" and not is_24_sparse(w):
+            report.skipped.append((fqn, "weight is not 2:4 sparse (prune with pattern '2:4' first)"))
+            continue
+        if cfg.values == "int4" and not is_24_sparse(w):
+            report.skipped.append((fqn, "int4 values need a 2:4 sparse weight"))
+            continue
+        if cfg.values == "int4":
+            K = mod.in_features
+            g = K if cfg.group_size == -1 else cfg.group_size
+            if K % g:
+                report.skipped.append((fqn, f"in_features={K} is not a multiple of group_size={g}"))
+                continue
+        why = None
+        if fmt == "auto":
+            fmt, why = choose_format(w, cfg.values)
+        vdt = getattr(torch, cfg.value_dtype) if cfg.value_dtype else None
+        new = SparseLinear.from_linear(mod, fmt, cfg.values, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                                       value_dtype=vdt)
+        _set_submodule(model, fqn, new)
+        desc = new.extra_repr() + (f" (auto: {why})" if why else "")
+        report.swapped.append((fqn, desc))
     return report

@@ -24,7 +24,7 @@ class _ConfigMixin:
 
 def config_from_dict(d: dict[str, Any]):
     """Rebuild any slmkern config from its to_dict() form (dispatch on "type")."""
-    kinds = {c.__name__: c for c in (Int8Config, Int4Config)}
+    kinds = {c.__name__: c for c in (Int8Config, Int4Config, SparseConfig)}
     kind = d.get("type")
     if kind not in kinds:
         raise ValueError(f"config type: expected one of {sorted(kinds)}, got {kind!r}")
@@ -81,4 +81,36 @@ class Int4Config(_ConfigMixin):
             raise ValueError(f"clip: expected 'minmax' or 'mse', got {self.clip!r}")
         if not (0 <= self.percdamp <= 1):
             raise ValueError(f"percdamp: expected a fraction in [0, 1], got {self.percdamp!r}")
+        object.__setattr__(self, "skip_names", tuple(self.skip_names))
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig(_ConfigMixin):
+    """Pruned weights kept sparse (slmkern.nn.SparseLinear); prune first (slmkern.algorithms).
+
+    format: "auto" (2:4 when the weight has the pattern, unstructured above the measured sparsity
+    threshold, else dense), "2:4", "unstructured" or "dense".
+    values: "float", "int8" (dynamic int8 activations) or "int4" (2:4 only; group_size, symmetric).
+    value_dtype: "float32" | "bfloat16" | "float16" for float values (None: the weight's dtype).
+    skip_names: module-name suffixes never converted.
+    """
+
+    format: str = "auto"
+    values: str = "float"
+    group_size: int = 128
+    symmetric: bool = False
+    value_dtype: str | None = None
+    skip_names: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self) -> None:
+        if self.format not in ("auto", "2:4", "unstructured", "dense"):
+            raise ValueError(f"format: expected 'auto', '2:4', 'unstructured' or 'dense', got {self.format!r}")
+        if self.values not in ("float", "int8", "int4"):
+            raise ValueError(f"values: expected 'float', 'int8' or 'int4', got {self.values!r}")
+        if self.values == "int4" and self.format in ("unstructured", "dense"):
+            raise ValueError(f"values='int4' needs format '2:4' or 'auto', got {self.format!r}")
+        if self.group_size not in (32, 64, 128, -1):
+            raise ValueError(f"group_size: expected 32, 64, 128 or -1 (per-channel), got {self.group_size!r}")
+        if self.value_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"value_dtype: expected None, 'float32', 'bfloat16' or 'float16', got {self.value_dtype!r}")
         object.__setattr__(self, "skip_names", tuple(self.skip_names))

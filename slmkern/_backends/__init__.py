@@ -54,3 +54,9 @@ ops.LIB.impl("sparse24_w4a16_linear", _sparse24_w4a16_reference, "CompositeExpli
 
 from slmkern._backends import cpu  # noqa: E402,F401
 from slmkern._backends import triton  # noqa: E402,F401
+
+
+# CUDA kernels of the sparse ops (Triton), once their schemas exist (slmkern/ops.py).
+from slmkern._backends import triton_sparse  # noqa: E402
+
+triton_sparse.register(ops.LIB)

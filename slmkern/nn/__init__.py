@@ -1,5 +1,6 @@
 """Drop-in replacements for nn.Linear backed by slmkern ops."""
 from slmkern.nn.int4_linear import Int4Linear
 from slmkern.nn.int8_linear import Int8Linear
+from slmkern.nn.sparse_linear import SparseLinear
 
-__all__ = ["Int4Linear", "Int8Linear"]
+__all__ = ["Int4Linear", "Int8Linear", "SparseLinear"]

@@ -18,10 +18,14 @@ class PackedLinearBase(nn.Module):
     def _pack_cpu(self) -> torch.Tensor | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _ref_tensor(self) -> torch.Tensor:
+        """A canonical buffer that tells which device the module lives on."""
+        return self.weight
+
     @torch.no_grad()
     def prepack(self) -> None:
         """(Re)build the CPU kernels' layout from the canonical buffers; a no-op off the CPU."""
-        self.w_packed = self._pack_cpu() if self.weight.device.type == "cpu" else None
+        self.w_packed = self._pack_cpu() if self._ref_tensor().device.type == "cpu" else None
 
     def _apply(self, fn, recurse=True):
         keep = {name: getattr(self, name) for name in self.FP32_BUFFERS if getattr(self, name) is not None}
@@ -32,7 +36,7 @@ class PackedLinearBase(nn.Module):
             if now.dtype != orig.dtype:
                 setattr(self, name, orig.to(device=now.device))
         # The packed layout belongs to the CPU kernels only.
-        if self.weight.device.type != "cpu":
+        if self._ref_tensor().device.type != "cpu":
             self.w_packed = None
         elif self.w_packed is None or self.w_packed.device.type != "cpu":
             self.prepack()

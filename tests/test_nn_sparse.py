@@ -1,0 +1,135 @@
+"""SparseLinear, SparseConfig and sparsify_: formats chosen, numerics vs the dense weight, state_dict, compile."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from slmkern import reference
+from slmkern.api import sparsify_
+from slmkern.config import SparseConfig, config_from_dict
+from slmkern.nn.sparse_linear import AUTO_UNSTRUCTURED_MIN_SPARSITY, SparseLinear, is_24_sparse
+
+
+def pruned_linear(K, N, pattern, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        w = torch.randn(N, K, generator=g) * K ** -0.5
+        if pattern == "2:4":
+            grp = w.reshape(N, K // 4, 4)
+            keep = torch.zeros_like(grp, dtype=torch.bool).scatter_(-1, grp.abs().topk(2, dim=-1).indices, True)
+            w = (grp * keep).reshape(N, K)
+        else:
+            thr = w.abs().flatten().kthvalue(max(1, int(pattern * w.numel()))).values
+            w = torch.where(w.abs() > thr, w, torch.zeros(()))
+        lin.weight.copy_(w)
+        if bias:
+            lin.bias.copy_(torch.randn(N, generator=g) * 0.1)
+    return lin
+
+
+CASES = [("2:4", "float"), ("2:4", "int8"), ("2:4", "int4"), ("unstructured", "float"),
+         ("unstructured", "int8"), ("dense", "float"), ("dense", "int8")]
+
+
+@pytest.mark.parametrize("fmt,values", CASES)
+@pytest.mark.parametrize("K,N", [(68, 37), (256, 96)])
+def test_forward_matches_its_dense_weight(fmt, values, K, N):
+    lin = pruned_linear(K, N, "2:4" if fmt == "2:4" else 0.6)
+    mod = SparseLinear.from_linear(lin, fmt, values, group_size=4 if K == 68 else 32)
+    assert mod.format == fmt and mod.value_kind == values
+    x = torch.randn(7, K)
+    y = mod(x)
+    wd = mod.dense_weight()
+    if values == "int8":
+        # int8 values compute exactly w8a8_linear on the dense int8 weight (dynamic int8 activations)
+        q = torch.round(wd / mod.scales.unsqueeze(1)).to(torch.int8)
+        assert torch.equal(y, reference.w8a8_linear(x, q, mod.scales, lin.bias.detach()))
+    else:
+        torch.testing.assert_close(y, nn.functional.linear(x, wd, lin.bias), rtol=1e-5, atol=1e-5)
+    # the kept pattern is the pruned weight's (int8 rounding may only drop more entries)
+    assert not ((wd != 0) & (lin.weight == 0)).any()
+
+
+def test_auto_picks_by_pattern_and_threshold(caplog):
+    lin24 = pruned_linear(128, 64, "2:4")
+    assert is_24_sparse(lin24.weight)
+    assert SparseLinear.from_linear(lin24, "auto", "float").format == "2:4"
+    assert SparseLinear.from_linear(lin24, "auto", "int4", group_size=32).format == "2:4"
+    hi = pruned_linear(128, 64, 0.95)
+    assert SparseLinear.from_linear(hi, "auto", "float").format == "unstructured"
+    assert SparseLinear.from_linear(hi, "auto", "int8").format == "unstructured"
+    lo = pruned_linear(128, 64, 0.3)
+    with caplog.at_level(logging.INFO, logger="slmkern"):
+        m = SparseLinear.from_linear(lo, "auto", "int8")
+    assert m.format == "dense" and m.value_kind == "int8"
+    assert 0.3 < AUTO_UNSTRUCTURED_MIN_SPARSITY["int8"] <= 0.95
+
+
+def test_bad_input_is_named():
+    lin = pruned_linear(64, 32, 0.6)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        SparseLinear.from_linear(lin, "2:4", "float")
+    with pytest.raises(ValueError, match="int4"):
+        SparseLinear.from_linear(lin, "unstructured", "int4")
+    with pytest.raises(ValueError, match="format"):
+        SparseLinear.from_linear(lin, "csr", "float")
+    with pytest.raises(ValueError, match="values"):
+        SparseLinear.from_linear(lin, "auto", "fp8")
+    with pytest.raises(TypeError, match="linear"):
+        SparseLinear.from_linear(nn.Conv1d(4, 4, 1))
+    with pytest.raises(ValueError, match="in_features"):
+        SparseLinear(66, 8, format="2:4")
+    with pytest.raises(ValueError, match="format"):
+        SparseConfig(format="csr")
+    with pytest.raises(ValueError, match="int4"):
+        SparseConfig(format="unstructured", values="int4")
+
+
+@pytest.mark.parametrize("fmt,values", CASES)
+def test_state_dict_round_trip_is_bit_exact(fmt, values):
+    lin = pruned_linear(96, 40, "2:4" if fmt == "2:4" else 0.8)
+    mod = SparseLinear.from_linear(lin, fmt, values, group_size=32)
+    fresh = SparseLinear(96, 40, True, fmt, values, nnz=mod.nnz, group_size=32)
+    fresh.load_state_dict(mod.state_dict())
+    x = torch.randn(5, 96)
+    assert torch.equal(fresh(x), mod(x))
+    assert "w_packed" not in mod.state_dict()
+
+
+def test_half_keeps_scales_fp32_and_runs():
+    mod = SparseLinear.from_linear(pruned_linear(64, 32, "2:4"), "2:4", "int8").half()
+    assert mod.scales.dtype == torch.float32 and mod.values.dtype == torch.int8
+    y = mod(torch.randn(3, 64, dtype=torch.float16))
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+def test_sparsify_swaps_and_reports():
+    model = nn.Sequential(pruned_linear(64, 64, "2:4"), nn.ReLU(), pruned_linear(64, 64, 0.3),
+                          nn.ReLU(), pruned_linear(64, 16, 0.95))
+    x = torch.randn(4, 64)
+    want = model(x)
+    report = sparsify_(model, SparseConfig(format="auto", values="float"))
+    kinds = [m.format for m in model if isinstance(m, SparseLinear)]
+    assert kinds == ["2:4", "dense", "unstructured"]
+    assert len(report.swapped) == 3 and "auto" in report.swapped[1][1]
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    # forcing 2:4 on a layer without the pattern skips it, with the reason
+    model2 = nn.Sequential(pruned_linear(64, 64, 0.3))
+    rep2 = sparsify_(model2, SparseConfig(format="2:4"))
+    assert not rep2.swapped and "2:4" in rep2.skipped[0][1]
+    assert config_from_dict(SparseConfig(values="int8").to_dict()) == SparseConfig(values="int8")
+
+
+def test_compile_fullgraph_with_sparse_modules():
+    model = nn.Sequential(SparseLinear.from_linear(pruned_linear(64, 64, "2:4"), "2:4", "int8"), nn.ReLU(),
+                          SparseLinear.from_linear(pruned_linear(64, 32, 0.9), "unstructured", "float"),
+                          nn.ReLU(),
+                          SparseLinear.from_linear(pruned_linear(32, 16, "2:4"), "2:4", "int4", group_size=32))
+    x = torch.randn(5, 64)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    assert torch.equal(compiled(x), eager)
