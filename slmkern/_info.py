@@ -6,11 +6,13 @@ import platform
 
 import torch
 
-OPS = ("w8a8_linear", "w8a16_linear", "w4a16_linear", "w4a8_linear", "sparse_linear")
+# "op[variant]": an op whose CPU kernel is chosen per value type (2:4 int8 values need VBMI).
+OPS = ("w8a8_linear", "w8a16_linear", "w4a16_linear", "w4a8_linear", "sparse_linear", "sparse24_linear",
+       "sparse24_linear[int8]", "sparse24_w4a16_linear")
 
 
 def _has_cuda_kernel(op: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"slmkern::{op}", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"slmkern::{op.split('[')[0]}", "CUDA")
 
 
 def info_dict() -> dict:
