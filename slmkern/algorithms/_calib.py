@@ -1,4 +1,4 @@
-"""Calibration plumbing shared by data-driven algorithms (GPTQ; reusable by SparseGPT/Wanda).
+"""Calibration plumbing shared by data-driven algorithms (GPTQ, SparseGPT, Wanda).
 
 * :func:`as_batches` / :func:`run_model`: any iterable of model inputs -- dicts
   (``model(**batch)``, Hugging Face style), tuples/lists (``model(*batch)``) or tensors
@@ -10,14 +10,23 @@
 * :class:`HessianCollector`: forward pre-hooks that accumulate ``H = 2/n * sum x x^T``
   for the layers of one stage and stop the forward pass (:class:`StopForward`) once
   every member has seen its input, so the rest of the model is not run.
+* :func:`stagewise_hessians`: the layer-by-layer driver on top of those two: yields
+  each target layer with its Hessian, one stage at a time, and only runs the next
+  stage's pass once the caller has handled (e.g. rewritten) the previous stage.
+* :class:`InputNormCollector`: one pass, hooks on every target layer, accumulating the
+  per-input-column sum of squares (Wanda's ``||X_j||_2^2``).
+* :func:`inverse_hessian_factor`: upper Cholesky factor of the damped inverse Hessian,
+  retrying at 10x damping with a WARNING each time.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from slmkern._logging import logger
 
 
 class StopForward(Exception):
@@ -33,7 +42,7 @@ def as_batches(calibration: Any) -> list[Any]:
                         f"got {type(calibration).__name__}")
     batches = list(calibration)
     if not batches:
-        raise ValueError("calibration: is empty; GPTQ needs at least one batch of model inputs")
+        raise ValueError("calibration: is empty; need at least one batch of model inputs")
     return batches
 
 
@@ -172,3 +181,85 @@ class HessianCollector:
             for h in handles:
                 h.remove()
         return self.acc
+
+
+def stagewise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
+                       device: torch.device, trace: Trace
+                       ) -> Iterator[tuple[str, nn.Module, HessianAccumulator]]:
+    """Yield ``(fqn, module, HessianAccumulator)`` for every layer of ``trace.stages``, in run order.
+
+    A generator: the calibration pass for stage s+1 runs only when the caller asks for
+    its first layer, i.e. after it has processed (pruned/quantized in place) every layer
+    of stage s, so later layers calibrate on the compressed model's activations. Memory:
+    one stage's K x K Hessians at a time. ``trace.never_called`` layers are not yielded.
+    """
+    for stage in trace.stages:
+        layers = {fqn: targets[fqn] for fqn in stage}
+        accs = HessianCollector(layers, trace.calls).collect(model, batches, device)
+        for fqn, mod in layers.items():
+            yield fqn, mod, accs.pop(fqn)
+
+
+class InputNormCollector:
+    """Pre-hooks on many layers at once: per input column, the sum of squares over all rows seen."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.layers = layers
+        self.sumsq = {fqn: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device)
+                      for fqn, m in layers.items()}
+        self.rows = {fqn: 0 for fqn in layers}
+
+    def _hook(self, fqn: str):
+        def hook(mod, args, kwargs):
+            x = _first_tensor(args, kwargs)
+            if x is not None and x.numel():
+                x = x.detach().reshape(-1, x.shape[-1])
+                acc = self.sumsq[fqn]
+                acc += x.to(device=acc.device, dtype=torch.float32).square().sum(dim=0).double()
+                self.rows[fqn] += x.shape[0]
+            return None
+        return hook
+
+    def collect(self, model: nn.Module, batches: list[Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """Run every batch once; returns {fqn: ||X_j||_2 per column, fp32 [K]} (zeros for unseen layers)."""
+        handles = [m.register_forward_pre_hook(self._hook(fqn), with_kwargs=True)
+                   for fqn, m in self.layers.items()]
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    run_model(model, batch, device)
+        finally:
+            for h in handles:
+                h.remove()
+        return {fqn: s.sqrt().float() for fqn, s in self.sumsq.items()}
+
+
+MAX_DAMP = 100.0  # beyond 100 x mean(diag H) the Hessian carries no useful information
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float, name: str, tag: str = "calib"
+                           ) -> tuple[torch.Tensor | None, float, int]:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 -> (U or None, damp used, retries).
+
+    Starts at ``percdamp`` and multiplies the damping by 10 after every failed (or
+    non-finite) factorisation, logging a WARNING ("<tag>: <name>: ...") each time;
+    returns None once it would exceed MAX_DAMP or when H itself is not finite.
+    """
+    if not bool(torch.isfinite(H).all()):
+        return None, percdamp, 0
+    mean_diag = float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    damp, retries = percdamp, 0
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + (damp * mean_diag) * eye)
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all()):
+                return U, damp, retries
+        nxt = damp * 10.0 if damp > 0 else 1e-4
+        if nxt > MAX_DAMP:
+            return None, damp, retries
+        logger.warning("%s: %s: Cholesky of the damped Hessian failed at damp=%g x mean(diag H); "
+                       "retrying at damp=%g", tag, name, damp, nxt)
+        retries += 1
+        damp = nxt
