@@ -479,3 +479,61 @@ def test_inverse_hessian_factor_is_inverse():
     torch.testing.assert_close(U.T @ U, torch.linalg.inv(H), rtol=1e-3, atol=1e-4)
     U, _, _ = _calib.inverse_hessian_factor(torch.full((4, 4), float("nan")), 0.01, "t")
     assert U is None
+
+
+class _Block(nn.Module):
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x, mask=None, use_cache=False, cache=None):
+        assert cache is None and not use_cache      # the replay drops cache arguments
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) + mask, dim=-1) @ x
+        x = x + self.o(a)
+        return (x + self.down(torch.relu(self.up(x))),)
+
+
+class BlockLM(nn.Module):
+    """Embedding -> ModuleList of callable blocks taking kwargs -> head: the block-sequential driver's shape."""
+
+    def __init__(self, vocab=61, d=32, n=3):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(_Block(d) for _ in range(n))
+        self.lm_head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, use_cache=True):
+        x = self.embed_tokens(input_ids)
+        T = x.shape[-2]
+        mask = torch.full((T, T), float("-inf")).triu(1)
+        for layer in self.layers:
+            x = layer(x, mask=mask, use_cache=False, cache=None)[0]
+        return self.lm_head(x)
+
+
+@pytest.mark.parametrize("quantize", [None, Int4Config(group_size=32, clip="minmax")])
+def test_sparsegpt_blockwise_driver_matches_whole_model_replay(monkeypatch, quantize):
+    torch.manual_seed(0)
+    model = BlockLM()
+    calib = _ids_calib(4)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    found = _calib.find_block_list(a, {f: m for f, m in _linears(a).items() if f != "lm_head"})
+    assert found is not None and found[0] == "layers"
+    calls = {"a": 0, "b": 0}
+    a.register_forward_pre_hook(lambda *_: calls.__setitem__("a", calls["a"] + 1))
+    b.register_forward_pre_hook(lambda *_: calls.__setitem__("b", calls["b"] + 1))
+    ra = sparsegpt_prune_(a, calib, "2:4", quantize=quantize, progress=False)
+    monkeypatch.setattr(_calib, "blockwise_hessians", lambda *args: None)
+    rb = sparsegpt_prune_(b, calib, "2:4", quantize=quantize, progress=False)
+    assert list(ra.layers) == list(rb.layers) and len(ra.layers) == 15
+    for fqn in ra.layers:
+        wa, wb = a.get_submodule(fqn).weight, b.get_submodule(fqn).weight
+        assert verify_pattern(wa, "2:4")
+        assert ra.layers[fqn].nsamples == rb.layers[fqn].nsamples == 4 * 2 * 12
+        torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-5)
+    # whole-model passes: the block driver only captures block 0's inputs (one pass per batch)
+    assert calls["a"] == len(calib) and calls["b"] > 10 * len(calib)

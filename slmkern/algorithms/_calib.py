@@ -62,9 +62,19 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclasses.dataclass
+class Call:
+    """A recorded call ``module(*args, **kwargs)`` (replayed by :func:`run_model` as is)."""
+
+    args: tuple
+    kwargs: dict
+
+
 def run_model(model: nn.Module, batch: Any, device: torch.device) -> None:
     """One forward pass on one calibration batch; a StopForward from a hook ends it quietly."""
-    if isinstance(batch, dict) or (hasattr(batch, "keys") and not isinstance(batch, torch.Tensor)):
+    if isinstance(batch, Call):
+        args, kwargs = batch.args, batch.kwargs
+    elif isinstance(batch, dict) or (hasattr(batch, "keys") and not isinstance(batch, torch.Tensor)):
         args, kwargs = (), dict(to_device(dict(batch), device))
     elif isinstance(batch, (tuple, list)):
         args, kwargs = tuple(to_device(list(batch), device)), {}
@@ -183,6 +193,24 @@ class HessianCollector:
         return self.acc
 
 
+def layerwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
+                       device: torch.device) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]]:
+    """Every target with its Hessian, layer by layer (None for layers that never ran).
+
+    Uses :func:`blockwise_hessians` when the model is a stack of blocks, else
+    :func:`stagewise_hessians` over the whole model. Either way a layer's Hessian comes
+    from the model as the caller left it after processing all earlier layers.
+    """
+    it = blockwise_hessians(model, targets, batches, device)
+    if it is not None:
+        yield from it
+        return
+    trace = trace_linears(model, targets, batches[0], device)
+    yield from stagewise_hessians(model, targets, batches, device, trace)
+    for fqn in trace.never_called:
+        yield fqn, targets[fqn], None
+
+
 def stagewise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
                        device: torch.device, trace: Trace
                        ) -> Iterator[tuple[str, nn.Module, HessianAccumulator]]:
@@ -198,6 +226,122 @@ def stagewise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches:
         accs = HessianCollector(layers, trace.calls).collect(model, batches, device)
         for fqn, mod in layers.items():
             yield fqn, mod, accs.pop(fqn)
+
+
+# ----------------------------------------------------------------------------- block-sequential driver
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def find_block_list(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, nn.ModuleList] | None:
+    """The nn.ModuleList of repeated blocks (transformer layers) that holds every target, or None."""
+    best = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or not name:
+            continue
+        inside = [f for f in targets if f.startswith(name + ".")]
+        if len(inside) == len(targets):
+            if best is None or len(name) > len(best[0]):   # the innermost list holding them all
+                best = (name, mod)
+    return best
+
+
+def _strip_cache(kwargs: dict) -> dict:
+    kw = dict(kwargs)
+    for k in _CACHE_KWARGS:
+        if k in kw:
+            kw[k] = None
+    if "use_cache" in kw:
+        kw["use_cache"] = False
+    return kw
+
+
+def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Any], device: torch.device
+                          ) -> list[Call] | None:
+    calls: list[Call] = []
+
+    def hook(mod, args, kwargs):
+        calls.append(Call(tuple(args), _strip_cache(kwargs)))
+        raise StopForward
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                n = len(calls)
+                run_model(model, batch, device)
+                if len(calls) != n + 1:
+                    return None
+    finally:
+        h.remove()
+    return calls
+
+
+def _hidden(call: Call) -> torch.Tensor | None:
+    x = call.args[0] if call.args else call.kwargs.get("hidden_states")
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def _next_call(call: Call, out: Any) -> Call | None:
+    y = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
+    x = _hidden(call)
+    if not isinstance(y, torch.Tensor) or x is None or y.shape != x.shape:
+        return None
+    if call.args:
+        return Call((y,) + tuple(call.args[1:]), call.kwargs)
+    return Call((), {**call.kwargs, "hidden_states": y})
+
+
+def blockwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
+                       device: torch.device) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]] | None:
+    """Like :func:`stagewise_hessians`, but O(#blocks) model work instead of O(#stages * depth).
+
+    When every target lies in one nn.ModuleList of blocks (a transformer's layers), the
+    inputs of block 0 are captured once per calibration batch (cache arguments dropped,
+    ``use_cache=False``), each block is then calibrated stage by stage by replaying only
+    that block on its cached inputs, and, once the caller has processed all its layers,
+    the (compressed) block is run once to produce the next block's inputs. Yields
+    ``(fqn, module, HessianAccumulator)``, and ``(fqn, module, None)`` for a layer of a
+    block that never ran. Returns None (use :func:`stagewise_hessians`) when the model
+    does not have that shape: no such list, or a block whose input cannot be replayed.
+    """
+    found = find_block_list(model, targets)
+    if found is None:
+        return None
+    name, blocks = found
+    block_of = {}
+    for fqn in targets:
+        idx = fqn[len(name) + 1:].split(".", 1)[0]
+        if not idx.isdigit():
+            return None
+        block_of.setdefault(int(idx), {})[fqn] = targets[fqn]
+    calls = _capture_block_inputs(model, blocks[0], batches, device)
+    if calls is None or any(_hidden(c) is None for c in calls):
+        return None
+    with torch.no_grad():   # dry run: can block 0's output feed block 1?
+        if _next_call(calls[0], blocks[0](*calls[0].args, **calls[0].kwargs)) is None:
+            return None
+
+    def gen():
+        nonlocal calls
+        for b, block in enumerate(blocks):
+            layers = block_of.get(b, {})
+            if layers:
+                trace = trace_linears(block, layers, calls[0], device)
+                for fqn, mod, acc in stagewise_hessians(block, layers, calls, device, trace):
+                    yield fqn, mod, acc
+                for fqn in trace.never_called:
+                    yield fqn, layers[fqn], None
+            if b + 1 < len(blocks) and any(k > b for k in block_of):
+                nxt = []
+                with torch.no_grad():
+                    for c in calls:
+                        n = _next_call(c, block(*c.args, **c.kwargs))
+                        if n is None:
+                            raise RuntimeError(f"{name}.{b}: block output does not look like its hidden-state "
+                                               "input; cannot chain blocks")
+                        nxt.append(n)
+                calls = nxt
+    return gen()
 
 
 class InputNormCollector:

@@ -115,82 +115,89 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor | None, pattern: Any, block
 
 def _sweep(W0: torch.Tensor, U: torch.Tensor, p: Pattern, spec: QuantSpec | None, g: int | None,
            blocksize: int) -> tuple[torch.Tensor, Any] | None:
-    """The OBS column sweep with upper Cholesky factor U of H^-1; None if values turn non-finite."""
+    """The OBS column sweep with upper Cholesky factor U of H^-1; None if values turn non-finite.
+
+    Works on W^T (column k of W is the contiguous row k), so every per-column step
+    reads and updates contiguous memory and the rank-1 update is one BLAS ``ger``.
+    """
     N, K = W0.shape
     per_channel4 = spec is not None and spec.bits == 4 and g == K
     bs = _block_size(blocksize, p, g if (spec is not None and spec.bits == 4 and not per_channel4) else None)
-    W = W0.clone()
-    Q = torch.zeros_like(W)
-    codes = scales = zeros = zf = None
+    Wt = W0.T.contiguous()                       # [K, N]
+    Qt = torch.zeros_like(Wt)
+    codes = scales = zeros = zf = None           # transposed too: [K, N] codes, [G, N] params
     if spec is not None and spec.bits == 8:
-        codes = torch.zeros(N, K, dtype=torch.int8, device=W.device)
+        codes = torch.zeros(K, N, dtype=torch.int8, device=Wt.device)
         amax = W0.abs().amax(dim=1)
         scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     elif spec is not None:
-        codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
+        codes = torch.zeros(K, N, dtype=torch.uint8, device=Wt.device)
         if per_channel4:   # one group: parameters from the original rows
-            scales, zeros = _int4_params(W0, K, spec.symmetric, spec.clip)
+            s_, z_ = _int4_params(W0, K, spec.symmetric, spec.clip)
+            scales, zeros = s_.T.contiguous(), None if z_ is None else z_.T.contiguous()
         else:
-            scales = torch.ones(N, K // g, dtype=torch.float32, device=W.device)
-            zeros = None if spec.symmetric else torch.zeros(N, K // g, dtype=torch.uint8, device=W.device)
-        zf = int4.zero_tensor(scales, zeros)
+            scales = torch.ones(K // g, N, dtype=torch.float32, device=Wt.device)
+            zeros = None if spec.symmetric else torch.zeros(K // g, N, dtype=torch.uint8, device=Wt.device)
+        zf = torch.full_like(scales, float(int4.SYMMETRIC_ZERO)) if zeros is None else zeros.float()
 
     for i1 in range(0, K, bs):
         i2 = min(i1 + bs, K)
         cnt = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()                   # [cnt, N]
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = U[i1:i2, i1:i2]
-        d = torch.diagonal(Hinv1)
+        d = torch.diagonal(Hinv1).contiguous()
         if p.is_nm:
-            prune1 = torch.zeros(N, cnt, dtype=torch.bool, device=W.device)
-        else:
+            prune1 = torch.zeros(cnt, N, dtype=torch.bool, device=Wt.device)
+        else:   # this block's share of the layer's exact total, lowest saliency over rows and columns
             k = _prune.n_pruned(p.sparsity, N * i2) - _prune.n_pruned(p.sparsity, N * i1)
-            sal = W1.square() / d.square().unsqueeze(0)
-            prune1 = _prune._lowest_k_mask(sal.reshape(1, -1), k).reshape(N, cnt)
+            sal = W1.square() / d.square().unsqueeze(1)
+            prune1 = _prune._lowest_k_mask(sal.T.reshape(1, -1), k).reshape(N, cnt).T.contiguous()
         for i in range(cnt):
             col = i1 + i
             if p.is_nm and i % p.m == 0:
-                sal = W1[:, i:i + p.m].square() / d[i:i + p.m].square().unsqueeze(0)
-                prune1[:, i:i + p.m] = _prune._lowest_k_mask(sal, p.m - p.n)
-            wcol = W1[:, i]
-            pr = prune1[:, i]
-            q = torch.where(pr, torch.zeros_like(wcol), wcol)
+                sal = W1[i:i + p.m].square() / d[i:i + p.m].square().unsqueeze(1)
+                prune1[i:i + p.m] = _prune._lowest_k_mask(sal.T, p.m - p.n).T
+            wcol = W1[i]
+            pr = prune1[i]
+            q = wcol.masked_fill(pr, 0.0)
             if spec is not None and spec.bits == 8:
                 c = torch.clamp(torch.round(q / scales), -127, 127)
-                codes[:, col] = c.to(torch.int8)
+                codes[col] = c.to(torch.int8)
                 q = c * scales
             elif spec is not None:
                 gi = col // g
                 if not per_channel4 and col % g == 0:
-                    src = W1[:, i:i + g] * ~prune1[:, i:i + g]   # known-pruned weights count as 0
+                    src = (W1[i:i + g] * ~prune1[i:i + g]).T   # known-pruned weights count as 0
                     if not bool(torch.isfinite(src).all()):
                         return None
                     s_g, z_g = _int4_params(src, g, spec.symmetric, spec.clip)
-                    scales[:, gi] = s_g[:, 0]
+                    scales[gi] = s_g[:, 0]
                     if zeros is not None:
-                        zeros[:, gi] = z_g[:, 0]
-                        zf[:, gi] = z_g[:, 0].float()
-                s, z = scales[:, gi], zf[:, gi]
-                c = torch.clamp(torch.round(q / int4._safe_scale(s)) + z, 0, int4.QMAX)
+                        zeros[gi] = z_g[:, 0]
+                        zf[gi] = z_g[:, 0].float()
+                sc, z = scales[gi], zf[gi]
+                c = torch.clamp(torch.round(q / int4._safe_scale(sc)) + z, 0, int4.QMAX)
                 c = torch.where(pr, z, c)                       # pruned: exactly the zero point
-                codes[:, col] = c.to(torch.uint8)
-                q = (c - z) * s
-            Q1[:, i] = q
+                codes[col] = c.to(torch.uint8)
+                q = (c - z) * sc
+            Q1[i] = q
             err = (wcol - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+            Err1[i] = err
         if not bool(torch.isfinite(Err1).all()):
             return None
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        Qt[i1:i2] = Q1
+        if i2 < K:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
     if spec is None:
-        return Q, None
+        return Qt.T.contiguous(), None
     if spec.bits == 8:
-        qw = Int8Weight(codes, scales.contiguous())
+        qw = Int8Weight(codes.T.contiguous(), scales.contiguous())
     else:
-        qw = int4.Int4Weight(int4.pack(codes), scales.contiguous(), None if zeros is None else zeros.contiguous())
+        qw = int4.Int4Weight(int4.pack(codes.T.contiguous()), scales.T.contiguous(),
+                             None if zeros is None else zeros.T.contiguous())
     return qw.dequantize(), qw
 
 
@@ -200,10 +207,13 @@ def sparsegpt_prune_(model: nn.Module, calibration: Any, pattern: Any, filter_fn
     """Prune (and optionally quantize) every selected nn.Linear of ``model`` in place -> PruneReport.
 
     calibration: an iterable of model inputs (dicts -> ``model(**b)``, tuples, or tensors
-    of token ids); read into a list once and replayed once per *stage* (consecutive
-    layers reading the same tensor, e.g. q/k/v), so each stage's Hessians come from
-    the model whose earlier layers are already pruned. Memory: one stage's K x K
-    Hessians at a time. filter_fn(module, fqn) -> bool picks the layers (default: every
+    of token ids); read into a list once. Layers are processed one *stage* at a time
+    (consecutive layers reading the same tensor, e.g. q/k/v), each stage's Hessians
+    coming from the model whose earlier layers are already pruned. In a stack of
+    blocks (transformer layers) the block inputs are cached and only the current block
+    is replayed per stage (:func:`_calib.blockwise_hessians`); otherwise the whole
+    model is re-run up to the stage. Memory: one stage's K x K Hessians (plus the
+    cached block inputs) at a time. filter_fn(module, fqn) -> bool picks the layers (default: every
     Linear except heads, poolers and embedding modules). With ``quantize``, layers whose
     in_features does not fit the int4 group size are skipped (reason in the report).
     """
@@ -245,17 +255,13 @@ def sparsegpt_prune_(model: nn.Module, calibration: Any, pattern: Any, filter_fn
             bar.update(1)
 
     try:
-        trace = _calib.trace_linears(model, targets, batches[0], device)
-        for fqn, mod, acc in _calib.stagewise_hessians(model, targets, batches, device, trace):
-            if acc.n == 0:
-                logger.warning("sparsegpt: %s: no input rows captured during calibration; H = I", fqn)
+        for fqn, mod, acc in _calib.layerwise_hessians(model, targets, batches, device):
+            if acc is None or acc.n == 0:
+                logger.warning("sparsegpt: %s: no input captured during calibration; H = I", fqn)
                 do(fqn, mod, None, 0)
             else:
                 do(fqn, mod, acc.H, acc.n)
             del acc
-        for fqn in trace.never_called:
-            logger.warning("sparsegpt: %s never ran on the calibration data; H = I", fqn)
-            do(fqn, targets[fqn], None, 0)
     finally:
         if bar is not None:
             bar.close()
