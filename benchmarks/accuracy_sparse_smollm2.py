@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default); on a "
                     "shared, oversubscribed machine 1 is much faster than 2")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense perplexity (increase_pct then nan)")
     ap.add_argument("--json", default=str(OUT))
     args = ap.parse_args()
     if args.threads:
@@ -69,9 +70,9 @@ def main() -> None:
             return perplexity(m, tok, eval_text, window=512, max_tokens=args.tokens, progress=False)
 
     rows = []
-    r = ppl(model)
+    r = {"perplexity": float("nan")} if args.no_dense else ppl(model)
     rows.append({"method": "dense", "pattern": "-", "sparsity": 0.0, "prune_s": 0.0, **r})
-    print(f"  dense: perplexity {r['perplexity']:.3f} over {r['tokens']} tokens", flush=True)
+    print(f"  dense: perplexity {r['perplexity']:.3f}", flush=True)
     for pat in [_pattern(s) for s in args.patterns.split(",")]:
         for method in args.methods.split(","):
             if method not in METHODS:
@@ -89,6 +90,11 @@ def main() -> None:
             row = {"method": method, "pattern": str(pat), "sparsity": rep.sparsity, "prune_s": secs,
                    "layers_pruned": len(rep.layers), "layers_skipped": len(rep.skipped),
                    "fallbacks": sorted(f for f, li in rep.layers.items() if li.fallback), **r}
+            if method == "sparsegpt":   # calibration-set output error per layer vs magnitude at the same pattern
+                ratios = torch.tensor([li.rel_err / li.magnitude_rel_err for li in rep.layers.values()
+                                       if li.magnitude_rel_err > 0])
+                row["rel_err_vs_magnitude_median"] = float(ratios.median())
+                row["rel_err_vs_magnitude_max"] = float(ratios.max())
             rows.append(row)
             print(f"  {str(pat):>4} {method:10s} perplexity {r['perplexity']:9.3f}  sparsity {rep.sparsity:.4f} "
                   f"({len(rep.layers)} layers, {len(rep.skipped)} skipped)  prune {secs:.0f}s", flush=True)
