@@ -1,4 +1,4 @@
-"""Calibration plumbing shared by data-driven algorithms (GPTQ; reusable by SparseGPT/Wanda).
+"""Calibration plumbing shared by data-driven algorithms (GPTQ, SparseGPT, Wanda).
 
 * :func:`as_batches` / :func:`run_model`: any iterable of model inputs -- dicts
   (``model(**batch)``, Hugging Face style), tuples/lists (``model(*batch)``) or tensors
@@ -10,14 +10,23 @@
 * :class:`HessianCollector`: forward pre-hooks that accumulate ``H = 2/n * sum x x^T``
   for the layers of one stage and stop the forward pass (:class:`StopForward`) once
   every member has seen its input, so the rest of the model is not run.
+* :func:`stagewise_hessians`: the layer-by-layer driver on top of those two: yields
+  each target layer with its Hessian, one stage at a time, and only runs the next
+  stage's pass once the caller has handled (e.g. rewritten) the previous stage.
+* :class:`InputNormCollector`: one pass, hooks on every target layer, accumulating the
+  per-input-column sum of squares (Wanda's ``||X_j||_2^2``).
+* :func:`inverse_hessian_factor`: upper Cholesky factor of the damped inverse Hessian,
+  retrying at 10x damping with a WARNING each time.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from slmkern._logging import logger
 
 
 class StopForward(Exception):
@@ -33,7 +42,7 @@ def as_batches(calibration: Any) -> list[Any]:
                         f"got {type(calibration).__name__}")
     batches = list(calibration)
     if not batches:
-        raise ValueError("calibration: is empty; GPTQ needs at least one batch of model inputs")
+        raise ValueError("calibration: is empty; need at least one batch of model inputs")
     return batches
 
 
@@ -53,9 +62,19 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclasses.dataclass
+class Call:
+    """A recorded call ``module(*args, **kwargs)`` (replayed by :func:`run_model` as is)."""
+
+    args: tuple
+    kwargs: dict
+
+
 def run_model(model: nn.Module, batch: Any, device: torch.device) -> None:
     """One forward pass on one calibration batch; a StopForward from a hook ends it quietly."""
-    if isinstance(batch, dict) or (hasattr(batch, "keys") and not isinstance(batch, torch.Tensor)):
+    if isinstance(batch, Call):
+        args, kwargs = batch.args, batch.kwargs
+    elif isinstance(batch, dict) or (hasattr(batch, "keys") and not isinstance(batch, torch.Tensor)):
         args, kwargs = (), dict(to_device(dict(batch), device))
     elif isinstance(batch, (tuple, list)):
         args, kwargs = tuple(to_device(list(batch), device)), {}
@@ -172,3 +191,219 @@ class HessianCollector:
             for h in handles:
                 h.remove()
         return self.acc
+
+
+def layerwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
+                       device: torch.device) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]]:
+    """Every target with its Hessian, layer by layer (None for layers that never ran).
+
+    Uses :func:`blockwise_hessians` when the model is a stack of blocks, else
+    :func:`stagewise_hessians` over the whole model. Either way a layer's Hessian comes
+    from the model as the caller left it after processing all earlier layers.
+    """
+    it = blockwise_hessians(model, targets, batches, device)
+    if it is not None:
+        yield from it
+        return
+    trace = trace_linears(model, targets, batches[0], device)
+    yield from stagewise_hessians(model, targets, batches, device, trace)
+    for fqn in trace.never_called:
+        yield fqn, targets[fqn], None
+
+
+def stagewise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
+                       device: torch.device, trace: Trace
+                       ) -> Iterator[tuple[str, nn.Module, HessianAccumulator]]:
+    """Yield ``(fqn, module, HessianAccumulator)`` for every layer of ``trace.stages``, in run order.
+
+    A generator: the calibration pass for stage s+1 runs only when the caller asks for
+    its first layer, i.e. after it has processed (pruned/quantized in place) every layer
+    of stage s, so later layers calibrate on the compressed model's activations. Memory:
+    one stage's K x K Hessians at a time. ``trace.never_called`` layers are not yielded.
+    """
+    for stage in trace.stages:
+        layers = {fqn: targets[fqn] for fqn in stage}
+        accs = HessianCollector(layers, trace.calls).collect(model, batches, device)
+        for fqn, mod in layers.items():
+            yield fqn, mod, accs.pop(fqn)
+
+
+# ----------------------------------------------------------------------------- block-sequential driver
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def find_block_list(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, nn.ModuleList] | None:
+    """The nn.ModuleList of repeated blocks (transformer layers) that holds every target, or None."""
+    best = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or not name:
+            continue
+        inside = [f for f in targets if f.startswith(name + ".")]
+        if len(inside) == len(targets):
+            if best is None or len(name) > len(best[0]):   # the innermost list holding them all
+                best = (name, mod)
+    return best
+
+
+def _strip_cache(kwargs: dict) -> dict:
+    kw = dict(kwargs)
+    for k in _CACHE_KWARGS:
+        if k in kw:
+            kw[k] = None
+    if "use_cache" in kw:
+        kw["use_cache"] = False
+    return kw
+
+
+def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Any], device: torch.device
+                          ) -> list[Call] | None:
+    calls: list[Call] = []
+
+    def hook(mod, args, kwargs):
+        calls.append(Call(tuple(args), _strip_cache(kwargs)))
+        raise StopForward
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                n = len(calls)
+                run_model(model, batch, device)
+                if len(calls) != n + 1:
+                    return None
+    finally:
+        h.remove()
+    return calls
+
+
+def _hidden(call: Call) -> torch.Tensor | None:
+    x = call.args[0] if call.args else call.kwargs.get("hidden_states")
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def _next_call(call: Call, out: Any) -> Call | None:
+    y = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
+    x = _hidden(call)
+    if not isinstance(y, torch.Tensor) or x is None or y.shape != x.shape:
+        return None
+    if call.args:
+        return Call((y,) + tuple(call.args[1:]), call.kwargs)
+    return Call((), {**call.kwargs, "hidden_states": y})
+
+
+def blockwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
+                       device: torch.device) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]] | None:
+    """Like :func:`stagewise_hessians`, but O(#blocks) model work instead of O(#stages * depth).
+
+    When every target lies in one nn.ModuleList of blocks (a transformer's layers), the
+    inputs of block 0 are captured once per calibration batch (cache arguments dropped,
+    ``use_cache=False``), each block is then calibrated stage by stage by replaying only
+    that block on its cached inputs, and, once the caller has processed all its layers,
+    the (compressed) block is run once to produce the next block's inputs. Yields
+    ``(fqn, module, HessianAccumulator)``, and ``(fqn, module, None)`` for a layer of a
+    block that never ran. Returns None (use :func:`stagewise_hessians`) when the model
+    does not have that shape: no such list, or a block whose input cannot be replayed.
+    """
+    found = find_block_list(model, targets)
+    if found is None:
+        return None
+    name, blocks = found
+    block_of = {}
+    for fqn in targets:
+        idx = fqn[len(name) + 1:].split(".", 1)[0]
+        if not idx.isdigit():
+            return None
+        block_of.setdefault(int(idx), {})[fqn] = targets[fqn]
+    calls = _capture_block_inputs(model, blocks[0], batches, device)
+    if calls is None or any(_hidden(c) is None for c in calls):
+        return None
+    with torch.no_grad():   # dry run: can block 0's output feed block 1?
+        if _next_call(calls[0], blocks[0](*calls[0].args, **calls[0].kwargs)) is None:
+            return None
+
+    def gen():
+        nonlocal calls
+        for b, block in enumerate(blocks):
+            layers = block_of.get(b, {})
+            if layers:
+                trace = trace_linears(block, layers, calls[0], device)
+                for fqn, mod, acc in stagewise_hessians(block, layers, calls, device, trace):
+                    yield fqn, mod, acc
+                for fqn in trace.never_called:
+                    yield fqn, layers[fqn], None
+            if b + 1 < len(blocks) and any(k > b for k in block_of):
+                nxt = []
+                with torch.no_grad():
+                    for c in calls:
+                        n = _next_call(c, block(*c.args, **c.kwargs))
+                        if n is None:
+                            raise RuntimeError(f"{name}.{b}: block output does not look like its hidden-state "
+                                               "input; cannot chain blocks")
+                        nxt.append(n)
+                calls = nxt
+    return gen()
+
+
+class InputNormCollector:
+    """Pre-hooks on many layers at once: per input column, the sum of squares over all rows seen."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.layers = layers
+        self.sumsq = {fqn: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device)
+                      for fqn, m in layers.items()}
+        self.rows = {fqn: 0 for fqn in layers}
+
+    def _hook(self, fqn: str):
+        def hook(mod, args, kwargs):
+            x = _first_tensor(args, kwargs)
+            if x is not None and x.numel():
+                x = x.detach().reshape(-1, x.shape[-1])
+                acc = self.sumsq[fqn]
+                acc += x.to(device=acc.device, dtype=torch.float32).square().sum(dim=0).double()
+                self.rows[fqn] += x.shape[0]
+            return None
+        return hook
+
+    def collect(self, model: nn.Module, batches: list[Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """Run every batch once; returns {fqn: ||X_j||_2 per column, fp32 [K]} (zeros for unseen layers)."""
+        handles = [m.register_forward_pre_hook(self._hook(fqn), with_kwargs=True)
+                   for fqn, m in self.layers.items()]
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    run_model(model, batch, device)
+        finally:
+            for h in handles:
+                h.remove()
+        return {fqn: s.sqrt().float() for fqn, s in self.sumsq.items()}
+
+
+MAX_DAMP = 100.0  # beyond 100 x mean(diag H) the Hessian carries no useful information
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float, name: str, tag: str = "calib"
+                           ) -> tuple[torch.Tensor | None, float, int]:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 -> (U or None, damp used, retries).
+
+    Starts at ``percdamp`` and multiplies the damping by 10 after every failed (or
+    non-finite) factorisation, logging a WARNING ("<tag>: <name>: ...") each time;
+    returns None once it would exceed MAX_DAMP or when H itself is not finite.
+    """
+    if not bool(torch.isfinite(H).all()):
+        return None, percdamp, 0
+    mean_diag = float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    damp, retries = percdamp, 0
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + (damp * mean_diag) * eye)
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all()):
+                return U, damp, retries
+        nxt = damp * 10.0 if damp > 0 else 1e-4
+        if nxt > MAX_DAMP:
+            return None, damp, retries
+        logger.warning("%s: %s: Cholesky of the damped Hessian failed at damp=%g x mean(diag H); "
+                       "retrying at damp=%g", tag, name, damp, nxt)
+        retries += 1
+        damp = nxt
