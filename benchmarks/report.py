@@ -62,6 +62,11 @@ def header(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def label(r: dict) -> str:
+    """impl name, with the value type when an op times several (sparse ops: fp32/bf16/int8 values)."""
+    return f"{r['impl']}[{r['values']}]" if r.get("values") and r["impl"].startswith("slmkern") else r["impl"]
+
+
 def case_block(case, rows: list[dict], skipped: list[dict]) -> str:
     """One table per (op, shape, M): each impl's median/p10/p90, floor, %floor and ratio vs slmkern."""
     dtype = next((r["dtype"] for r in rows if r["impl"] == "slmkern"), str(case.dtype).removeprefix("torch."))
@@ -71,8 +76,11 @@ def case_block(case, rows: list[dict], skipped: list[dict]) -> str:
     ours = next((r for r in rows if r["impl"] == "slmkern"), None)
     for r in rows:
         pct = 100.0 * r["floor_us"] / r["us"] if r["us"] > 0 else float("nan")
-        vs = "-" if r["impl"] == "slmkern" or ours is None else ratio_text(ours["us"], r["us"], r["impl"])
-        lines.append(f"  {r['impl']:<20}{r['us']:>11.1f}{r['p10_us']:>10.1f}{r['p90_us']:>10.1f}"
+        # a peer that carries a value type (slmkern_w8a8 for int8 values) is compared with that variant
+        mine = next((o for o in rows if o["impl"] == "slmkern" and r.get("values")
+                     and o.get("values") == r.get("values")), ours)
+        vs = "-" if r["impl"] == "slmkern" or mine is None else ratio_text(mine["us"], r["us"], r["impl"])
+        lines.append(f"  {label(r):<20}{r['us']:>11.1f}{r['p10_us']:>10.1f}{r['p90_us']:>10.1f}"
                      f"{r['floor_us']:>10.1f}{pct:>7.1f}%{r['bytes'] / 2**20:>8.2f}{r['copies']:>7}"
                      f"{r['reps']:>6}  {vs}")
     host = [f"{r['impl']} {r['host_us']:.0f}" for r in rows if r.get("host_us") is not None]
@@ -97,22 +105,25 @@ def summary(rows: list[dict]) -> str:
         if r["impl"] != "slmkern" and r["impl"] not in peers:
             peers.append(r["impl"])
     lines = ["summary: slmkern median us and speedup vs each peer (peer us / slmkern us; > 1 = slmkern faster)",
-             f"  {'op':<14}{'K':>6}{'N':>6}{'M':>5}{'slmkern us':>12}{'%floor':>8}" + "".join(f"{p:>20}" for p in peers)
+             f"  {'op':<26}{'K':>6}{'N':>6}{'M':>5}{'slmkern us':>12}{'%floor':>8}" + "".join(f"{p:>20}" for p in peers)
              + "  others_cpu"]
     cases: dict = {}
     for r in rows:
-        cases.setdefault((r["op"], r["K"], r["N"], r["M"]), {})[r["impl"]] = r
+        by_impl = cases.setdefault((r["op"], r["K"], r["N"], r["M"]), {})
+        if r["impl"] == "slmkern":
+            by_impl.setdefault("slmkern", []).append(r)
+        else:
+            by_impl.setdefault(r["impl"], r)
     for (op, K, N, M), by_impl in cases.items():
-        ours = by_impl.get("slmkern")
-        if ours is None:
-            continue
-        cells = []
-        for p in peers:
-            cells.append(f"{by_impl[p]['us'] / ours['us']:>19.2f}x" if p in by_impl else f"{'-':>20}")
-        others = ours.get("others_cpu")
-        lines.append(f"  {op:<14}{K:>6}{N:>6}{M:>5}{ours['us']:>12.1f}"
-                     f"{100 * ours['floor_us'] / ours['us']:>7.1f}%" + "".join(cells)
-                     + (f"  {100 * others:>9.0f}%" if others is not None else ""))
+        for ours in by_impl.get("slmkern", []):
+            cells = []
+            for p in peers:
+                cells.append(f"{by_impl[p]['us'] / ours['us']:>19.2f}x" if p in by_impl else f"{'-':>20}")
+            others = ours.get("others_cpu")
+            name = f"{op}[{ours['values']}]" if ours.get("values") else op
+            lines.append(f"  {name:<26}{K:>6}{N:>6}{M:>5}{ours['us']:>12.1f}"
+                         f"{100 * ours['floor_us'] / ours['us']:>7.1f}%" + "".join(cells)
+                         + (f"  {100 * others:>9.0f}%" if others is not None else ""))
     return "\n".join(lines)
 
 
