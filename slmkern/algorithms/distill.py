@@ -127,7 +127,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, *, steps: int = 1
         for m in student.modules():
             if isinstance(m, nn.Embedding):
                 frozen.update(id(p) for p in m.parameters())
-    params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen]
+    params = [p for p in student.parameters() if p.is_floating_point() and id(p) not in frozen]
+    flags = {id(p): p.requires_grad for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(id(p) not in frozen and p.is_floating_point())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up over 10% of the steps, then linear decay
@@ -175,6 +178,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, *, steps: int = 1
                 with torch.no_grad():
                     linears[fqn].weight.mul_(masks[fqn].to(linears[fqn].weight.device))
         student.train(was_training)
+        for p in student.parameters():
+            p.requires_grad_(flags.get(id(p), p.requires_grad))
     report.steps = len(losses)
     report.first_loss = sum(losses[:10]) / max(1, len(losses[:10]))
     report.last_loss = sum(losses[-10:]) / max(1, len(losses[-10:]))
