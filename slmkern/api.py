@@ -130,3 +130,8 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
         _set_submodule(model, fqn, new)
         report.swapped.append((fqn, new.extra_repr()))
     return report
+
+
+# Recipes and checkpoints live in their own modules; the model-level API re-exports them.
+from slmkern.checkpoint import load, save  # noqa: E402
+from slmkern.recipes import CompressReport, Recipe, compress, parse_recipe  # noqa: E402

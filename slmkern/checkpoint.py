@@ -226,7 +226,10 @@ def load(path: str | os.PathLike, model_or_config: nn.Module | None = None, *,
         setattr(model.get_submodule(parent) if parent else model, child, new)
     rest = {k: v for k, v in tensors.items() if k not in packed_keys}
     model.to(device)
-    result = model.load_state_dict(rest, strict=False)
+    try:
+        result = model.load_state_dict(rest, strict=False)
+    except RuntimeError as exc:   # size mismatches
+        raise CheckpointError(f"{path}: checkpoint does not match the model: {str(exc).strip()[:500]}") from None
     missing = [k for k in result.missing_keys if k not in packed_keys]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, "
