@@ -284,6 +284,15 @@ def _load_any(name: str, kind: str = "auto"):
         except (ValueError, TypeError) as exc:
             raise CLIError(str(exc)) from None
         return model, AutoTokenizer.from_pretrained(str(path))
+    if kind == "auto" and (path / "config.json").is_file():
+        # a local HF model keeps its own head (e.g. ForSequenceClassification), named in config.json
+        import json
+
+        import transformers
+        arch = (json.loads((path / "config.json").read_text()).get("architectures") or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is not None:
+            return cls.from_pretrained(str(path)).eval(), transformers.AutoTokenizer.from_pretrained(str(path))
     try:
         return load_model(name, kind)
     except FileNotFoundError as exc:
