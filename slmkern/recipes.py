@@ -346,9 +346,11 @@ def _module_bytes(m: nn.Module) -> int:
 
 @torch.no_grad()
 def _effective_weight(m: nn.Module) -> torch.Tensor:
-    """W as the module computes it: (m(I) - m(0))^T, valid for any Linear-like module."""
+    """W as the module stores it: its dequantized weight, else (m(I) - m(0))^T (any Linear-like module)."""
     if type(m) is nn.Linear:
         return m.weight.detach().float()
+    if hasattr(m, "dequantized_weight"):
+        return m.dequantized_weight().float()
     K = m.in_features
     dev = next(iter(m.buffers())).device
     eye = torch.eye(K, device=dev)
