@@ -215,3 +215,26 @@ def test_example_recipes_parse():
     assert len(files) >= 4
     for f in files:
         parse_recipe(f)
+
+
+def test_demo_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from slmkern import demo
+    rows = [dict(variant="dense fp32", accuracy=0.8, precision=0.8, recall=0.79, f1=0.795, mb=90.0,
+                 latency_ms_b1=10.0, latency_ms_b32=100.0, speedup_b1=1.0, speedup_b32=1.0),
+            dict(variant="W8A8", accuracy=0.798, precision=0.8, recall=0.79, f1=0.79, mb=58.0,
+                 latency_ms_b1=4.0, latency_ms_b32=40.0, speedup_b1=2.5, speedup_b32=2.5),
+            dict.fromkeys(demo.ROW_KEYS) | {"variant": "2:4 + distill"}]
+    assert all(set(r) == set(demo.ROW_KEYS) for r in rows)
+    assert set(demo.ROW_KEYS) >= {"variant", "accuracy", "precision", "recall", "f1", "mb", "latency_ms_b1",
+                                  "latency_ms_b32"}
+    demo.print_table(rows, {"2:4 + distill": "step 'prune' needs X"})
+    out = capsys.readouterr().out
+    assert "W8A8" in out and "79.80%" in out and "2.50" in out and "skipped: step 'prune' needs X" in out
+    demo._plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = [n for n, _ in demo.variants("int8", 10)]
+    assert names == ["dense fp32", "W8A8", "int4 GPTQ", "50% sparse + int8", "2:4 + distill"]
+    from slmkern.recipes import parse_recipe
+    for _, r in demo.variants("int8", 10)[1:]:
+        parse_recipe(r)
