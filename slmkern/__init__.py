@@ -5,8 +5,10 @@ __version__ = "0.1.0"
 
 from slmkern import ops  # noqa: F401  (defines torch.ops.slmkern.*)
 from slmkern import _backends  # noqa: F401  (registers kernels)
-from slmkern.api import SwapReport, quantize_, sparsify_
+from slmkern.api import (CompressReport, Recipe, SwapReport, compress, load, parse_recipe, quantize_, save,
+                         sparsify_)
 from slmkern.config import Int4Config, Int8Config, SparseConfig
 from slmkern._info import info
 
-__all__ = ["Int4Config", "Int8Config", "SparseConfig", "SwapReport", "info", "quantize_", "sparsify_", "__version__"]
+__all__ = ["CompressReport", "Int4Config", "Int8Config", "Recipe", "SparseConfig", "SwapReport", "compress", "info",
+           "load", "parse_recipe", "quantize_", "save", "sparsify_", "__version__"]

@@ -199,3 +199,8 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None, filter_fn: F
         desc = new.extra_repr() + (f" (auto: {why})" if why else "")
         report.swapped.append((fqn, desc))
     return report
+
+
+# Recipes and checkpoints live in their own modules; the model-level API re-exports them.
+from slmkern.checkpoint import load, save  # noqa: E402
+from slmkern.recipes import CompressReport, Recipe, compress, parse_recipe  # noqa: E402

@@ -1,4 +1,4 @@
-"""`slmkern` command line: info | bench | demo (compress and eval come later).
+"""`slmkern` command line: info | bench | compress | eval | demo.
 
 Each subcommand is one function decorated with ``@command``: it adds its parser to the
 subparsers and sets ``run=fn(args) -> exit code``. Adding a subcommand is adding one function.
@@ -186,6 +186,180 @@ def _bench(sub: argparse._SubParsersAction) -> None:
         if args.json:
             report.write_json(result, args.json)
             print(f"\nwrote {len(result['rows'])} rows to {args.json}")
+        return 0
+
+    p.set_defaults(run=run)
+
+
+# ---------------------------------------------------------------- compress / eval
+
+def _calibration(tok, kind: str, n: int, seq: int, batch: int = 4) -> list[dict]:
+    """Calibration batches: causal LMs read the second half of the Wikipedia text (eval reads the
+    first half); encoders/classifiers read Rotten Tomatoes snippets outside the eval split."""
+    import torch
+
+    if kind == "causal-lm":
+        from slmkern.data import wikipedia_text
+        text = wikipedia_text()
+        ids = tok(text[len(text) // 2:], return_tensors="pt").input_ids[0]
+        n = min(n, ids.numel() // seq)
+        rows = ids[:n * seq].reshape(n, seq)
+        return [{"input_ids": rows[i:i + batch], "attention_mask": torch.ones_like(rows[i:i + batch])}
+                for i in range(0, n, batch)]
+    from slmkern.data import rotten_tomatoes
+    texts = [t for t, _ in rotten_tomatoes(seed=0)[EVAL_TEST_SIZE:EVAL_TEST_SIZE + n]]
+    return [dict(tok(texts[i:i + 16], padding=True, truncation=True, max_length=seq, return_tensors="pt"))
+            for i in range(0, len(texts), 16)]
+
+
+EVAL_TEST_SIZE = 2000  # Rotten Tomatoes: the first 2000 snippets (seed 0) are the test split, as in the demo
+
+
+def _model_kind(model) -> str:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "causal-lm"
+    if name.endswith("ForSequenceClassification"):
+        return "classifier"
+    return "encoder"
+
+
+@command
+def _compress(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compress", help="apply a recipe (YAML/JSON) to a model and save it",
+                       description="Load a model (short name minilm/smollm2, a local Hugging Face path or a slmkern "
+                                   "checkpoint), apply the recipe's steps, print the per-layer report, save to --out.")
+    p.add_argument("--model", required=True, help="minilm | smollm2 | local HF path | slmkern checkpoint dir")
+    p.add_argument("--recipe", required=True, help="recipe file (.yaml/.yml/.json)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--kind", choices=("auto", "encoder", "causal-lm"), default="auto")
+    p.add_argument("--calib-samples", type=_positive_int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--calib-seq", type=_positive_int, default=256, help="tokens per calibration sequence")
+
+    def run(args) -> int:
+        import time
+
+        from slmkern import checkpoint
+        from slmkern.recipes import RecipeError, compress, needs_calibration, parse_recipe
+
+        out = Path(args.out)
+        if out.exists() and not args.overwrite:
+            raise CLIError(f"--out {str(out)!r} already exists; pass --overwrite to replace it")
+        try:
+            recipe = parse_recipe(args.recipe)
+        except RecipeError as exc:
+            raise CLIError(str(exc)) from None
+        model, tok = _load_any(args.model, args.kind)
+        kind = _model_kind(model)
+        calib = _calibration(tok, kind, args.calib_samples, args.calib_seq) if needs_calibration(recipe) else None
+        t0 = time.perf_counter()
+        try:
+            report = compress(model, recipe, calibration=calib)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(str(exc)) from None
+        print(report)
+        print(f"compressed in {time.perf_counter() - t0:.1f} s")
+        try:
+            checkpoint.save(model, out, overwrite=args.overwrite, tokenizer=tok,
+                            meta={"source": args.model, "recipe": recipe.to_dict(), "report": report.to_dict()})
+        except FileExistsError as exc:
+            raise CLIError(str(exc)) from None
+        print(f"saved to {out}")
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _load_any(name: str, kind: str = "auto"):
+    """(model, tokenizer) from a slmkern checkpoint dir, a short name or a local HF path."""
+    from slmkern import checkpoint
+    from slmkern.models import load_model
+
+    path = Path(name)
+    if (path / checkpoint.CONFIG_NAME).is_file():
+        from transformers import AutoTokenizer
+        try:
+            model = checkpoint.load(path)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(str(exc)) from None
+        return model, AutoTokenizer.from_pretrained(str(path))
+    if kind == "auto" and (path / "config.json").is_file():
+        # a local HF model keeps its own head (e.g. ForSequenceClassification), named in config.json
+        import json
+
+        import transformers
+        arch = (json.loads((path / "config.json").read_text()).get("architectures") or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is not None:
+            return cls.from_pretrained(str(path)).eval(), transformers.AutoTokenizer.from_pretrained(str(path))
+    try:
+        return load_model(name, kind)
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+
+
+@command
+def _eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model or checkpoint: quality, size, memory, speed",
+                       description="Causal LMs: perplexity over non-overlapping windows of the first half of the "
+                                   "Wikipedia text + greedy decode tokens/s (KV cache). Classifiers: accuracy and "
+                                   "macro precision/recall/F1 on the Rotten Tomatoes test split. Encoders: embedding "
+                                   "cosine to --reference. All: size, peak memory, latency at batch 1 and 32.")
+    p.add_argument("--model", required=True, help="slmkern checkpoint dir | minilm | smollm2 | local HF path")
+    p.add_argument("--kind", choices=("auto", "encoder", "causal-lm"), default="auto")
+    p.add_argument("--max-tokens", type=_positive_int, default=8192, help="perplexity: tokens scored (default 8192)")
+    p.add_argument("--window", type=_positive_int, default=512, help="perplexity window (default 512)")
+    p.add_argument("--decode-tokens", type=_positive_int, default=64, help="greedy decode length (default 64)")
+    p.add_argument("--reference", default="minilm", help="encoders: the model to compare embeddings with")
+    p.add_argument("--max-length", type=_positive_int, default=64, help="classifier/encoder sequence length")
+    p.add_argument("--reps", type=_positive_int, default=3, help="timing repetitions (median)")
+    p.add_argument("--json", metavar="FILE", help="write the results as one JSON object")
+
+    def run(args) -> int:
+        import json
+
+        import torch
+
+        from slmkern import evaluation as ev
+        from slmkern.checkpoint import CONFIG_NAME
+
+        model, tok = _load_any(args.model, args.kind)
+        kind = _model_kind(model)
+        path = Path(args.model)
+        res = {"model": args.model, "kind": kind, "threads": torch.get_num_threads(),
+               "mb": ev.model_bytes(model) / 1e6,
+               "disk_mb": ev.dir_bytes(path) / 1e6 if (path / CONFIG_NAME).is_file() else None}
+        with torch.inference_mode():
+            if kind == "causal-lm":
+                from slmkern.data import wikipedia_text
+                text = wikipedia_text()
+                res.update(ev.perplexity(model, tok, text[:len(text) // 2], window=args.window,
+                                         max_tokens=args.max_tokens))
+                res.update(ev.decode_tokens_per_s(model, tok, new_tokens=args.decode_tokens, reps=args.reps))
+            else:
+                from slmkern.data import rotten_tomatoes
+                test = rotten_tomatoes(seed=0)[:EVAL_TEST_SIZE]
+                texts = [t for t, _ in test]
+                if kind == "classifier":
+                    res.update(ev.evaluate_classifier(model, tok, texts, [y for _, y in test],
+                                                      max_length=args.max_length, progress=True))
+                else:
+                    ref, rtok = _load_any(args.reference, "encoder")
+                    a = ev.mean_pooled_embeddings(ref, rtok, texts[:512], max_length=args.max_length)
+                    b = ev.mean_pooled_embeddings(model, tok, texts[:512], max_length=args.max_length)
+                    res.update(ev.embedding_cosine(a, b))
+                enc = tok(texts[:32], padding="max_length", truncation=True, max_length=args.max_length,
+                          return_tensors="pt")
+                b1 = {k: v[:1] for k, v in enc.items()}
+                res["latency_ms_b1"] = ev.median_ms(lambda: model(**b1), reps=5 * args.reps)
+                res["latency_ms_b32"] = ev.median_ms(lambda: model(**enc), reps=args.reps)
+        res["peak_rss_mb"] = ev.peak_rss_mb()
+        for k, v in res.items():
+            print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+            print(f"wrote {args.json}")
         return 0
 
     p.set_defaults(run=run)

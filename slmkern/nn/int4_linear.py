@@ -84,6 +84,10 @@ class Int4Linear(PackedLinearBase):
             raise ValueError(f"method: expected one of {METHODS} (gptq needs calibration data), got {method!r}")
         return cls.from_int4(linear, q, activations)
 
+    def _init_kwargs(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "group_size": self.group_size, "symmetric": self.symmetric, "activations": self.activations}
+
     def _pack_cpu(self) -> torch.Tensor:
         from slmkern.formats import int4_cpu
         return int4_cpu.prepack_cpu(self.weight, self.weight_scale, self.weight_zero, self.group_size)

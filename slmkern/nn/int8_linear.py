@@ -54,6 +54,10 @@ class Int8Linear(PackedLinearBase):
         mod.prepack()
         return mod
 
+    def _init_kwargs(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "activations": self.activations}
+
     def _pack_cpu(self) -> torch.Tensor:
         int8_format.check_weight(self.weight, "weight")
         return int8_format.prepack_cpu(self.weight)

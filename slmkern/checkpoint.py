@@ -1,0 +1,237 @@
+"""save / load: a compressed model as safetensors (canonical formats only) + ``slmkern_config.json``.
+
+A checkpoint directory holds
+
+* ``model.safetensors``: the model's ``state_dict`` -- dense parameters and every slmkern
+  module's canonical buffers (never a kernel's packed layout); tied tensors stored once;
+* ``slmkern_config.json``: format version, the sha256 and size of the tensor file, every
+  tensor's name/shape/dtype, tied-tensor aliases, per packed module its ``slmkern_config()``
+  (class, shapes, group size, activations...), the Hugging Face class name when there is one,
+  and free-form ``meta`` (recipe, report);
+* ``config.json`` (+ tokenizer files) when the model is a Hugging Face model.
+
+Nothing is unpickled: safetensors parses its own header, and every tensor is checked against
+the JSON before a module is built. A truncated or modified file fails with a ValueError that
+says so. Writing goes into a temporary directory next to ``out`` which is renamed into place,
+so a failed save never leaves a half-written directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmkern.nn._base import PackedLinearBase
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "slmkern_config.json"
+TENSORS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded (missing, truncated, tampered, mismatched)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def packed_module_classes() -> dict[str, type]:
+    """Every PackedLinearBase subclass exported by slmkern.nn (SparseLinear included once merged)."""
+    import slmkern.nn as snn
+
+    return {name: obj for name, obj in vars(snn).items()
+            if isinstance(obj, type) and issubclass(obj, PackedLinearBase) and obj is not PackedLinearBase}
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory (tied embeddings) once; return (tensors, {alias: stored name})."""
+    seen: dict[tuple, str] = {}
+    out, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+            if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous()
+    return out, aliases
+
+
+def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False, tokenizer: Any = None,
+         meta: dict | None = None) -> Path:
+    """Write ``model`` to the directory ``out`` (refused if it exists, unless overwrite=True)."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"out: {str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out: {str(out)!r} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    modules = {fqn: m.slmkern_config() for fqn, m in model.named_modules() if isinstance(m, PackedLinearBase)}
+    tensors, aliases = _dedupe(model.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt", "slmkern": str(FORMAT_VERSION)})
+        cfg = {
+            "slmkern_format_version": FORMAT_VERSION,
+            "tensor_file": {"name": TENSORS_NAME, "bytes": (tmp / TENSORS_NAME).stat().st_size,
+                            "sha256": _sha256(tmp / TENSORS_NAME)},
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                        for k, v in tensors.items()},
+            "aliases": aliases,
+            "modules": modules,
+            "hf_class": type(model).__name__ if hasattr(getattr(model, "config", None), "to_dict") else None,
+            "meta": meta or {},
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1, default=str))
+        if cfg["hf_class"]:
+            model.config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, trash / "old")
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    f = path / CONFIG_NAME
+    if not f.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a slmkern checkpoint (no {CONFIG_NAME})")
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{f}: not valid JSON ({exc}); the file is corrupt") from None
+    if not isinstance(cfg, dict) or cfg.get("slmkern_format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{f}: unsupported or missing slmkern_format_version "
+                              f"(expected {FORMAT_VERSION}, got {cfg.get('slmkern_format_version') if isinstance(cfg, dict) else cfg!r})")
+    for key in ("tensor_file", "tensors", "aliases", "modules"):
+        if key not in cfg:
+            raise CheckpointError(f"{f}: missing key {key!r}; the file is corrupt")
+    return cfg
+
+
+def _read_tensors(path: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = path / cfg["tensor_file"]["name"]
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing")
+    size = f.stat().st_size
+    if size != cfg["tensor_file"]["bytes"]:
+        raise CheckpointError(f"{f}: {size} bytes, {CONFIG_NAME} says {cfg['tensor_file']['bytes']} "
+                              "(the file is truncated or was replaced)")
+    if _sha256(f) != cfg["tensor_file"]["sha256"]:
+        raise CheckpointError(f"{f}: sha256 does not match {CONFIG_NAME} (the file was modified or is corrupt)")
+    try:
+        tensors = load_file(str(f), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{f}: cannot be parsed as safetensors ({exc})") from None
+    want = cfg["tensors"]
+    if set(tensors) != set(want):
+        raise CheckpointError(f"{f}: tensor names differ from {CONFIG_NAME} "
+                              f"(missing {sorted(set(want) - set(tensors))[:5]}, "
+                              f"unexpected {sorted(set(tensors) - set(want))[:5]})")
+    for name, spec in want.items():
+        t = tensors[name]
+        if list(t.shape) != list(spec["shape"]) or str(t.dtype).removeprefix("torch.") != spec["dtype"]:
+            raise CheckpointError(f"{f}: tensor {name!r} is {list(t.shape)} {t.dtype}, "
+                                  f"{CONFIG_NAME} says {spec['shape']} {spec['dtype']}")
+    for alias, target in cfg["aliases"].items():
+        if target not in tensors:
+            raise CheckpointError(f"{CONFIG_NAME}: alias {alias!r} points at unknown tensor {target!r}")
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+def _build_hf(path: Path, cfg: dict) -> nn.Module:
+    import transformers
+
+    name = cfg.get("hf_class")
+    if not name:
+        raise CheckpointError(f"{path}: not a Hugging Face model; pass the model skeleton as model_or_config")
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise CheckpointError(f"{path}: transformers has no class {name!r}")
+    hf_cfg = transformers.AutoConfig.from_pretrained(str(path))
+    try:
+        from transformers.modeling_utils import no_init_weights
+        with no_init_weights():
+            return cls(hf_cfg)
+    except ImportError:  # pragma: no cover - older/newer transformers
+        return cls(hf_cfg)
+
+
+def load(path: str | os.PathLike, model_or_config: nn.Module | None = None, *,
+         device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved model: the fast modules from their canonical tensors, repacked for ``device``.
+
+    model_or_config: the dense model skeleton (an nn.Module of the same architecture, modified
+    in place and returned), or None to build it from the saved Hugging Face config.
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    tensors = _read_tensors(path, cfg)
+    if model_or_config is None:
+        model = _build_hf(path, cfg)
+    elif isinstance(model_or_config, nn.Module):
+        model = model_or_config
+    else:
+        raise TypeError(f"model_or_config: expected an nn.Module or None, got {type(model_or_config).__name__}")
+    classes = packed_module_classes()
+    packed_keys = set()
+    for fqn, mcfg in cfg["modules"].items():
+        cls = classes.get(mcfg.get("class"))
+        if cls is None:
+            raise CheckpointError(f"module {fqn!r}: class {mcfg.get('class')!r} is not available in this build "
+                                  f"(known: {sorted(classes)})")
+        try:
+            model.get_submodule(fqn)
+        except AttributeError:
+            raise CheckpointError(f"module {fqn!r}: the model has no such submodule") from None
+        prefix = fqn + "."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        packed_keys.update(prefix + k for k in sub)
+        try:
+            new = cls.from_canonical(sub, mcfg, device=device)
+        except ValueError as exc:
+            raise CheckpointError(f"module {fqn!r}: {exc}") from None
+        parent, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    rest = {k: v for k, v in tensors.items() if k not in packed_keys}
+    model.to(device)
+    try:
+        result = model.load_state_dict(rest, strict=False)
+    except RuntimeError as exc:   # size mismatches
+        raise CheckpointError(f"{path}: checkpoint does not match the model: {str(exc).strip()[:500]}") from None
+    missing = [k for k in result.missing_keys if k not in packed_keys]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]})")
+    return model.eval()
