@@ -133,3 +133,25 @@ def test_compile_fullgraph_with_sparse_modules():
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True)
     assert torch.equal(compiled(x), eager)
+
+
+def test_save_load_round_trip_every_kind(tmp_path):
+    """slmkern.save / slmkern.load rebuild every SparseLinear kind bit-exactly (canonical tensors only)."""
+    import slmkern
+
+    def skeleton():
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48),
+                             nn.ReLU(), nn.Linear(48, 16), nn.Linear(16, 16))
+
+    model = nn.Sequential(
+        SparseLinear.from_linear(pruned_linear(64, 64, "2:4"), "2:4", "int8"), nn.ReLU(),
+        SparseLinear.from_linear(pruned_linear(64, 64, 0.9), "unstructured", "float"), nn.ReLU(),
+        SparseLinear.from_linear(pruned_linear(64, 48, "2:4"), "2:4", "int4", group_size=32), nn.ReLU(),
+        SparseLinear.from_linear(pruned_linear(48, 16, 0.3), "dense", "int8"),
+        SparseLinear.from_linear(pruned_linear(16, 16, "2:4"), "2:4", "float", value_dtype=torch.bfloat16))
+    x = torch.randn(3, 64)
+    slmkern.save(model, tmp_path / "m")
+    loaded = slmkern.load(tmp_path / "m", skeleton())
+    assert [m.extra_repr() for m in loaded if isinstance(m, SparseLinear)] == \
+        [m.extra_repr() for m in model if isinstance(m, SparseLinear)]
+    assert torch.equal(loaded(x), model(x))

@@ -80,6 +80,8 @@ class SparseLinear(PackedLinearBase):
             raise ValueError(f"values='int4' needs format='2:4' (got {format!r}); use Int4Linear for dense int4")
         if format == "2:4" and in_features % 4:
             raise ValueError(f"in_features: format '2:4' needs a multiple of 4, got {in_features}")
+        if isinstance(value_dtype, str):  # from a JSON config (slmkern.checkpoint)
+            value_dtype = getattr(torch, value_dtype, None)
         if value_dtype not in sparse24_format.FLOAT_DTYPES:
             raise TypeError(f"value_dtype: expected float32/bfloat16/float16, got {value_dtype}")
         N, K = out_features, in_features
@@ -209,6 +211,14 @@ class SparseLinear(PackedLinearBase):
         return mod
 
     # ------------------------------------------------------------------ packing and forward
+
+    def _init_kwargs(self) -> dict:
+        vdt = self.values.dtype if self.format != "dense" and self.value_kind == "float" else (
+            self.weight.dtype if self.format == "dense" and self.value_kind == "float" else torch.float32)
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "format": self.format, "values": self.value_kind, "nnz": self.nnz,
+                "group_size": self.group_size if self.group_size is not None else 128,
+                "symmetric": self.symmetric, "value_dtype": str(vdt).removeprefix("torch.")}
 
     def _ref_tensor(self) -> torch.Tensor:
         return getattr(self, self._device_buffer)
