@@ -107,20 +107,31 @@ def summary(rows: list[dict]) -> str:
     lines = ["summary: slmkern median us and speedup vs each peer (peer us / slmkern us; > 1 = slmkern faster)",
              f"  {'op':<26}{'K':>6}{'N':>6}{'M':>5}{'slmkern us':>12}{'%floor':>8}" + "".join(f"{p:>20}" for p in peers)
              + "  others_cpu"]
-    cases: dict = {}
+    # Rows come case by case (one case = one table above). A case starts when (op, shape, M,
+    # sparsity) changes, or when slmkern rows follow peers / a peer repeats (a sparse op timed
+    # once per value type): peers are only compared within their own case.
+    cases: list = []
     for r in rows:
-        by_impl = cases.setdefault((r["op"], r["K"], r["N"], r["M"]), {})
+        key = (r["op"], r["K"], r["N"], r["M"], r.get("sparsity"))
+        cur = cases[-1] if cases else None
+        peer_seen = cur is not None and any(k != "slmkern" for k in cur[1])
+        if (cur is None or cur[0] != key or (r["impl"] == "slmkern" and peer_seen)
+                or (r["impl"] != "slmkern" and r["impl"] in cur[1])):
+            cases.append((key, {}))
+            cur = cases[-1]
         if r["impl"] == "slmkern":
-            by_impl.setdefault("slmkern", []).append(r)
+            cur[1].setdefault("slmkern", []).append(r)
         else:
-            by_impl.setdefault(r["impl"], r)
-    for (op, K, N, M), by_impl in cases.items():
+            cur[1][r["impl"]] = r
+    for (op, K, N, M, sparsity), by_impl in cases:
         for ours in by_impl.get("slmkern", []):
             cells = []
             for p in peers:
                 cells.append(f"{by_impl[p]['us'] / ours['us']:>19.2f}x" if p in by_impl else f"{'-':>20}")
             others = ours.get("others_cpu")
             name = f"{op}[{ours['values']}]" if ours.get("values") else op
+            if sparsity is not None:
+                name += f" {100 * float(sparsity):.0f}%"
             lines.append(f"  {name:<26}{K:>6}{N:>6}{M:>5}{ours['us']:>12.1f}"
                          f"{100 * ours['floor_us'] / ours['us']:>7.1f}%" + "".join(cells)
                          + (f"  {100 * others:>9.0f}%" if others is not None else ""))
