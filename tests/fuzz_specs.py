@@ -541,7 +541,19 @@ def _s24_w4a16_bound(x, q, meta_t, s, z, g, b):
     if b is not None:
         mag = mag + b.double().abs()
     fixed_point = 2.0 ** -22 * x2.abs().amax(-1, keepdim=True) * Wabs.sum(-1) if x2.shape[0] else 0
-    return 2e-5 * mag + fixed_point
+    folded = 0
+    if z is not None and x2.shape[0]:
+        # With zero points the engine folds them out in fp32 per group: y += s*sum(code*X) - s*z*sum(X)
+        # (csrc/x86/w4_engine.h), so its rounding scales with s * (code + z) * |x| over the DENSE
+        # expanded codes (non-kept columns hold the zero point), not with |W|: a row whose codes all
+        # sit at the zero point (W = 0, e.g. a 100%-sparse row) gives ~1e-6, not exactly 0 (found by
+        # this fuzzer: K=32, g=32, u8 zeros, all-zero row -> 9.5e-7).
+        gs = K if g == -1 else g
+        codes = sparse24_format.unpack_int4_codes(sparse24_format.int4_to_dense_int4(q, meta_t, z, g)).double()
+        zs = z.double().repeat_interleave(gs, dim=1)
+        ss = s.double().repeat_interleave(gs, dim=1)
+        folded = 2.0 ** -21 * (x2.abs() @ ((codes + zs) * ss).T)
+    return 2e-5 * mag + fixed_point + folded
 
 
 def check_sparse24_w4a16(y, ref, case):
