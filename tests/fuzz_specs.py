@@ -23,8 +23,10 @@ import int4_spec
 from slmkern import reference
 from slmkern.formats import int4 as _int4_format
 from slmkern.formats import int4_cpu
+from slmkern.formats import bitmask as bitmask_format
 from slmkern.formats import int8 as int8_format
-from slmkern.nn import Int4Linear, Int8Linear
+from slmkern.formats import sparse24 as sparse24_format
+from slmkern.nn import Int4Linear, Int8Linear, SparseLinear
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
@@ -362,6 +364,313 @@ def _int8_module_check(case: Case) -> None:
     assert case.module.weight_scale.dtype == torch.float32, "weight_scale must stay fp32"
 
 
+# ----------------------------------------------------------------------------- sparse weights
+# Sparsity levels: the fraction of zero weights drawn per case (1.0 = every row all-zero,
+# y = bias). For 2:4 the pattern itself is 50%; higher levels drop kept values on top of it.
+SPARSITY = (0.0, 0.5, 0.9, 0.99, 1.0)
+SPARSE_PATHS = (0, 1, 2)   # sparse_linear's avx512vnni variant: 0 by cost, 1 expand, 2 broadcast
+
+
+def sparse_dims(draw, two_four: bool) -> tuple[int, int]:
+    """(K, N): K odd-biased for unstructured, K % 4 == 0 for 2:4 (K % 8 == 4 included); N odd-biased."""
+    if two_four:
+        K = 4 * draw(st.one_of(sizes(1, 80), st.sampled_from((1, 3, 65, 129, 257))))
+    else:
+        K = draw(st.one_of(sizes(1, 300).map(lambda v: v | 1), sizes(1, 300), st.sampled_from((512, 1031))))
+    N = draw(st.one_of(sizes(1, 200).map(lambda v: v | 1), sizes(1, 200)))
+    return K, N
+
+
+def sparse_mask(N: int, K: int, level: float, zero_rows: bool, two_four: bool,
+                gen: torch.Generator) -> torch.Tensor:
+    """Bool (N, K) keep-mask at about `level` sparsity (2:4: <= 2 kept per group of 4); with
+    zero_rows, about a third of the rows are all-zero."""
+    if two_four:
+        scores = torch.rand(N, K // 4, 4, generator=gen)
+        keep = torch.zeros(N, K // 4, 4, dtype=torch.bool)
+        keep.scatter_(-1, scores.topk(2, dim=-1).indices, True)
+        keep = keep.reshape(N, K)
+        drop = max(0.0, 1.0 - (1.0 - level) / 0.5)
+    else:
+        keep = torch.ones(N, K, dtype=torch.bool)
+        drop = level
+    if drop > 0:
+        keep &= torch.rand(N, K, generator=gen) >= drop
+    if zero_rows:
+        keep &= (torch.rand(N, 1, generator=gen) >= 1 / 3)
+    return keep
+
+
+def sparse_weight(N: int, K: int, vkind: str, keep: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Dense (N, K) weight with zeros outside `keep`: int8 in [-127, 127] ("int8"/"extreme": +-127)
+    or float in the values dtype (rows of different magnitudes)."""
+    if vkind == "extreme":
+        w = (torch.randint(0, 2, (N, K), generator=gen, dtype=torch.int8) * 254 - 127).to(torch.int8)
+    elif vkind == "int8":
+        w = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
+    else:
+        w = (torch.randn(N, K, generator=gen) * torch.exp(torch.randn(N, 1, generator=gen)) * 0.1)
+        w = w.to(getattr(torch, vkind))
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype))
+
+
+def sparse_lead_dims() -> st.SearchStrategy[tuple]:
+    """lead_dims() with M = 1 (decode: the sparse kernels' single-row paths) drawn more often."""
+    return st.one_of(st.just((1,)), lead_dims())
+
+
+def _draw_common(draw, allow_special: bool):
+    lead = draw(sparse_lead_dims())
+    dtype = draw(st.sampled_from(DTYPES))
+    layout = draw(st.sampled_from(LAYOUTS))
+    bias = draw(st.sampled_from(BIASES))
+    packed = draw(st.booleans())
+    special = draw(st.sampled_from(("none", "none", "zero_row", "tiny_row", "nan", "inf")) if allow_special
+                   else st.sampled_from(("none", "none", "none", "zero_row")))
+    level = draw(st.sampled_from(SPARSITY))
+    zero_rows = draw(st.integers(0, 3)) == 0
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    return lead, dtype, layout, bias, packed, special, level, zero_rows, seed
+
+
+@st.composite
+def sparse_cases(draw, int8_values: bool) -> Case:
+    """slmkern::sparse_linear (bitmask). x may hold NaN/inf: like a dense matmul, they reach every
+    output of their row (inf * a skipped zero weight is NaN too), for float and int8 values."""
+    K, N = sparse_dims(draw, two_four=False)
+    lead, dtype, layout, bias, packed, special, level, zero_rows, seed = _draw_common(draw, True)
+    if K * N * max(1, math.prod(lead)) > 3_000_000:
+        lead = (draw(st.integers(0, 3)),)
+    vkind = draw(st.sampled_from(("int8", "int8", "extreme")) if int8_values else st.sampled_from(
+        ("float32", "bfloat16", "float16")))
+    path = draw(st.sampled_from(SPARSE_PATHS))
+    gen = torch.Generator().manual_seed(seed)
+    x = make_x(lead, K, dtype, layout, gen, special)
+    w = sparse_weight(N, K, vkind, sparse_mask(N, K, level, zero_rows, False, gen), gen)
+    values, bm, offs = bitmask_format.compress(w)
+    s = torch.rand(N, generator=gen) * 0.02 + 1e-3 if int8_values else None
+    b = make_bias(bias, N, dtype, gen)
+    wp = bitmask_format.prepack_cpu(values, bm, offs, K, s) if packed else None
+    meta = dict(x=tuple(x.shape), x_stride=x.stride(), K=K, N=N, nnz=values.numel(), values=vkind, sparsity=level,
+                zero_rows=zero_rows, dtype=str(dtype), layout=layout, bias=bias, packed=packed, special=special,
+                path=path, seed=seed)
+    return Case((x, values, bm, offs, s, b, wp), meta)
+
+
+@st.composite
+def sparse24_cases(draw, int8_values: bool) -> Case:
+    """slmkern::sparse24_linear, float (f32/bf16/f16) or int8 values; x may hold NaN/inf (dense semantics)."""
+    K, N = sparse_dims(draw, two_four=True)
+    lead, dtype, layout, bias, packed, special, level, zero_rows, seed = _draw_common(draw, True)
+    if K * N * max(1, math.prod(lead)) > 3_000_000:
+        lead = (draw(st.integers(0, 3)),)
+    vkind = draw(st.sampled_from(("int8", "int8", "extreme")) if int8_values else st.sampled_from(
+        ("float32", "bfloat16", "float16")))
+    gen = torch.Generator().manual_seed(seed)
+    x = make_x(lead, K, dtype, layout, gen, special)
+    w = sparse_weight(N, K, vkind, sparse_mask(N, K, level, zero_rows, True, gen), gen)
+    values, meta_t = sparse24_format.compress(w)
+    s = torch.rand(N, generator=gen) * 0.02 + 1e-3 if int8_values else None
+    b = make_bias(bias, N, dtype, gen)
+    wp = sparse24_format.prepack_cpu(values, meta_t, s) if packed else None
+    meta = dict(x=tuple(x.shape), x_stride=x.stride(), K=K, N=N, values=vkind, sparsity=level, zero_rows=zero_rows,
+                dtype=str(dtype), layout=layout, bias=bias, packed=packed, special=special, seed=seed)
+    return Case((x, values, meta_t, s, b, wp), meta)
+
+
+@st.composite
+def sparse24_w4a16_cases(draw) -> Case:
+    """slmkern::sparse24_w4a16_linear: int4 codes of the kept values, groups over the dense columns."""
+    g = draw(st.sampled_from((32, 64, 128, -1)))
+    if g == -1:
+        K = 4 * draw(st.one_of(sizes(1, 80), st.sampled_from((1, 3, 65))))
+        gs = K
+    else:
+        K = g * draw(st.integers(1, max(1, min(5, 640 // g))))
+        gs = g
+    N = draw(st.one_of(sizes(1, 160).map(lambda v: v | 1), sizes(1, 160)))
+    lead, dtype, layout, bias, packed, special, level, zero_rows, seed = _draw_common(draw, False)
+    zk = draw(st.sampled_from(("sym", "u8")))
+    gen = torch.Generator().manual_seed(seed)
+    G = K // gs
+    x = make_x(lead, K, dtype, layout, gen, special)
+    keep = sparse_mask(N, K, level, zero_rows, True, gen)
+    _, meta_t = sparse24_format.compress(keep.to(torch.int8))
+    # codes of the kept slots; slots whose dense column is not in `keep` get the zero point (W = 0)
+    z = None if zk == "sym" else torch.randint(0, 16, (N, G), generator=gen, dtype=torch.uint8)
+    zfull = torch.full((N, G), 8, dtype=torch.int64) if z is None else z.long()
+    slot_keep, _ = sparse24_format.compress(keep.to(torch.int8))          # 1 where the slot is a kept value
+    codes = torch.randint(0, 16, (N, K // 2), generator=gen)
+    zslot = zfull.repeat_interleave(gs // 2, dim=1)
+    codes = torch.where(slot_keep.bool(), codes, zslot).to(torch.uint8)
+    q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    s = torch.rand(N, G, generator=gen) * 0.1 + 0.01
+    b = make_bias(bias, N, dtype, gen)
+    wp = sparse24_format.prepack_cpu_int4(q, meta_t, s, z, g) if packed else None
+    meta = dict(x=tuple(x.shape), x_stride=x.stride(), K=K, N=N, g=g, zeros=zk, sparsity=level, zero_rows=zero_rows,
+                dtype=str(dtype), layout=layout, bias=bias, packed=packed, special=special, seed=seed)
+    return Case((x, q, meta_t, s, z, g, b, wp), meta)
+
+
+def _fp32_sum_bound(x: torch.Tensor, Wabs: torch.Tensor, b) -> torch.Tensor:
+    """Float-value sparse ops: both kernel and reference accumulate in fp32 (values widened
+    exactly, x*w formed exactly by FMA or rounded once), but in different orders (the kernels
+    sum per lane/block over the kept entries, torch's matmul over all K), so the same
+    2 * ~8 roundoffs per sqrt(K) as the dense w8a16 spec, times sum |x||W| + |b|."""
+    K = x.shape[-1]
+    mag = x.reshape(-1, K).double().abs() @ Wabs.T
+    if b is not None:
+        mag = mag + b.double().abs()
+    return 2 * 5e-7 * math.sqrt(K) * mag
+
+
+def check_sparse_float(y, ref, case):
+    x, values, bm, offs = case.args[:4]
+    Wabs = bitmask_format.decompress(values, bm, offs, x.shape[-1]).double().abs()
+    assert_within(y, ref, _fp32_sum_bound(x, Wabs, case.args[5]), case)
+
+
+def check_sparse24_float(y, ref, case):
+    x, values, meta_t = case.args[:3]
+    Wabs = sparse24_format.decompress(values, meta_t).double().abs()
+    assert_within(y, ref, _fp32_sum_bound(x, Wabs, case.args[4]), case)
+
+
+def _s24_w4a16_bound(x, q, meta_t, s, z, g, b):
+    """The dense w4a16 bound (the CPU path runs the w4a16 engine on the expanded int4 weight,
+    slmkern.formats.sparse24.prepack_cpu_int4): 2e-5 * sum |x||W| plus the engine's 24-bit
+    fixed point of x (2^-22 * amax|x| * sum |W|)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K).double()
+    Wabs = sparse24_format.decompress_int4(q, meta_t, s, z, g).double().abs()
+    mag = x2.abs() @ Wabs.T
+    if b is not None:
+        mag = mag + b.double().abs()
+    fixed_point = 2.0 ** -22 * x2.abs().amax(-1, keepdim=True) * Wabs.sum(-1) if x2.shape[0] else 0
+    folded = 0
+    if z is not None and x2.shape[0]:
+        # With zero points the engine folds them out in fp32 per group: y += s*sum(code*X) - s*z*sum(X)
+        # (csrc/x86/w4_engine.h), so its rounding scales with s * (code + z) * |x| over the DENSE
+        # expanded codes (non-kept columns hold the zero point), not with |W|: a row whose codes all
+        # sit at the zero point (W = 0, e.g. a 100%-sparse row) gives ~1e-6, not exactly 0 (found by
+        # this fuzzer: K=32, g=32, u8 zeros, all-zero row -> 9.5e-7).
+        gs = K if g == -1 else g
+        codes = sparse24_format.unpack_int4_codes(sparse24_format.int4_to_dense_int4(q, meta_t, z, g)).double()
+        zs = z.double().repeat_interleave(gs, dim=1)
+        ss = s.double().repeat_interleave(gs, dim=1)
+        folded = 2.0 ** -21 * (x2.abs() @ ((codes + zs) * ss).T)
+    return 2e-5 * mag + fixed_point + folded
+
+
+def check_sparse24_w4a16(y, ref, case):
+    assert_within(y, ref, _s24_w4a16_bound(*case.args[:7]), case)
+
+
+def _sparse_run(case: Case) -> torch.Tensor:
+    """sparse_linear with its avx512vnni variant forced to the drawn path (restored after)."""
+    from slmkern._backends import cpu as cpu_backend
+
+    path = case.meta.get("path", 0)
+    if not path or not cpu_backend.has_cpp():
+        return torch.ops.slmkern.sparse_linear(*case.args)
+    cpu_backend._C.sparse_force_path(path)
+    try:
+        return torch.ops.slmkern.sparse_linear(*case.args)
+    finally:
+        cpu_backend._C.sparse_force_path(0)
+
+
+def _sparse_int8_ref(case: Case) -> torch.Tensor:
+    """The contract: bit-exact with reference.w8a8_linear on the decompressed int8 weight."""
+    x, values, bm, offs, s, b = case.args[:6]
+    return reference.w8a8_linear(x, bitmask_format.decompress(values, bm, offs, x.shape[-1]), s, b)
+
+
+def _sparse24_int8_ref(case: Case) -> torch.Tensor:
+    x, values, meta_t, s, b = case.args[:5]
+    return reference.w8a8_linear(x, sparse24_format.decompress(values, meta_t), s, b)
+
+
+# ----------------------------------------------------------------------------- sparse modules
+SPARSE_MODULE_KINDS = (("2:4", "float"), ("2:4", "int8"), ("2:4", "int4"), ("unstructured", "float"),
+                       ("unstructured", "int8"), ("dense", "float"), ("dense", "int8"))
+
+
+@st.composite
+def sparse_module_cases(draw, fmt: str, values: str) -> Case:
+    two_four = fmt == "2:4"
+    g = None
+    if values == "int4":
+        g = draw(st.sampled_from((32, 64, 128, -1)))
+        K = 4 * draw(sizes(1, 80)) if g == -1 else g * draw(st.integers(1, max(1, min(4, 512 // g))))
+    else:
+        K, _ = sparse_dims(draw, two_four)
+    N = draw(st.one_of(sizes(1, 160).map(lambda v: v | 1), sizes(1, 160)))
+    lead = draw(sparse_lead_dims())
+    dtype = draw(st.sampled_from(DTYPES))
+    vdtype = draw(st.sampled_from(DTYPES)) if values == "float" else torch.float32
+    has_bias = draw(st.booleans())
+    symmetric = draw(st.booleans())
+    layout = draw(st.sampled_from(LAYOUTS))
+    level = draw(st.sampled_from(SPARSITY))
+    zero_rows = draw(st.integers(0, 3)) == 0
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    keep = sparse_mask(N, K, level, zero_rows, two_four, gen)
+    lin = torch.nn.Linear(K, N, bias=has_bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(sparse_weight(N, K, "float32", keep, gen))
+        if has_bias:
+            lin.bias.copy_(torch.randn(N, generator=gen))
+    kw = dict(group_size=g, symmetric=symmetric) if values == "int4" else {}
+    if values == "float":
+        kw["value_dtype"] = vdtype
+    mod = SparseLinear.from_linear(lin, format=fmt, values=values, **kw).eval()
+    x = make_x(lead, K, dtype, layout, gen)
+    meta = dict(format=fmt, values=values, x=tuple(x.shape), x_stride=x.stride(), K=K, N=N, g=g,
+                symmetric=symmetric if values == "int4" else None, value_dtype=str(vdtype), dtype=str(dtype),
+                layout=layout, bias=has_bias, sparsity=level, zero_rows=zero_rows, seed=seed)
+    return Case((x,), meta, mod)
+
+
+def _sparse_module_expected(case: Case) -> torch.Tensor:
+    m, x = case.module, case.args[0]
+    if m.format == "2:4":
+        if m.value_kind == "int4":
+            return reference.sparse24_w4a16_linear(x, m.qvalues, m.meta, m.scales, m.zeros, m.group_size, m.bias)
+        return reference.sparse24_linear(x, m.values, m.meta, m.scales, m.bias)
+    if m.format == "unstructured":
+        return reference.sparse_linear(x, m.values, m.bitmask, m.row_offsets, m.scales, m.bias)
+    if m.value_kind == "int8":
+        return reference.w8a8_linear(x, m.weight, m.scales, m.bias)
+    K, N = m.in_features, m.out_features        # dense float: x @ W.T + b in fp32
+    y = x.reshape(-1, K).float() @ m.weight.float().T
+    if m.bias is not None:
+        y = y + m.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def _sparse_module_check(y, ref, case: Case) -> None:
+    m, x = case.module, case.args[0]
+    if m.value_kind == "int8":
+        assert m.scales.dtype == torch.float32, "scales must stay fp32"
+        return assert_same_bits(y, ref, case)
+    if m.value_kind == "int4":
+        return assert_within(y, ref, _s24_w4a16_bound(x, m.qvalues, m.meta, m.scales, m.zeros, m.group_size,
+                                                      m.bias), case)
+    Wabs = m.dense_weight().double().abs()
+    bound = _fp32_sum_bound(x, Wabs, m.bias)
+    if m.format == "dense" and x.dtype != torch.float32:
+        # F.linear in x.dtype: the weight and bias are rounded to x.dtype first (half an ulp each,
+        # relative), then a reduced-precision GEMM (fp32 accumulate, one output rounding).
+        K = x.shape[-1]
+        mag = x.reshape(-1, K).double().abs() @ Wabs.T
+        if m.bias is not None:
+            mag = mag + m.bias.double().abs()
+        bound = bound + 2.0 ** -MANTISSA_BITS[x.dtype] * mag
+    assert_within(y, ref, bound, case)
+
+
 # ----------------------------------------------------------------------------- the tables
 OP_SPECS: list[Spec] = [
     Spec("w8a8_linear", lambda: int8_cases(allow_special=True), _op("w8a8_linear"), _int8_ref("w8a8_linear"),
@@ -370,6 +679,16 @@ OP_SPECS: list[Spec] = [
          _int8_ref("w8a16_linear"), check_w8a16),
     Spec("w4a16_linear", int4_cases, _op("w4a16_linear"), _int4_ref("w4a16_linear"), check_w4a16),
     Spec("w4a8_linear", int4_cases, _op("w4a8_linear"), _int4_ref("w4a8_linear"), check_w4a8),
+    Spec("sparse_linear", lambda: sparse_cases(int8_values=False), _sparse_run,
+         lambda c: reference.sparse_linear(*c.args[:6]), check_sparse_float, tags=("sparse",)),
+    Spec("sparse_linear[int8]", lambda: sparse_cases(int8_values=True), _sparse_run, _sparse_int8_ref,
+         assert_same_bits, exact=True, tags=("sparse",)),
+    Spec("sparse24_linear", lambda: sparse24_cases(int8_values=False), _op("sparse24_linear"),
+         lambda c: reference.sparse24_linear(*c.args[:5]), check_sparse24_float, tags=("sparse",)),
+    Spec("sparse24_linear[int8]", lambda: sparse24_cases(int8_values=True), _op("sparse24_linear"),
+         _sparse24_int8_ref, assert_same_bits, exact=True, tags=("sparse",)),
+    Spec("sparse24_w4a16_linear", sparse24_w4a16_cases, _op("sparse24_w4a16_linear"),
+         lambda c: reference.sparse24_w4a16_linear(*c.args[:7]), check_sparse24_w4a16, tags=("sparse",)),
 ]
 
 MODULE_SPECS: list[Spec] = [
@@ -385,6 +704,10 @@ MODULE_SPECS: list[Spec] = [
     Spec("Int4Linear[int8]", lambda: int4_module_cases("int8"), _module_run,
          lambda c: reference.w4a8_linear(*_int4_module_args(c)),
          lambda y, r, c: assert_within(y, r, _w4a8_bound(*_int4_module_args(c)), c)),
+] + [
+    Spec(f"SparseLinear[{f},{v}]", (lambda f=f, v=v: sparse_module_cases(f, v)), _module_run,
+         _sparse_module_expected, _sparse_module_check, exact=(v == "int8"), tags=("sparse",))
+    for f, v in SPARSE_MODULE_KINDS
 ]
 
 # Ops whose fuzzing lives elsewhere or that are not public kernels (none today).

@@ -1,6 +1,7 @@
 """The same module called from 8 Python threads at once gives the results of serial calls.
 
-Covers every module kind (Int8Linear int8/float activations, Int4Linear float/int8), a
+Covers every module kind (Int8Linear int8/float activations, Int4Linear float/int8,
+SparseLinear 2:4 int8 and unstructured int8/float), a
 mix of kinds in one burst, calls without a prepacked layout (repack + log-once path), and
 the lazy first-use paths: a fresh module's first call from 8 threads at once, and, in a
 fresh process, the first call of the process (CPUID dispatch, ISA cap, thread pool and its
@@ -24,13 +25,14 @@ from torch import nn
 import slmkern
 from conftest import FUZZ_PROFILE
 from slmkern._backends import cpu as cpu_backend
-from slmkern.nn import Int4Linear, Int8Linear
+from slmkern.nn import Int4Linear, Int8Linear, SparseLinear
 
 NIGHTLY = FUZZ_PROFILE == "nightly"
 REPS = 100 if NIGHTLY else 2
 FRESH_PROCESS_REPS = 10 if NIGHTLY else 1
 THREADS = 8
-KINDS = [("Int8Linear", "int8"), ("Int8Linear", "float"), ("Int4Linear", "float"), ("Int4Linear", "int8")]
+KINDS = [("Int8Linear", "int8"), ("Int8Linear", "float"), ("Int4Linear", "float"), ("Int4Linear", "int8"),
+         ("SparseLinear", "2:4-int8"), ("SparseLinear", "unstructured-int8"), ("SparseLinear", "unstructured-float")]
 K, N = 384, 200
 
 pytestmark = pytest.mark.skipif(not cpu_backend.has_cpp(), reason="slmkern._C is not built")
@@ -42,7 +44,19 @@ def build(kind: str, activations: str, seed: int, prepacked: bool = True) -> nn.
     with torch.no_grad():
         lin.weight.copy_(torch.randn(N, K, generator=gen) * 0.05)
         lin.bias.copy_(torch.randn(N, generator=gen))
-    if kind == "Int8Linear":
+    if kind == "SparseLinear":           # activations = "<format>-<values>"; prune first
+        fmt, values = activations.split("-")
+        with torch.no_grad():
+            w = lin.weight
+            if fmt == "2:4":
+                g = w.reshape(N, K // 4, 4)
+                keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, dim=-1).indices, True)
+                w.mul_(keep.reshape(N, K))
+            else:                        # 85% sparse, a few all-zero rows
+                w.mul_(torch.rand(N, K, generator=gen) >= 0.85)
+                w[::37] = 0
+        mod = SparseLinear.from_linear(lin, format=fmt, values=values)
+    elif kind == "Int8Linear":
         mod = Int8Linear.from_linear(lin, activations=activations)
     else:
         mod = Int4Linear.from_linear(lin, group_size=64, activations=activations, clip="minmax")
@@ -83,6 +97,12 @@ def burst(calls: list, iters: int) -> list[list]:
     return outs
 
 
+def describe(mod: nn.Module) -> str:
+    if isinstance(mod, SparseLinear):
+        return f"{mod.format} {mod.value_kind}"
+    return mod.activations
+
+
 def assert_same_as_serial(calls: list, outs: list[list], iters: int) -> None:
     with torch.no_grad():
         for t, per_thread in enumerate(outs):
@@ -92,7 +112,7 @@ def assert_same_as_serial(calls: list, outs: list[list], iters: int) -> None:
                 assert not isinstance(y, BaseException), f"thread {t} call {j} raised {y!r}"
                 want = mod(x)
                 assert torch.equal(y, want), (f"thread {t} call {j} ({type(mod).__name__} "
-                                              f"{mod.activations}, x {tuple(x.shape)} {x.dtype}) differs "
+                                              f"{describe(mod)}, x {tuple(x.shape)} {x.dtype}) differs "
                                               f"from the serial call; max diff {(y.float() - want.float()).abs().max()}")
 
 
@@ -110,7 +130,7 @@ def test_all_module_kinds_at_once():
     for rep in range(REPS):
         mods = [build(k, a, seed=rep) for k, a in KINDS]
         xs = inputs(seed=2000 + rep)
-        calls = [[(mods[(t + j) % 4], xs[(t * 3 + j) % len(xs)]) for j in range(8)] for t in range(THREADS)]
+        calls = [[(mods[(t + j) % len(mods)], xs[(t * 3 + j) % len(xs)]) for j in range(8)] for t in range(THREADS)]
         outs = burst(calls, iters=8)
         assert_same_as_serial(calls, outs, 8)
 
@@ -132,7 +152,7 @@ import test_concurrency as tc
 mods = [tc.build(k, a, seed=7) for k, a in tc.KINDS]
 xs = tc.inputs(seed=8)
 # nothing has called a kernel yet: the burst makes the first calls of the process
-calls = [[(mods[t % 4], xs[(t + j) % len(xs)]) for j in range(4)] for t in range(tc.THREADS)]
+calls = [[(mods[t % len(mods)], xs[(t + j) % len(xs)]) for j in range(4)] for t in range(tc.THREADS)]
 outs = tc.burst(calls, iters=4)
 tc.assert_same_as_serial(calls, outs, 4)
 from slmkern._backends import cpu
