@@ -23,6 +23,16 @@ def has_cpp() -> bool:
     return _C is not None
 
 
+def _aligned(op: str, w_packed):
+    """The packed layouts hold int32/int64/fp32 sections at 64-byte offsets from the blob's start:
+    a blob that is a misaligned view (not something prepack_cpu returns) is copied once per call."""
+    if w_packed is not None and w_packed.data_ptr() % 64:
+        log_once(f"{op}-misaligned", f"slmkern: {op} got a w_packed that is not 64-byte aligned; copying it "
+                 "on every call (pass the tensor prepack_cpu returned)")
+        return w_packed.clone()
+    return w_packed
+
+
 def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
     if not ops.int8_linear_ok(x, w, w_scale, bias, w_packed):
         ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
@@ -42,6 +52,7 @@ def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
             w_packed = prepack_cpu(w)
         scale = w_scale.contiguous()
         b = bias.float().contiguous() if bias is not None else None
+        w_packed = _aligned(op, w_packed)  # bound: the kernel reads it after this line
         getattr(_C, op)(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K),
                         w_packed.data_ptr(), scale.data_ptr(), b.data_ptr() if b is not None else 0,
                         y.data_ptr(), N, torch.get_num_threads())
@@ -86,6 +97,7 @@ def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
         elif not w_packed.is_contiguous():
             w_packed = w_packed.contiguous()
         b = bias.float().contiguous() if bias is not None else None
+        w_packed = _aligned(op, w_packed)  # bound: the kernel reads it after this line
         getattr(_C, op)(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), g, zeros is not None,
                         w_packed.data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(), N,
                         torch.get_num_threads())
@@ -140,6 +152,7 @@ def sparse_linear_cpu(x, values, bitmask, row_offsets, scales=None, bias=None, w
         int8v = values.dtype == torch.int8
         s = scales.contiguous() if int8v else None
         b = bias.float().contiguous() if bias is not None else None
+        w_packed = _aligned("sparse_linear", w_packed)  # bound: the kernel reads it after this line
         _C.sparse_linear(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), w_packed.data_ptr(),
                          int(int8v), values.shape[0], s.data_ptr() if s is not None else 0,
                          b.data_ptr() if b is not None else 0, y.data_ptr(), N, torch.get_num_threads())
@@ -174,6 +187,7 @@ def sparse24_linear_cpu(x, values, meta, scales=None, bias=None, w_packed=None):
             w_packed = w_packed.contiguous()
         s = scales.contiguous() if scales is not None else None
         b = bias.float().contiguous() if bias is not None else None
+        w_packed = _aligned("sparse24_linear", w_packed)  # bound: the kernel reads it after this line
         _C.sparse24_linear(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), w_packed.data_ptr(),
                            sparse24_format.value_code(values.dtype), s.data_ptr() if s is not None else 0,
                            b.data_ptr() if b is not None else 0, y.data_ptr(), N, torch.get_num_threads())
@@ -200,8 +214,9 @@ def sparse24_w4a16_linear_cpu(x, qvalues, meta, scales, zeros, group_size, bias=
     y = torch.empty((M, N), dtype=x.dtype)
     if M > 0:
         b = bias.float().contiguous() if bias is not None else None
+        w_packed = _aligned("sparse24_w4a16_linear", w_packed.contiguous())  # bound: the kernel reads it after this line
         _C.w4a16_linear(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), g, zeros is not None,
-                        w_packed.contiguous().data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(), N,
+                        w_packed.data_ptr(), b.data_ptr() if b is not None else 0, y.data_ptr(), N,
                         torch.get_num_threads())
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 # ============================================================================= end 2:4
