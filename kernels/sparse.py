@@ -13,7 +13,7 @@ bounds (the op validates row_offsets against the popcounts before this runs).
   in the kernel (as w8a8's GEMV) and accumulate in int32.
 - M >= 2: `_sparse_kernel`, the tile expanded to dense in registers as the A operand of a
   tensor-core tl.dot computing y's tile transposed (as sparse24.py; int8: quantized rows from
-  _act_quant.quantize_rows, int8 x int8 -> int32).
+  _act_quant.quantize_rows (= w8a8.quantize_rows_s8), int8 x int8 -> int32).
 
 Float values: y = x @ W.T + bias, fp32 accumulation (as sparse24.py); int8 values: w8a8's epilogue,
 bit-exact with slmkern.reference.w8a8_linear on the dense int8 weight.
