@@ -50,5 +50,5 @@ def info() -> str:
              + (f" (SLMKERN_CPU_ISA={d['SLMKERN_CPU_ISA']})" if d["SLMKERN_CPU_ISA"] else "")
              + f"; threads {d['threads']}"]
     for op, where in d["ops"].items():
-        lines.append(f"  {op:<14} cpu={where['cpu']:<11} cuda={where['cuda']}")
+        lines.append(f"  {op:<22} cpu={where['cpu']:<11} cuda={where['cuda']}")
     return "\n".join(lines)
