@@ -264,43 +264,46 @@ def w4a8_linear(x, w, scales, zeros, group_size, bias=None, w_packed=None):
 # dynamic-int8 ones. Quantized weights, scales and zero points get no gradient.
 
 
-def _int8_setup(ctx, inputs, output):
-    x, w, w_scale, bias, _ = inputs
-    ctx.save_for_backward(w, w_scale)
+def _note_x_bias(ctx, x, bias) -> None:
     ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
+def _linear_grads(ctx, grad, dense_weight, n_inputs: int, bias_index: int) -> tuple:
+    """Gradients of y = x @ W.T + b for an op with n_inputs arguments: x (argument 0) gets
+    grad @ W with W = dense_weight() (fp32, built only when needed), bias (argument bias_index)
+    gets grad summed over rows; every other argument None."""
+    out = [None] * n_inputs
+    if ctx.needs_input_grad[0]:
+        out[0] = (grad.float() @ dense_weight()).to(ctx.x_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[bias_index]:
+        out[bias_index] = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+    return tuple(out)
+
+
+def _int8_setup(ctx, inputs, output):
+    x, w, w_scale, bias, _ = inputs
+    ctx.save_for_backward(w, w_scale)
+    _note_x_bias(ctx, x, bias)
+
+
 def _int8_backward(ctx, grad):
     w, w_scale = ctx.saved_tensors
-    gx = None
-    if ctx.needs_input_grad[0]:
-        gx = (grad.float() @ (w.float() * w_scale.unsqueeze(1))).to(ctx.x_dtype)
-    gb = None
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        gb = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
-    return gx, None, None, gb, None
+    return _linear_grads(ctx, grad, lambda: w.float() * w_scale.unsqueeze(1), 5, 3)
 
 
 def _int4_setup(ctx, inputs, output):
     x, w, scales, zeros, group_size, bias, _ = inputs
     ctx.save_for_backward(w, scales, zeros)
     ctx.group_size = group_size if group_size > 0 else x.shape[-1]
-    ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    _note_x_bias(ctx, x, bias)
 
 
 def _int4_backward(ctx, grad):
     from slmkern.reference import int4_weight
 
     w, scales, zeros = ctx.saved_tensors
-    gx = None
-    if ctx.needs_input_grad[0]:
-        gx = (grad.float() @ int4_weight(w, scales, zeros, ctx.group_size)).to(ctx.x_dtype)
-    gb = None
-    if ctx.has_bias and ctx.needs_input_grad[5]:
-        gb = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
-    return gx, None, None, None, None, gb, None
+    return _linear_grads(ctx, grad, lambda: int4_weight(w, scales, zeros, ctx.group_size), 7, 5)
 
 
 for _op in ("w8a8_linear", "w8a16_linear"):
@@ -423,20 +426,14 @@ def sparse_linear(x, values, bitmask, row_offsets, scales=None, bias=None, w_pac
 def _sparse_setup(ctx, inputs, output):
     x, values, bitmask, row_offsets, scales, bias, _ = inputs
     ctx.save_for_backward(values, bitmask, row_offsets, scales)
-    ctx.K, ctx.x_dtype, ctx.has_bias = x.shape[-1], x.dtype, bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.K = x.shape[-1]
+    _note_x_bias(ctx, x, bias)
 
 
 def _sparse_backward(ctx, grad):
     values, bitmask, row_offsets, scales = ctx.saved_tensors
-    gx = None
-    if ctx.needs_input_grad[0]:
-        w = bitmask_format.dequantize(values, bitmask, row_offsets, ctx.K, scales)
-        gx = (grad.float() @ w).to(ctx.x_dtype)
-    gb = None
-    if ctx.has_bias and ctx.needs_input_grad[5]:
-        gb = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
-    return gx, None, None, None, None, gb, None
+    return _linear_grads(ctx, grad, lambda: bitmask_format.dequantize(values, bitmask, row_offsets, ctx.K, scales),
+                         7, 5)
 
 
 torch.library.register_autograd("slmkern::sparse_linear", _sparse_backward, setup_context=_sparse_setup, lib=LIB)
@@ -604,42 +601,30 @@ def sparse24_w4a16_linear(x, qvalues, meta, scales, zeros, group_size, bias=None
 def _s24_setup(ctx, inputs, output):
     x, values, meta, scales, bias, _ = inputs
     ctx.save_for_backward(values, meta, scales)
-    ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    _note_x_bias(ctx, x, bias)
 
 
 def _s24_backward(ctx, grad):
     values, meta, scales = ctx.saved_tensors
-    gx = None
-    if ctx.needs_input_grad[0]:
+
+    def dense():
         w = sparse24_format.decompress(values, meta).float()
-        if scales is not None:
-            w = w * scales.unsqueeze(1)
-        gx = (grad.float() @ w).to(ctx.x_dtype)
-    gb = None
-    if ctx.has_bias and ctx.needs_input_grad[4]:
-        gb = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
-    return gx, None, None, None, gb, None
+        return w * scales.unsqueeze(1) if scales is not None else w
+
+    return _linear_grads(ctx, grad, dense, 6, 4)
 
 
 def _s24_w4_setup(ctx, inputs, output):
     x, qvalues, meta, scales, zeros, group_size, bias, _ = inputs
     ctx.save_for_backward(qvalues, meta, scales, zeros)
     ctx.group_size = group_size
-    ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    _note_x_bias(ctx, x, bias)
 
 
 def _s24_w4_backward(ctx, grad):
     qvalues, meta, scales, zeros = ctx.saved_tensors
-    gx = None
-    if ctx.needs_input_grad[0]:
-        w = sparse24_format.decompress_int4(qvalues, meta, scales, zeros, ctx.group_size)
-        gx = (grad.float() @ w).to(ctx.x_dtype)
-    gb = None
-    if ctx.has_bias and ctx.needs_input_grad[6]:
-        gb = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
-    return gx, None, None, None, None, None, gb, None
+    return _linear_grads(ctx, grad, lambda: sparse24_format.decompress_int4(qvalues, meta, scales, zeros,
+                                                                            ctx.group_size), 8, 6)
 
 
 torch.library.register_autograd("slmkern::sparse24_linear", _s24_backward, setup_context=_s24_setup, lib=LIB)
