@@ -44,13 +44,29 @@ def _check_config(config: Any, name: str = "config") -> None:
 def _plan(model: nn.Module, config: Config, filter_fn: FilterFn | None,
           overrides: dict[str, Config | None] | None, report: SwapReport) -> list[tuple[str, nn.Linear, Config]]:
     """Which Linear gets which config (or a skip reason)."""
+    plan = []
+    for fqn, mod, cfg in _select_linears(model, config, filter_fn, overrides, report, "quantize"):
+        if isinstance(cfg, Int4Config):
+            K = mod.in_features
+            g = K if cfg.group_size == -1 else cfg.group_size
+            if K % 2 or K % g:
+                report.skipped.append((fqn, f"in_features={K} is not a multiple of group_size={g} (int4 needs it)"))
+                continue
+        plan.append((fqn, mod, cfg))
+    return plan
+
+
+def _select_linears(model: nn.Module, config, filter_fn: FilterFn | None, overrides: dict | None,
+                    report: SwapReport, verb: str) -> list[tuple[str, nn.Linear, Any]]:
+    """The float nn.Linear layers to convert and each one's config: the first matching
+    overrides pattern (None keeps the layer), then filter_fn, else config.skip_names; every
+    layer left out goes into report.skipped with the reason."""
     targets = [(fqn, m) for fqn, m in model.named_modules() if type(m) is nn.Linear]
     if not targets:
-        raise ValueError("model: has no torch.nn.Linear layers to quantize")
-    plan = []
+        raise ValueError(f"model: has no torch.nn.Linear layers to {verb}")
+    chosen = []
     for fqn, mod in targets:
-        cfg: Config | None = config
-        matched = None
+        cfg, matched = config, None
         for pattern, over in (overrides or {}).items():
             if fnmatch.fnmatchcase(fqn, pattern):
                 matched, cfg = pattern, over
@@ -67,14 +83,8 @@ def _plan(model: nn.Module, config: Config, filter_fn: FilterFn | None,
         if not mod.weight.is_floating_point():
             report.skipped.append((fqn, f"weight dtype {mod.weight.dtype} is not floating point"))
             continue
-        if isinstance(cfg, Int4Config):
-            K = mod.in_features
-            g = K if cfg.group_size == -1 else cfg.group_size
-            if K % 2 or K % g:
-                report.skipped.append((fqn, f"in_features={K} is not a multiple of group_size={g} (int4 needs it)"))
-                continue
-        plan.append((fqn, mod, cfg))
-    return plan
+        chosen.append((fqn, mod, cfg))
+    return chosen
 
 
 def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = None, *,
@@ -154,28 +164,8 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None, filter_fn: F
         if over is not None and not isinstance(over, SparseConfig):
             raise TypeError(f"overrides[{pattern!r}]: expected SparseConfig or None, got {type(over).__name__}")
     report = SwapReport()
-    targets = [(fqn, m) for fqn, m in model.named_modules() if type(m) is nn.Linear]
-    if not targets:
-        raise ValueError("model: has no torch.nn.Linear layers to sparsify")
-    for fqn, mod in targets:
-        cfg, matched = config, None
-        for pattern, over in (overrides or {}).items():
-            if fnmatch.fnmatchcase(fqn, pattern):
-                matched, cfg = pattern, over
-                break
-        if matched is not None and cfg is None:
-            report.skipped.append((fqn, f"overrides[{matched!r}] is None"))
-            continue
-        if filter_fn is not None and not filter_fn(mod, fqn):
-            report.skipped.append((fqn, "filter_fn returned False"))
-            continue
-        if matched is None and filter_fn is None and any(fqn == s or fqn.endswith("." + s) for s in cfg.skip_names):
-            report.skipped.append((fqn, f"name matches config.skip_names {cfg.skip_names}"))
-            continue
+    for fqn, mod, cfg in _select_linears(model, config, filter_fn, overrides, report, "sparsify"):
         w = mod.weight.detach()
-        if not w.is_floating_point():
-            report.skipped.append((fqn, f"weight dtype {w.dtype} is not floating point"))
-            continue
         fmt = cfg.format
         if fmt == "2:4" and not is_24_sparse(w):
             report.skipped.append((fqn, "weight is not 2:4 sparse (prune with pattern '2:4' first)"))
