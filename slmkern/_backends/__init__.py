@@ -50,6 +50,15 @@ def _sparse24_w4a16_reference(x, qvalues, meta, scales, zeros, group_size, bias=
 
 ops.LIB.impl("sparse24_linear", _sparse24_reference, "CompositeExplicitAutograd")
 ops.LIB.impl("sparse24_w4a16_linear", _sparse24_w4a16_reference, "CompositeExplicitAutograd")
+
+
+def _sparse_linear_reference(x, values, bitmask, row_offsets, scales=None, bias=None, w_packed=None):
+    ops.check_sparse_linear(x, values, bitmask, row_offsets, scales, bias, w_packed)
+    ops.check_sparse_linear_data(x, values, bitmask, row_offsets, scales)
+    return reference.sparse_linear(x, values, bitmask, row_offsets, scales, bias)
+
+
+ops.LIB.impl("sparse_linear", _sparse_linear_reference, "CompositeExplicitAutograd")
 # ----------------------------------------------------------------------------- end 2:4
 
 from slmkern._backends import cpu  # noqa: E402,F401

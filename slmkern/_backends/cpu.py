@@ -115,17 +115,6 @@ def w4a8_linear_cpu(x, w, scales, zeros, group_size, bias=None, w_packed=None):
 
 
 # ============================================================================= unstructured (bitmask)
-def _sparse_linear_reference(x, values, bitmask, row_offsets, scales=None, bias=None, w_packed=None):
-    ops.check_sparse_linear(x, values, bitmask, row_offsets, scales, bias, w_packed)
-    ops.check_sparse_linear_data(x, values, bitmask, row_offsets, scales)
-    return reference.sparse_linear(x, values, bitmask, row_offsets, scales, bias)
-
-
-# Every device without a dedicated kernel (CUDA included: no Triton kernel yet) runs the
-# reference. Registered here, next to the CPU kernel, so _backends/__init__.py stays as it is.
-ops.LIB.impl("sparse_linear", _sparse_linear_reference, "CompositeExplicitAutograd")
-
-
 @torch.library.register_kernel("slmkern::sparse_linear", "cpu", lib=ops.LIB)
 def sparse_linear_cpu(x, values, bitmask, row_offsets, scales=None, bias=None, w_packed=None):
     if w_packed is None or not ops.sparse_linear_ok(x, values, bitmask, row_offsets, scales, bias, w_packed):
