@@ -228,6 +228,6 @@ PYBIND11_MODULE(_C, m) {
     c.fn(a);
   });
   m.def("sparse_force_path", &sparse_force_path, py::arg("path"),
-        "avx512vnni sparse_linear path: 0 by cost (default), 1 expand, 2 nonzero broadcast (tests, tuning)");
+        "avx512vnni sparse_linear path: 0 by cost (default), 1 expand, 2 nonzero broadcast, 3 dense (int8), 4 4-blocks (int8)");
   // ---- end unstructured
 }

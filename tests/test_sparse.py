@@ -395,9 +395,10 @@ class TestBadInputs:
         self.call(ValueError, r"w_packed", wp=fwp)
 
 
-@pytest.mark.parametrize("path", [1, 2], ids=["expand", "broadcast"])
+@pytest.mark.parametrize("path", [1, 2, 3, 4], ids=["expand", "broadcast", "dense", "blocks"])
 def test_avx512_paths_forced(path):
-    """The avx512vnni variant picks expand or nonzero-broadcast by cost; force each on every shape."""
+    """The avx512vnni variant picks its path by cost (int8: expand, broadcast, dense w8a8, 4-blocks;
+    float: expand, broadcast); force each on every shape."""
     if not cpu_backend.has_cpp() or cpu_backend.op_isa("sparse_linear") != "avx512vnni":
         pytest.skip("the avx512vnni sparse variant does not run on this CPU")
     cpu_backend._C.sparse_force_path(path)
@@ -414,5 +415,35 @@ def test_avx512_paths_forced(path):
             want = reference.w8a8_linear(x, bf.decompress(v, b, r, K), s, bias)
             assert torch.equal(torch.isnan(y), torch.isnan(want)), (M, K, N, sp)
             assert torch.equal(y.nan_to_num(), want.nan_to_num()), (M, K, N, sp)
+    finally:
+        cpu_backend._C.sparse_force_path(0)
+
+
+@pytest.mark.parametrize("path", [1, 2, 3, 4], ids=["expand", "broadcast", "dense", "blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_avx512_int8_paths_bit_exact(path, dtype):
+    """Every forced int8 path of the avx512vnni variant equals w8a8_linear's reference bit for bit, in
+    every activation dtype, with and without bias; the dense path's several expansion groups
+    (K = 8200 -> 256-row groups, N = 300: a partial last group and a partial 16-row tile), 100%
+    sparse rows, M across tile borders (8 / 16 / 64 rows)."""
+    if not cpu_backend.has_cpp() or cpu_backend.op_isa("sparse_linear") != "avx512vnni":
+        pytest.skip("the avx512vnni sparse variant does not run on this CPU")
+    gen = torch.Generator().manual_seed(path)
+    cpu_backend._C.sparse_force_path(path)
+    try:
+        for M, K, N, sp in [(2, 8200, 300, 0.9), (9, 100, 33, 0.5), (17, 257, 31, 0.95), (65, 64, 17, 0.0),
+                            (1, 70, 40, 0.8), (8, 130, 24, 1.0)]:
+            v, b, r, s = int8_case(N, K, sp)
+            keep = torch.ones(N, dtype=torch.bool)
+            keep[::7] = False  # some 100% sparse rows
+            w = bf.decompress(v, b, r, K) * keep.unsqueeze(1).to(torch.int8)
+            v, b, r = bf.compress(w)
+            x = torch.randn(M, K, generator=gen).to(dtype)
+            wp = bf.prepack_cpu(v, b, r, K, s)
+            for bias in (None, torch.randn(N, generator=gen)):
+                y = op(x, v, b, r, s, bias, wp)
+                want = reference.w8a8_linear(x, w, s, bias)
+                assert y.dtype == dtype
+                assert torch.equal(y, want), (path, dtype, M, K, N, sp)
     finally:
         cpu_backend._C.sparse_force_path(0)

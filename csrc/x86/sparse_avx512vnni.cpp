@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <vector>
 
@@ -40,12 +41,17 @@ SLMK_INLINE __m512i load_unfolded(const void* p) {
 thread_local ScratchBuf tl_sparse_scratch;
 thread_local ScratchBuf tl_sparse_xt;
 
+// Balanced row chunks (cost = nnz + per_row per row), 4 per thread claimed dynamically; chunk
+// borders rounded down to a multiple of `align` rows (the kernels' row blocks).
 template <class F>
-void for_row_chunks(const SparseLinearArgs& a, const int64_t* offsets, int64_t per_row, F&& f) {
+void for_row_chunks(const SparseLinearArgs& a, const int64_t* offsets, int64_t per_row, F&& f, int64_t align = 1) {
   const int64_t parts = a.n_threads <= 1 ? 1 : 4 * static_cast<int64_t>(a.n_threads);
+  auto border = [&](int64_t p) {
+    const int64_t r = sparse_split_row(offsets, a.N, per_row, p, parts);
+    return r >= a.N ? a.N : r / align * align;
+  };
   parallel_for(parts, a.n_threads, [&](int64_t p) {
-    const int64_t r0 = sparse_split_row(offsets, a.N, per_row, p, parts);
-    const int64_t r1 = sparse_split_row(offsets, a.N, per_row, p + 1, parts);
+    const int64_t r0 = border(p), r1 = border(p + 1);
     if (r0 < r1) f(r0, r1);
   });
 }
@@ -110,6 +116,180 @@ void s8_rows(const Ctx& c, int64_t n, int64_t M) {
     case 1: s8_block<NR, 1>(c, n, m); break;
     default: break;
   }
+}
+
+// 8 accumulators -> one __m256i of their 8 horizontal sums (in order).
+SLMK_INLINE __m256i hsum8_epi32(const __m512i a[8]) {
+  __m512i p[4];
+  for (int i = 0; i < 4; ++i)  // lane: [a2i_0+a2i_2, a2i+1_0+.., a2i_1+a2i_3, a2i+1_1+..]
+    p[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]),
+                            _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+  // lane: partial sums of rows 4h..4h+3
+  const __m512i q0 = _mm512_add_epi32(_mm512_unpacklo_epi64(p[0], p[1]), _mm512_unpackhi_epi64(p[0], p[1]));
+  const __m512i q1 = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2], p[3]), _mm512_unpackhi_epi64(p[2], p[3]));
+  // lanes: [q0 L0+L1, q0 L2+L3, q1 L0+L1, q1 L2+L3]
+  const __m512i t = _mm512_add_epi32(_mm512_shuffle_i32x4(q0, q1, 0x88), _mm512_shuffle_i32x4(q0, q1, 0xdd));
+  const __m512i u = _mm512_add_epi32(t, _mm512_shuffle_i32x4(t, t, 0xb1));  // lanes 0, 2: the sums
+  return _mm512_castsi512_si256(_mm512_shuffle_i32x4(u, u, 0x08));
+}
+
+// y[m, n..n+7] from the 8 int32 sums: (acc - 128 rowsum) * (sx[m] * scale[n]) + bias[n], the
+// scalar epilogue's three fp32 roundings, lane by lane.
+SLMK_INLINE void s8_store8(const Ctx& c, int64_t n, int64_t m, __m256i acc) {
+  const __m256i corr = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.w.rowsum + n)), 7);
+  const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(c.sx[m]), _mm256_loadu_ps(c.scales + n));
+  __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, corr)), sc);
+  if (c.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(c.bias + n));
+  if (c.dt == DType::f32) {
+    _mm256_storeu_ps(static_cast<float*>(c.y) + m * c.ldy + n, y);
+  } else {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, y);
+    for (int r = 0; r < 8; ++r) store_from_f32(c.y, c.dt, m * c.ldy + n + r, t[r]);
+  }
+}
+
+// 8 weight rows x MT x rows, one pass over the masks: each expand feeds MT vpdpbusd.
+template <int MT>
+__attribute__((noinline)) void s8_block8(const Ctx& c, int64_t n, int64_t m0) {
+  constexpr int NR = 8;
+  __m512i acc[MT][NR];
+  const int8_t* cur[NR];
+  const int8_t* vals = static_cast<const int8_t*>(c.w.values);
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < MT; ++i) acc[i][r] = _mm512_setzero_si512();
+    cur[r] = vals + c.w.offsets[n + r];
+  }
+  const uint64_t* mk = c.w.masks + n * c.Kw;
+  const int64_t Kw = c.Kw;
+  const uint8_t* xq = c.xq + m0 * c.ldq;
+  for (int64_t b = 0; b < Kw; ++b) {
+    __m512i xv[MT];
+    for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_si512(xq + i * c.ldq + b * 64);
+    _mm_prefetch(reinterpret_cast<const char*>(cur[NR - 1] + 1024), _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) {
+      const uint64_t m = mk[r * Kw + b];
+      const __m512i v = _mm512_maskz_expand_epi8(m, load_unfolded(cur[r]));
+      cur[r] += _mm_popcnt_u64(m);
+      for (int i = 0; i < MT; ++i) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], xv[i], v);
+    }
+  }
+  for (int i = 0; i < MT; ++i) s8_store8(c, n, m0 + i, hsum8_epi32(acc[i]));
+}
+
+void s8_rows8(const Ctx& c, int64_t n, int64_t M) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) s8_block8<2>(c, n, m);
+  if (m < M) s8_block8<1>(c, n, m);
+}
+
+// ---------------------------------------------------------------- int8 values, nonzero 4-blocks
+// x rows in tiles of W (16: zmm, 8: ymm) laid out as x4[kb][W][4]: dword m of line kb holds
+// x(m, 4kb .. 4kb+3) (u8 = q + 128). A weight row is reduced to its nonzero 4-column blocks
+// (kb, four int8 weights w0..w3 incl. zeros): the row expanded per 64 columns (vpexpandb), the
+// nonzero dwords and their line offsets compressed out (vpcompressd). Then every nonzero block
+// is one vpdpbusd of line kb with the broadcast dword -> W output rows at once, no horizontal
+// sums. Work ~ blocks = K/4 (1 - (1-d)^4) per row and x tile, vs K/4 for dense w8a8.
+// kBlkLut[b]: the set bits of byte b as ascending indices 0..7 (8 int32; unused entries 0).
+struct BlkLut {
+  alignas(32) int32_t idx[256][8];
+  BlkLut() {
+    for (int b = 0; b < 256; ++b) {
+      int k = 0;
+      for (int i = 0; i < 8; ++i) idx[b][i] = 0;
+      for (int i = 0; i < 8; ++i)
+        if ((b >> i) & 1) idx[b][k++] = i;
+    }
+  }
+};
+const BlkLut& blk_lut() {
+  static const BlkLut t;
+  return t;
+}
+
+// Row n's nonzero 4-column blocks: wl[i] = the block's four int8 weights, ol[i] = its x4 line
+// offset in bytes (kb << line_shift). Per 64 columns, from the mask m alone (scalar BMI2):
+//   nz = one bit per nonzero nibble of m (pext of the nibble-OR), mc = m's bits inside those
+//   nibbles, compacted (pext by their spread) -> one vpexpandb of the values by mc writes the
+//   nonzero blocks back to back; the line offsets come from a 256-entry table per mask byte.
+// wl, ol need 16 spare entries (full-width stores).
+int64_t row_blocks(const Ctx& c, int64_t n, int line_shift, int32_t* wl, int32_t* ol) {
+  const int8_t* cur = static_cast<const int8_t*>(c.w.values) + c.w.offsets[n];
+  const uint64_t* mk = c.w.masks + n * c.Kw;
+  const BlkLut& lut = blk_lut();
+  constexpr uint64_t kNib = 0x1111111111111111ull;
+  int64_t cnt = 0;
+  for (int64_t b = 0; b < c.Kw; ++b) {
+    const uint64_t m = mk[b];
+    uint64_t t = m | (m >> 1);
+    t |= t >> 2;
+    const uint32_t nz = static_cast<uint32_t>(_pext_u64(t, kNib));
+    const uint64_t mc = _pext_u64(m, _pdep_u64(nz, kNib) * 0xF);
+    _mm512_storeu_si512(wl + cnt, _mm512_maskz_expand_epi8(mc, load_unfolded(cur)));
+    cur += _mm_popcnt_u64(m);
+    const __m256i base0 = _mm256_set1_epi32(static_cast<int>(b * 16)), base1 = _mm256_set1_epi32(static_cast<int>(b * 16 + 8));
+    const uint32_t lo = nz & 0xff, hi = nz >> 8;
+    const __m256i o0 = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(lut.idx[lo])), base0);
+    const __m256i o1 = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(lut.idx[hi])), base1);
+    const int64_t plo = _mm_popcnt_u32(lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ol + cnt), _mm256_slli_epi32(o0, line_shift));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ol + cnt + plo), _mm256_slli_epi32(o1, line_shift));
+    cnt += plo + _mm_popcnt_u32(hi);
+  }
+  return cnt;
+}
+
+template <int W>
+struct BlkV;
+template <>
+struct BlkV<16> {
+  using T = __m512i;
+  static SLMK_INLINE T zero() { return _mm512_setzero_si512(); }
+  static SLMK_INLINE T dp(T a, const uint8_t* x, int32_t w) {
+    return _mm512_dpbusd_epi32(a, _mm512_load_si512(x), _mm512_set1_epi32(w));
+  }
+  static SLMK_INLINE T add(T a, T b) { return _mm512_add_epi32(a, b); }
+  static SLMK_INLINE void epi(const Ctx& c, T acc, int64_t n, int64_t m0, int64_t rows) {
+    const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(c.sx + m0), _mm512_set1_ps(c.scales[n]));
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(128 * c.w.rowsum[n]))), sc);
+    if (c.bias) y = _mm512_add_ps(y, _mm512_set1_ps(c.bias[n]));
+    alignas(64) float t[16];
+    _mm512_store_ps(t, y);
+    for (int64_t i = 0; i < rows; ++i) store_from_f32(c.y, c.dt, (m0 + i) * c.ldy + n, t[i]);
+  }
+};
+template <>
+struct BlkV<8> {
+  using T = __m256i;
+  static SLMK_INLINE T zero() { return _mm256_setzero_si256(); }
+  static SLMK_INLINE T dp(T a, const uint8_t* x, int32_t w) {
+    return _mm256_dpbusd_epi32(a, _mm256_load_si256(reinterpret_cast<const __m256i*>(x)), _mm256_set1_epi32(w));
+  }
+  static SLMK_INLINE T add(T a, T b) { return _mm256_add_epi32(a, b); }
+  static SLMK_INLINE void epi(const Ctx& c, T acc, int64_t n, int64_t m0, int64_t rows) {
+    const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(c.sx + m0), _mm256_set1_ps(c.scales[n]));
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, _mm256_set1_epi32(128 * c.w.rowsum[n]))), sc);
+    if (c.bias) y = _mm256_add_ps(y, _mm256_set1_ps(c.bias[n]));
+    alignas(32) float t[8];
+    _mm256_store_ps(t, y);
+    for (int64_t i = 0; i < rows; ++i) store_from_f32(c.y, c.dt, (m0 + i) * c.ldy + n, t[i]);
+  }
+};
+
+template <int W>
+__attribute__((noinline)) void s8_blk_row(const Ctx& c, const uint8_t* x4, int64_t n, int64_t m0, int64_t rows,
+                                          const int32_t* wl, const int32_t* ol, int64_t cnt) {
+  using V = BlkV<W>;
+  typename V::T a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+  int64_t i = 0;
+  for (; i + 4 <= cnt; i += 4) {
+    a0 = V::dp(a0, x4 + ol[i], wl[i]);
+    a1 = V::dp(a1, x4 + ol[i + 1], wl[i + 1]);
+    a2 = V::dp(a2, x4 + ol[i + 2], wl[i + 2]);
+    a3 = V::dp(a3, x4 + ol[i + 3], wl[i + 3]);
+  }
+  for (; i < cnt; ++i) a0 = V::dp(a0, x4 + ol[i], wl[i]);
+  V::epi(c, V::add(V::add(a0, a1), V::add(a2, a3)), n, m0, rows);
 }
 
 int64_t row_indices(const Ctx& c, int64_t n, int32_t* idx);
@@ -300,12 +480,30 @@ inline bool f32_broadcast_wins(int64_t M, double d) {
   }
   return bc < 1.5 + 0.63 * static_cast<double>(M);
 }
-inline bool s8_broadcast_wins(int64_t M, double d, bool narrow, int64_t tiles) {
-  const double bc = static_cast<double>(tiles) * (narrow ? 1.9 + 9.5 * d : 3.6 + 12.7 * d);
-  return bc < 0.3 + 0.7 * d + 0.17 * static_cast<double>(M);
+// int8 values: the four paths' costs in ns per 64-column mask word of the weight (N * Kw words),
+// single thread, fitted on Zen 4 (K = 2048, N = 8192, d = nnz / (N K), M x rows):
+//   1 expand      0.1 + 7 d + 0.78 M                       (one vpexpandb per word per 2-4 x rows)
+//   2 broadcast   M <= 16: 6.5 + 36 d; else ceil(M/64) (12 + 52 d)
+//   3 dense       2.8 + 9.8 d + max(2.3, 0.4 + 0.29 M)     (expansion + the w8a8 GEMM)
+//   4 4-blocks    1.85 + 1.5 f + T (1.4 + 10.5 f)           f = 1 - (1-d)^4 (nonzero 4-blocks),
+//                                                           T = 1 (M <= 8) or ceil(M/16) x tiles
+int s8_pick_path(int64_t M, double d) {
+  const double m = static_cast<double>(M), f = 1.0 - std::pow(1.0 - d, 4);
+  const double c1 = 0.1 + 7.0 * d + 0.78 * m;
+  const double c2 = M <= 16 ? 6.5 + 36.0 * d : static_cast<double>(ceil_div(M, 64)) * (12.0 + 52.0 * d);
+  const double c3 = 2.8 + 9.8 * d + std::max(2.3, 0.4 + 0.29 * m);
+  const double T = M <= 8 ? 1.0 : static_cast<double>(ceil_div(M, 16));
+  const double c4 = 1.85 + 1.5 * f + T * (1.4 + 10.5 * f);
+  int best = 1;
+  double cb = c1;
+  if (c2 < cb) { best = 2; cb = c2; }
+  if (c3 < cb) { best = 3; cb = c3; }
+  if (c4 < cb) { best = 4; cb = c4; }
+  return best;
 }
 
-// 0: choose by cost, 1: always expand, 2: always broadcast (tests and tuning: sparse_force_path)
+// 0: choose by cost; int8 values: 1 expand, 2 nonzero broadcast, 3 dense (expand + w8a8), 4 nonzero
+// 4-blocks; float values: 2 broadcast, anything else expand (tests and tuning: sparse_force_path)
 std::atomic<int> g_force_path{0};
 
 void f32_linear(const SparseLinearArgs& a) {
@@ -373,12 +571,139 @@ void f32_linear(const SparseLinearArgs& a) {
     });
 }
 
+// ---------------------------------------------------------------- int8 values, many x rows
+// Large M is compute-bound on the MACs: groups of weight rows are expanded (vpexpandb) into the
+// dense int8 tile layout (common.h) and run by w8a8_linear_avx512vnni, the tuned dense kernel,
+// whose math is the same (quantize_rows_s8, int32 accumulate, the same epilogue): bit-exact by
+// construction. The expansion costs ~1/M of the GEMM.
+thread_local ScratchBuf tl_sparse_dense;
+
+// 16 zmm rows r[i] (dword j = 4 columns) -> out[j] = dword j of every row (16x16 dword transpose).
+SLMK_INLINE void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4q + s]: 128-bit lane L holds dwords 4L..4L+3 of rows 4q..4q+3 for column-dword 4L' + s ...
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// Weight rows [n0, n0 + rows) into the int8 packed layout of a rows x K weight.
+void expand_to_int8_tiles(const Ctx& c, int64_t n0, int64_t rows, int64_t K, int n_threads, int8_t* out) {
+  const int64_t Kp4 = int8_padded_k(K), ksteps = Kp4 / kInt8KB, Np16 = int8_padded_n(rows);
+  const int8_t* vals = static_cast<const int8_t*>(c.w.values);
+  int32_t* colsum = reinterpret_cast<int32_t*>(out + Np16 * Kp4);
+  parallel_for(Np16 / kInt8NB, n_threads, [&](int64_t nb) {
+    int8_t* tile = out + nb * kInt8NB * Kp4;
+    const int8_t* cur[kInt8NB];
+    const uint64_t* mk[kInt8NB];
+    for (int64_t i = 0; i < kInt8NB; ++i) {
+      const int64_t r = nb * kInt8NB + i, n = n0 + r;
+      const bool live = r < rows;
+      colsum[r] = live ? c.w.rowsum[n] : 0;
+      cur[i] = live ? vals + c.w.offsets[n] : vals;
+      mk[i] = live ? c.w.masks + n * c.Kw : nullptr;
+    }
+    for (int64_t b = 0; b < c.Kw; ++b) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const uint64_t m = mk[i] ? mk[i][b] : 0;
+        r[i] = _mm512_maskz_expand_epi8(m, load_unfolded(cur[i]));
+        cur[i] += _mm_popcnt_u64(m);
+      }
+      transpose16x16_epi32(r);
+      const int64_t kb0 = b * 16, n_kb = std::min<int64_t>(16, ksteps - kb0);
+      int8_t* dst = tile + kb0 * kInt8NB * kInt8KB;
+      for (int64_t j = 0; j < n_kb; ++j) _mm512_storeu_si512(dst + j * 64, r[j]);
+    }
+  });
+}
+
+void s8_dense(const SparseLinearArgs& a, const Ctx& c) {
+  const int64_t M = a.M, K = a.K, N = a.N, Kp4 = int8_padded_k(K);
+  // rows per group: the expanded weight (~2 MB) stays in the last-level cache between its
+  // expansion and the GEMM (a group written out to DRAM costs more than the expansion itself);
+  // w8a8 quantizes x once per group, ~1/group of its MACs.
+  const int64_t group = std::max<int64_t>(256, ((int64_t{2} << 20) / Kp4) / 16 * 16);
+  const int64_t esz = a.dtype == DType::f32 ? 4 : 2;
+  for (int64_t n0 = 0; n0 < N; n0 += group) {
+    const int64_t rows = std::min(group, N - n0);
+    int8_t* wt = reinterpret_cast<int8_t*>(tl_sparse_dense.get(static_cast<size_t>(int8_packed_bytes(rows, K))));
+    expand_to_int8_tiles(c, n0, rows, K, a.n_threads, wt);
+    Int8LinearArgs d;
+    d.x = a.x; d.dtype = a.dtype; d.M = M; d.K = K; d.N = rows; d.ldx = a.ldx;
+    d.w_packed = wt;
+    d.w_scale = a.scales + n0;
+    d.bias = a.bias ? a.bias + n0 : nullptr;
+    d.y = static_cast<uint8_t*>(a.y) + n0 * esz;
+    d.ldy = a.ldy;
+    d.n_threads = a.n_threads;
+    w8a8_linear_avx512vnni(d);
+  }
+}
+
+void s8_blocks(const SparseLinearArgs& a, const Ctx& c) {
+  const int64_t M = a.M, Kw = c.Kw, KB = Kw * 16;  // 4-column lines over the padded row
+  const int64_t W = M <= 8 ? 8 : 16, tiles = ceil_div(M, W), line = W * 4;
+  uint8_t* x4 = tl_sparse_xt.get(static_cast<size_t>(tiles * KB * line + 64));
+  // x4[t][kb][m][4] = xq row (tW + m), dword kb; rows past M hold u8 128 (q = 0)
+  for (int64_t t = 0; t < tiles; ++t) {
+    uint32_t* T = reinterpret_cast<uint32_t*>(x4 + t * KB * line);
+    for (int64_t m = 0; m < W; ++m) {
+      const int64_t r = t * W + m;
+      if (r < M) {
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(c.xq + r * c.ldq);
+        for (int64_t kb = 0; kb < KB; ++kb) T[kb * W + m] = src[kb];
+      } else {
+        for (int64_t kb = 0; kb < KB; ++kb) T[kb * W + m] = 0x80808080u;
+      }
+    }
+  }
+  for_row_chunks(a, c.w.offsets, Kw * 2, [&](int64_t n0, int64_t n1) {
+    std::vector<int32_t> wl(static_cast<size_t>(KB) + 16), ol(static_cast<size_t>(KB) + 16);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t cnt = row_blocks(c, n, W == 8 ? 5 : 6, wl.data(), ol.data());
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t m0 = t * W, rows = std::min<int64_t>(W, M - m0);
+        const uint8_t* T = x4 + t * KB * line;
+        if (W == 8) s8_blk_row<8>(c, T, n, m0, rows, wl.data(), ol.data(), cnt);
+        else s8_blk_row<16>(c, T, n, m0, rows, wl.data(), ol.data(), cnt);
+      }
+    }
+  });
+}
+
 void s8_linear(const SparseLinearArgs& a) {
   const int64_t M = a.M, K = a.K, N = a.N, Kw = sparse_words(K), Kp = Kw * 64;
   Ctx c{};
   c.w = sparse_view(a.w_packed, N, K, a.kind);
   c.Kw = Kw; c.N = N; c.ldq = Kp; c.scales = a.scales; c.bias = a.bias; c.y = a.y; c.ldy = a.ldy;
   c.dt = a.dtype;
+  const int force = g_force_path.load(std::memory_order_relaxed);
+  const double d = static_cast<double>(a.nnz) / (static_cast<double>(N) * static_cast<double>(K));
+  const int path = force ? force : s8_pick_path(M, d);
+  if (path == 3) {
+    s8_dense(a, c);
+    return;
+  }
   uint8_t* buf = tl_sparse_scratch.get(static_cast<size_t>(M * Kp + M * 4 + 128));
   uint8_t* xq = buf;
   float* sx = reinterpret_cast<float*>(buf + (M * Kp + 63) / 64 * 64);
@@ -388,17 +713,20 @@ void s8_linear(const SparseLinearArgs& a) {
   const int64_t Kp4 = int8_padded_k(K);
   for (int64_t m = 0; m < M; ++m) std::memset(xq + m * Kp + Kp4, 128, static_cast<size_t>(Kp - Kp4));
   c.xq = xq; c.sx = sx;
-  const int force = g_force_path.load(std::memory_order_relaxed);
+  if (path == 4) {
+    s8_blocks(a, c);
+    return;
+  }
   const bool narrow = M <= 16;
   const int64_t TW = narrow ? 16 : 64, tiles = ceil_div(M, TW);
-  const double d = static_cast<double>(a.nnz) / (static_cast<double>(N) * static_cast<double>(K));
-  const bool broadcast = force ? force == 2 : s8_broadcast_wins(M, d, narrow, tiles);
-  if (!broadcast) {
+  if (path == 1) {
     for_row_chunks(a, c.w.offsets, Kw * 8, [&](int64_t n0, int64_t n1) {
       int64_t n = n0;
+      if (M <= 2)
+        for (; n + 8 <= n1; n += 8) s8_rows8(c, n, M);
       for (; n + 4 <= n1; n += 4) s8_rows<4>(c, n, M);
       for (; n < n1; ++n) s8_rows<1>(c, n, M);
-    });
+    }, M <= 2 ? 8 : 4);
     return;
   }
   // xT8[t][k][TW]: column k of rows TW*t .. TW*t + TW-1 as u8 (128 = q of 0 past M)
@@ -434,7 +762,7 @@ void s8_linear(const SparseLinearArgs& a) {
 
 }  // namespace
 
-void sparse_force_path(int path) { g_force_path.store(path < 0 || path > 2 ? 0 : path); }
+void sparse_force_path(int path) { g_force_path.store(path < 0 || path > 4 ? 0 : path); }
 
 void sparse_linear_avx512vnni(const SparseLinearArgs& a) {
   if (a.M <= 0) return;

@@ -96,7 +96,8 @@ static inline int64_t sparse_split_row(const int64_t* offsets, int64_t N, int64_
 void sparse_linear_ref(const SparseLinearArgs& a);
 void sparse_linear_avx2(const SparseLinearArgs& a);
 void sparse_linear_avx512vnni(const SparseLinearArgs& a);  // also needs AVX512-VBMI2 (vpexpandb)
-// avx512vnni variant's path: 0 by cost (default), 1 expand, 2 nonzero broadcast (tests, tuning).
+// avx512vnni variant's path: 0 by cost (default), 1 expand, 2 nonzero broadcast, 3 dense (int8 values:
+// expand to the int8 tile layout + w8a8_linear_avx512vnni), 4 nonzero 4-blocks (int8 values) (tests, tuning).
 void sparse_force_path(int path);
 
 }  // namespace slmkern
