@@ -163,10 +163,20 @@ __attribute__((noinline)) void s8_block8(const Ctx& c, int64_t n, int64_t m0) {
   const uint64_t* mk = c.w.masks + n * c.Kw;
   const int64_t Kw = c.Kw;
   const uint8_t* xq = c.xq + m0 * c.ldq;
+  // Prefetch 8 rows two blocks ahead while these run: their masks (64 Kw bytes, one line per word b)
+  // and values (pf_lines lines per word). Past the last row it touches the rowsum / values
+  // sections or the 64 pad bytes at most a block beyond: prefetches never fault anyway.
+  constexpr int64_t kAhead = 2 * NR;  // rows ahead
+  const char* pf_mask = reinterpret_cast<const char*>(mk + kAhead * Kw);
+  const int64_t n_pf = std::min<int64_t>(n + kAhead, c.N), n_next = std::min<int64_t>(n + kAhead + NR, c.N);
+  const char* pf_val = reinterpret_cast<const char*>(vals + c.w.offsets[n_pf]);
+  const int64_t pf_bytes = c.w.offsets[n_next] - c.w.offsets[n_pf];
+  const int64_t pf_lines = (pf_bytes + 64 * Kw - 1) / (64 * Kw);
   for (int64_t b = 0; b < Kw; ++b) {
     __m512i xv[MT];
     for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_si512(xq + i * c.ldq + b * 64);
-    _mm_prefetch(reinterpret_cast<const char*>(cur[NR - 1] + 1024), _MM_HINT_T0);
+    if (n + kAhead < c.N) _mm_prefetch(pf_mask + b * 64, _MM_HINT_T0);
+    for (int64_t j = 0; j < pf_lines; ++j) _mm_prefetch(pf_val + (b * pf_lines + j) * 64, _MM_HINT_T0);
     for (int r = 0; r < NR; ++r) {
       const uint64_t m = mk[r * Kw + b];
       const __m512i v = _mm512_maskz_expand_epi8(m, load_unfolded(cur[r]));
