@@ -621,28 +621,40 @@ void expand_to_int8_tiles(const Ctx& c, int64_t n0, int64_t rows, int64_t K, int
   const int64_t Kp4 = int8_padded_k(K), ksteps = Kp4 / kInt8KB, Np16 = int8_padded_n(rows);
   const int8_t* vals = static_cast<const int8_t*>(c.w.values);
   int32_t* colsum = reinterpret_cast<int32_t*>(out + Np16 * Kp4);
+  constexpr int64_t kChunkW = 16;  // words per chunk: the 16-row staging is 16 KB (L1)
   parallel_for(Np16 / kInt8NB, n_threads, [&](int64_t nb) {
     int8_t* tile = out + nb * kInt8NB * Kp4;
+    alignas(64) uint8_t stage[kInt8NB][kChunkW * 64];
     const int8_t* cur[kInt8NB];
-    const uint64_t* mk[kInt8NB];
+    int64_t live = 0;  // rows of this tile inside the group
     for (int64_t i = 0; i < kInt8NB; ++i) {
       const int64_t r = nb * kInt8NB + i, n = n0 + r;
-      const bool live = r < rows;
-      colsum[r] = live ? c.w.rowsum[n] : 0;
-      cur[i] = live ? vals + c.w.offsets[n] : vals;
-      mk[i] = live ? c.w.masks + n * c.Kw : nullptr;
+      colsum[r] = r < rows ? c.w.rowsum[n] : 0;
+      cur[i] = r < rows ? vals + c.w.offsets[n] : vals;
+      live += r < rows;
     }
-    for (int64_t b = 0; b < c.Kw; ++b) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        const uint64_t m = mk[i] ? mk[i][b] : 0;
-        r[i] = _mm512_maskz_expand_epi8(m, load_unfolded(cur[i]));
-        cur[i] += _mm_popcnt_u64(m);
+    for (int64_t i = live; i < kInt8NB; ++i) std::memset(stage[i], 0, sizeof(stage[i]));
+    for (int64_t b0 = 0; b0 < c.Kw; b0 += kChunkW) {
+      const int64_t nw = std::min(kChunkW, c.Kw - b0);
+      // each row expanded on its own: one sequential stream of masks and values at a time
+      for (int64_t i = 0; i < live; ++i) {
+        const uint64_t* mk = c.w.masks + (n0 + nb * kInt8NB + i) * c.Kw + b0;
+        const int8_t* p = cur[i];
+        for (int64_t w = 0; w < nw; ++w) {
+          const uint64_t m = mk[w];
+          _mm512_store_si512(stage[i] + w * 64, _mm512_maskz_expand_epi8(m, load_unfolded(p)));
+          p += _mm_popcnt_u64(m);
+        }
+        cur[i] = p;
       }
-      transpose16x16_epi32(r);
-      const int64_t kb0 = b * 16, n_kb = std::min<int64_t>(16, ksteps - kb0);
-      int8_t* dst = tile + kb0 * kInt8NB * kInt8KB;
-      for (int64_t j = 0; j < n_kb; ++j) _mm512_storeu_si512(dst + j * 64, r[j]);
+      for (int64_t w = 0; w < nw; ++w) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(stage[i] + w * 64);
+        transpose16x16_epi32(r);
+        const int64_t kb0 = (b0 + w) * 16, n_kb = std::min<int64_t>(16, ksteps - kb0);
+        int8_t* dst = tile + kb0 * kInt8NB * kInt8KB;
+        for (int64_t j = 0; j < n_kb; ++j) _mm512_storeu_si512(dst + j * 64, r[j]);
+      }
     }
   });
 }
