@@ -491,19 +491,21 @@ inline bool f32_broadcast_wins(int64_t M, double d) {
   return bc < 1.5 + 0.63 * static_cast<double>(M);
 }
 // int8 values: the four paths' costs in ns per 64-column mask word of the weight (N * Kw words),
-// single thread, fitted on Zen 4 (K = 2048, N = 8192, d = nnz / (N K), M x rows):
-//   1 expand      0.1 + 7 d + 0.78 M                       (one vpexpandb per word per 2-4 x rows)
-//   2 broadcast   M <= 16: 6.5 + 36 d; else ceil(M/64) (12 + 52 d)
-//   3 dense       2.8 + 9.8 d + max(2.3, 0.4 + 0.29 M)     (expansion + the w8a8 GEMM)
-//   4 4-blocks    1.85 + 1.5 f + T (1.4 + 10.5 f)           f = 1 - (1-d)^4 (nonzero 4-blocks),
-//                                                           T = 1 (M <= 8) or ceil(M/16) x tiles
-int s8_pick_path(int64_t M, double d) {
-  const double m = static_cast<double>(M), f = 1.0 - std::pow(1.0 - d, 4);
+// single thread, fitted on Zen 4 (K = 2048, N = 8192; K = 384 for the per-row terms e / Kw),
+// d = nnz / (N K), M x rows:
+//   1 expand      0.1 + 7 d + 0.78 M                      (one vpexpandb per word per 2-4 x rows)
+//   2 broadcast   M <= 16: 6.5 + 36 d + 20 / Kw; else ceil(M/64) (12 + 52 d + 86 / Kw)
+//   3 dense       2.8 + 9.8 d + max(2.3, 0.4 + 0.29 M)    (expansion + the w8a8 GEMM)
+//   4 4-blocks    1.85 + 1.5 f + T (1.4 + 10.5 f + 20 / Kw), f = 1 - (1-d)^4 (nonzero 4-blocks),
+//                                                          T = 1 (M <= 8) or ceil(M/16) x tiles
+int s8_pick_path(int64_t M, double d, int64_t Kw) {
+  const double m = static_cast<double>(M), f = 1.0 - std::pow(1.0 - d, 4), kw = static_cast<double>(Kw);
   const double c1 = 0.1 + 7.0 * d + 0.78 * m;
-  const double c2 = M <= 16 ? 6.5 + 36.0 * d : static_cast<double>(ceil_div(M, 64)) * (12.0 + 52.0 * d);
+  const double c2 = M <= 16 ? 6.5 + 36.0 * d + 20.0 / kw
+                            : static_cast<double>(ceil_div(M, 64)) * (12.0 + 52.0 * d + 86.0 / kw);
   const double c3 = 2.8 + 9.8 * d + std::max(2.3, 0.4 + 0.29 * m);
   const double T = M <= 8 ? 1.0 : static_cast<double>(ceil_div(M, 16));
-  const double c4 = 1.85 + 1.5 * f + T * (1.4 + 10.5 * f);
+  const double c4 = 1.85 + 1.5 * f + T * (1.4 + 10.5 * f + 20.0 / kw);
   int best = 1;
   double cb = c1;
   if (c2 < cb) { best = 2; cb = c2; }
@@ -721,7 +723,7 @@ void s8_linear(const SparseLinearArgs& a) {
   c.dt = a.dtype;
   const int force = g_force_path.load(std::memory_order_relaxed);
   const double d = static_cast<double>(a.nnz) / (static_cast<double>(N) * static_cast<double>(K));
-  const int path = force ? force : s8_pick_path(M, d);
+  const int path = force ? force : s8_pick_path(M, d, Kw);
   if (path == 3) {
     s8_dense(a, c);
     return;
