@@ -259,14 +259,7 @@ struct BlkV<16> {
     return _mm512_dpbusd_epi32(a, _mm512_load_si512(x), _mm512_set1_epi32(w));
   }
   static SLMK_INLINE T add(T a, T b) { return _mm512_add_epi32(a, b); }
-  static SLMK_INLINE void epi(const Ctx& c, T acc, int64_t n, int64_t m0, int64_t rows) {
-    const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(c.sx + m0), _mm512_set1_ps(c.scales[n]));
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(128 * c.w.rowsum[n]))), sc);
-    if (c.bias) y = _mm512_add_ps(y, _mm512_set1_ps(c.bias[n]));
-    alignas(64) float t[16];
-    _mm512_store_ps(t, y);
-    for (int64_t i = 0; i < rows; ++i) store_from_f32(c.y, c.dt, (m0 + i) * c.ldy + n, t[i]);
-  }
+  static SLMK_INLINE void store(int32_t* p, T acc) { _mm512_store_si512(p, acc); }
 };
 template <>
 struct BlkV<8> {
@@ -276,19 +269,12 @@ struct BlkV<8> {
     return _mm256_dpbusd_epi32(a, _mm256_load_si256(reinterpret_cast<const __m256i*>(x)), _mm256_set1_epi32(w));
   }
   static SLMK_INLINE T add(T a, T b) { return _mm256_add_epi32(a, b); }
-  static SLMK_INLINE void epi(const Ctx& c, T acc, int64_t n, int64_t m0, int64_t rows) {
-    const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(c.sx + m0), _mm256_set1_ps(c.scales[n]));
-    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, _mm256_set1_epi32(128 * c.w.rowsum[n]))), sc);
-    if (c.bias) y = _mm256_add_ps(y, _mm256_set1_ps(c.bias[n]));
-    alignas(32) float t[8];
-    _mm256_store_ps(t, y);
-    for (int64_t i = 0; i < rows; ++i) store_from_f32(c.y, c.dt, (m0 + i) * c.ldy + n, t[i]);
-  }
+  static SLMK_INLINE void store(int32_t* p, T acc) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), acc); }
 };
 
 template <int W>
-__attribute__((noinline)) void s8_blk_row(const Ctx& c, const uint8_t* x4, int64_t n, int64_t m0, int64_t rows,
-                                          const int32_t* wl, const int32_t* ol, int64_t cnt) {
+__attribute__((noinline)) void s8_blk_row(const uint8_t* x4, const int32_t* wl, const int32_t* ol, int64_t cnt,
+                                          int32_t* out) {
   using V = BlkV<W>;
   typename V::T a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
   int64_t i = 0;
@@ -299,7 +285,7 @@ __attribute__((noinline)) void s8_blk_row(const Ctx& c, const uint8_t* x4, int64
     a3 = V::dp(a3, x4 + ol[i + 3], wl[i + 3]);
   }
   for (; i < cnt; ++i) a0 = V::dp(a0, x4 + ol[i], wl[i]);
-  V::epi(c, V::add(V::add(a0, a1), V::add(a2, a3)), n, m0, rows);
+  V::store(out, V::add(V::add(a0, a1), V::add(a2, a3)));
 }
 
 int64_t row_indices(const Ctx& c, int64_t n, int32_t* idx);
@@ -684,6 +670,31 @@ void s8_dense(const SparseLinearArgs& a, const Ctx& c) {
   }
 }
 
+// Outputs of weight rows n .. n+nr-1 (nr <= 16) for x rows m0 .. m0+mrows-1: acc[r][i] is row
+// n+r, x row m0+i. Transposed (16x16 dwords) so each x row's 16 outputs are one vector: the
+// scalar epilogue's three fp32 roundings lane by lane, then one (masked) store per x row.
+void s8_blk_epilogue(const Ctx& c, int32_t (*acc)[16], int64_t n, int64_t nr, int64_t m0, int64_t mrows) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(acc[i]);
+  transpose16x16_epi32(r);
+  const __mmask16 k = static_cast<__mmask16>((1u << nr) - 1);
+  const __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(k, c.w.rowsum + n), 7);
+  const __m512 ws = _mm512_maskz_loadu_ps(k, c.scales + n);
+  const __m512 bias = c.bias ? _mm512_maskz_loadu_ps(k, c.bias + n) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < mrows; ++i) {
+    const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(c.sx[m0 + i]), ws);
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(r[i], corr)), sc);
+    if (c.bias) y = _mm512_add_ps(y, bias);
+    if (c.dt == DType::f32) {
+      _mm512_mask_storeu_ps(static_cast<float*>(c.y) + (m0 + i) * c.ldy + n, k, y);
+    } else {
+      alignas(64) float t[16];
+      _mm512_store_ps(t, y);
+      for (int64_t j = 0; j < nr; ++j) store_from_f32(c.y, c.dt, (m0 + i) * c.ldy + n + j, t[j]);
+    }
+  }
+}
+
 void s8_blocks(const SparseLinearArgs& a, const Ctx& c) {
   const int64_t M = a.M, Kw = c.Kw, KB = Kw * 16;  // 4-column lines over the padded row
   const int64_t W = M <= 8 ? 8 : 16, tiles = ceil_div(M, W), line = W * 4;
@@ -703,14 +714,21 @@ void s8_blocks(const SparseLinearArgs& a, const Ctx& c) {
   }
   for_row_chunks(a, c.w.offsets, Kw * 2, [&](int64_t n0, int64_t n1) {
     std::vector<int32_t> wl(static_cast<size_t>(KB) + 16), ol(static_cast<size_t>(KB) + 16);
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t cnt = row_blocks(c, n, W == 8 ? 5 : 6, wl.data(), ol.data());
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t m0 = t * W, rows = std::min<int64_t>(W, M - m0);
-        const uint8_t* T = x4 + t * KB * line;
-        if (W == 8) s8_blk_row<8>(c, T, n, m0, rows, wl.data(), ol.data(), cnt);
-        else s8_blk_row<16>(c, T, n, m0, rows, wl.data(), ol.data(), cnt);
+    // int32 outputs of 16 weight rows for every x tile: [tile][16 rows][16 lanes]
+    std::vector<int32_t> accv(static_cast<size_t>(tiles * 256 + 16));
+    int32_t(*acc)[16] = reinterpret_cast<int32_t(*)[16]>((reinterpret_cast<uintptr_t>(accv.data()) + 63) & ~uintptr_t(63));
+    for (int64_t g = n0; g < n1; g += 16) {
+      const int64_t nr = std::min<int64_t>(16, n1 - g);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t cnt = row_blocks(c, g + r, W == 8 ? 5 : 6, wl.data(), ol.data());
+        for (int64_t t = 0; t < tiles; ++t) {
+          const uint8_t* T = x4 + t * KB * line;
+          if (W == 8) s8_blk_row<8>(T, wl.data(), ol.data(), cnt, acc[t * 16 + r]);
+          else s8_blk_row<16>(T, wl.data(), ol.data(), cnt, acc[t * 16 + r]);
+        }
       }
+      for (int64_t t = 0; t < tiles; ++t)
+        s8_blk_epilogue(c, acc + t * 16, g, nr, t * W, std::min<int64_t>(W, M - t * W));
     }
   });
 }
