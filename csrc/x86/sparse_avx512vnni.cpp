@@ -481,7 +481,7 @@ inline bool f32_broadcast_wins(int64_t M, double d) {
 // d = nnz / (N K), M x rows:
 //   1 expand      0.1 + 7 d + 0.78 M                      (one vpexpandb per word per 2-4 x rows)
 //   2 broadcast   M <= 16: 6.5 + 36 d + 20 / Kw; else ceil(M/64) (12 + 52 d + 86 / Kw)
-//   3 dense       2.8 + 9.8 d + max(2.3, 0.4 + 0.29 M)    (expansion + the w8a8 GEMM)
+//   3 dense       2.8 + 4.4 d + max(2.3, 0.4 + 0.29 M)    (expansion + the w8a8 GEMM)
 //   4 4-blocks    1.85 + 1.5 f + T (1.4 + 10.5 f + 20 / Kw), f = 1 - (1-d)^4 (nonzero 4-blocks),
 //                                                          T = 1 (M <= 8) or ceil(M/16) x tiles
 int s8_pick_path(int64_t M, double d, int64_t Kw) {
@@ -489,7 +489,7 @@ int s8_pick_path(int64_t M, double d, int64_t Kw) {
   const double c1 = 0.1 + 7.0 * d + 0.78 * m;
   const double c2 = M <= 16 ? 6.5 + 36.0 * d + 20.0 / kw
                             : static_cast<double>(ceil_div(M, 64)) * (12.0 + 52.0 * d + 86.0 / kw);
-  const double c3 = 2.8 + 9.8 * d + std::max(2.3, 0.4 + 0.29 * m);
+  const double c3 = 2.8 + 4.4 * d + std::max(2.3, 0.4 + 0.29 * m);
   const double T = M <= 8 ? 1.0 : static_cast<double>(ceil_div(M, 16));
   const double c4 = 1.85 + 1.5 * f + T * (1.4 + 10.5 * f + 20.0 / kw);
   int best = 1;
@@ -628,7 +628,15 @@ void expand_to_int8_tiles(const Ctx& c, int64_t n0, int64_t rows, int64_t K, int
       for (int64_t i = 0; i < live; ++i) {
         const uint64_t* mk = c.w.masks + (n0 + nb * kInt8NB + i) * c.Kw + b0;
         const int8_t* p = cur[i];
+        // the next row's part of this chunk: its masks (<= 2 lines) and values (<= 2 lines a word)
+        const int64_t in = i + 1 < live ? i + 1 : i;
+        const char* pm = reinterpret_cast<const char*>(mk + (in - i) * c.Kw);
+        const char* pv = reinterpret_cast<const char*>(cur[in]);
+        _mm_prefetch(pm, _MM_HINT_T0);
+        _mm_prefetch(pm + 64, _MM_HINT_T0);
         for (int64_t w = 0; w < nw; ++w) {
+          _mm_prefetch(pv + w * 128, _MM_HINT_T0);
+          _mm_prefetch(pv + w * 128 + 64, _MM_HINT_T0);
           const uint64_t m = mk[w];
           _mm512_store_si512(stage[i] + w * 64, _mm512_maskz_expand_epi8(m, load_unfolded(p)));
           p += _mm_popcnt_u64(m);
