@@ -26,8 +26,11 @@ namespace {
 
 thread_local ScratchBuf t_qa;
 
-constexpr int kMaxMR = 4;  // activation rows per register block (4 x 4 accumulators)
-constexpr int kNT = 4;     // row tiles per panel: 64 weight rows
+// Register blocks: few x rows (M <= 4, bandwidth-bound) take 4 tiles at a time (4 weight
+// streams); more rows take 2 tiles x up to 8 rows, so each window's vpshufb indices (a
+// multishift + a ternlog per tile) and weight loads serve 8 rows: 16 accumulators.
+constexpr int kSmallM = 4;
+constexpr int kMaxMR = 8;
 
 struct Gemm {
   const uint8_t* qa;  // quantized rows (u8, q + 128), row stride lda, Kp columns
@@ -114,17 +117,21 @@ BlockFn pick(int mr, int nt) {
     case 1: return pick_mr<1>(nt);
     case 2: return pick_mr<2>(nt);
     case 3: return pick_mr<3>(nt);
-    default: return pick_mr<4>(nt);
+    case 4: return pick_mr<4>(nt);
+    case 5: return pick_mr<5>(std::min(nt, 2));
+    case 6: return pick_mr<6>(std::min(nt, 2));
+    case 7: return pick_mr<7>(std::min(nt, 2));
+    default: return pick_mr<8>(std::min(nt, 2));
   }
 }
 
-// Rows [m0, m1) against panels [p0, p1): every row block re-reads the panel (4 tiles, 80 KB
-// per 2048 k) from L2.
-void panels(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t ntiles) {
-  const int64_t rows = m1 - m0, nblk = ceil_div(rows, kMaxMR);
+// Rows [m0, m1) against panels [p0, p1) of pnt tiles: every row block re-reads the panel
+// (40 KB per tile and 2048 k) from L2.
+void panels(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t ntiles, int pnt, int maxmr) {
+  const int64_t rows = m1 - m0, nblk = ceil_div(rows, maxmr);
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t nb = p * kNT;
-    const int nt = static_cast<int>(std::min<int64_t>(kNT, ntiles - nb));
+    const int64_t nb = p * pnt;
+    const int nt = static_cast<int>(std::min<int64_t>(pnt, ntiles - nb));
     for (int64_t i = 0; i < nblk; ++i) {
       const int64_t r0 = rows * i / nblk, r1 = rows * (i + 1) / nblk;
       pick(static_cast<int>(r1 - r0), nt)(g, m0 + r0, nb);
@@ -164,13 +171,15 @@ void sparse24_i8_linear_avx512vbmi(const Sparse24Args& a) {
   g.y = a.y; g.ldy = a.ldy; g.dt = a.dtype;
 
   // Tasks: a run of consecutive panels x a slice of rows, claimed dynamically (as w8a8).
-  const int64_t npanels = ceil_div(ntiles, kNT);
-  const int64_t nruns = std::min<int64_t>(npanels, (M <= kMaxMR ? 16 : 4) * nthr);
+  const int pnt = M <= kSmallM ? 4 : 2, maxmr = M <= kSmallM ? kSmallM : kMaxMR;
+  const int64_t npanels = ceil_div(ntiles, int64_t{pnt});
+  const int64_t nruns = std::min<int64_t>(npanels, (M <= maxmr ? 16 : 4) * nthr);
   int64_t mslices = 1;
-  while (nruns * mslices < 4 * nthr && M / (mslices * 2) >= kMaxMR) mslices *= 2;
+  while (nruns * mslices < 4 * nthr && M / (mslices * 2) >= maxmr) mslices *= 2;
   parallel_for(nruns * mslices, nthr, [&](int64_t task) {
     const int64_t run = task / mslices, s = task % mslices;
-    panels(g, M * s / mslices, M * (s + 1) / mslices, npanels * run / nruns, npanels * (run + 1) / nruns, ntiles);
+    panels(g, M * s / mslices, M * (s + 1) / mslices, npanels * run / nruns, npanels * (run + 1) / nruns, ntiles,
+           pnt, maxmr);
   });
 }
 
