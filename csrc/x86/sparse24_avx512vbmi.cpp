@@ -60,9 +60,26 @@ constexpr int64_t kPfBlocks = 32;
 // int32 dot products of MR activation rows with NT row tiles over all S blocks: acc[r][t] lane i
 // = row 16(t0 + t) + i. Per window and tile: one multishift + ternlog (index), per row one
 // broadcast, per row and tile one vpshufb + one vpdpbusd.
-template <int MR, int NT, bool PF>
+inline __m512i window_index(__m512i mt, int wi) {
+  const __m512i ctrl = _mm512_set1_epi64(0x0E0C0A0806040200LL + 0x1010101010101010LL * wi);
+  return _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mt), _mm512_set1_epi8(3),
+                                   _mm512_set1_epi32(0x04040000), 0xEA);
+}
+
+// The vpshufb indices of tiles [nb, nb + nt) for every window, ib[((t * S + s) * 4 + w) * 64]: with
+// several row blocks per panel they are built once and loaded (L1/L2) instead of rebuilt per block.
+void build_index(const Gemm& g, int64_t nb, int nt, uint8_t* ib) {
+  for (int t = 0; t < nt; ++t)
+    for (int64_t s = 0; s < g.S; ++s) {
+      const __m512i mt = _mm512_loadu_si512(g.w + (nb + t) * g.tb + s * kS24I8Block + 256);
+      uint8_t* o = ib + ((t * g.S + s) * 4) * 64;
+      for (int wi = 0; wi < 4; ++wi) _mm512_store_si512(o + 64 * wi, window_index(mt, wi));
+    }
+}
+
+template <int MR, int NT, bool PF, bool IB>
 SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const uint8_t* w, int64_t tb, int64_t S,
-                           __m512i (&acc)[MR][NT]) {
+                           const uint8_t* ib, __m512i (&acc)[MR][NT]) {
   const __m512i three = _mm512_set1_epi8(3);
   const __m512i base = _mm512_set1_epi32(0x04040000);
   for (int r = 0; r < MR; ++r)
@@ -78,8 +95,12 @@ SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const uint8_t* w, int6
       __m512i idx[NT], wv[NT];
       for (int t = 0; t < NT; ++t) {
         const uint8_t* blk = w + t * tb;
-        const __m512i mt = _mm512_loadu_si512(blk + 256);
-        idx[t] = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mt), three, base, 0xEA);
+        if (IB) {
+          idx[t] = _mm512_load_si512(ib + ((t * S) * 4 + wi) * 64);
+        } else {
+          const __m512i mt = _mm512_loadu_si512(blk + 256);
+          idx[t] = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mt), three, base, 0xEA);
+        }
         wv[t] = _mm512_loadu_si512(blk + 64 * wi);
       }
       for (int r = 0; r < MR; ++r) {
@@ -92,14 +113,15 @@ SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const uint8_t* w, int6
     }
     w += kS24I8Block;
     a += kS24I8BlockK;
+    ib += 4 * 64;
   }
 }
 
 // MR rows (m: first row) x NT tiles (nb: first tile) over the whole K, then the epilogue.
-template <int MR, int NT, bool PF>
-__attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t nb) {
+template <int MR, int NT, bool PF, bool IB>
+__attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t nb, const uint8_t* ib) {
   __m512i acc[MR][NT];
-  dot_block<MR, NT, PF>(g.qa + m * g.lda, g.lda, g.w + nb * g.tb, g.tb, g.S, acc);
+  dot_block<MR, NT, PF, IB>(g.qa + m * g.lda, g.lda, g.w + nb * g.tb, g.tb, g.S, ib, acc);
   // Epilogue, in the spec's order: t = sx * scale; v = float(acc) * t; v = v + bias.
   for (int t = 0; t < NT; ++t) {
     const int64_t n = (nb + t) * kS24I8TileN;
@@ -117,37 +139,59 @@ __attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t nb) {
   }
 }
 
-using BlockFn = void (*)(const Gemm&, int64_t, int64_t);
+using BlockFn = void (*)(const Gemm&, int64_t, int64_t, const uint8_t*);
 
 template <int MR, bool PF>
-BlockFn pick_mr(int nt) {
-  return nt == 4 ? block<MR, 4, PF> : nt == 3 ? block<MR, 3, PF> : nt == 2 ? block<MR, 2, PF> : block<MR, 1, PF>;
+BlockFn pick_small(int nt) {  // M <= 4: up to 4 tiles, indices built in registers
+  return nt == 4 ? block<MR, 4, PF, false> : nt == 3 ? block<MR, 3, PF, false>
+       : nt == 2 ? block<MR, 2, PF, false> : block<MR, 1, PF, false>;
+}
+template <int MR, bool PF>
+BlockFn pick_large(int nt, bool ib) {  // M > 4: up to 2 tiles
+  if (ib) return nt == 2 ? block<MR, 2, PF, true> : block<MR, 1, PF, true>;
+  return nt == 2 ? block<MR, 2, PF, false> : block<MR, 1, PF, false>;
 }
 template <bool PF>
-BlockFn pick_pf(int mr, int nt) {
+BlockFn pick_pf(int mr, int nt, bool small, bool ib) {
+  if (small) {
+    switch (mr) {
+      case 1: return pick_small<1, PF>(nt);
+      case 2: return pick_small<2, PF>(nt);
+      case 3: return pick_small<3, PF>(nt);
+      default: return pick_small<4, PF>(nt);
+    }
+  }
   switch (mr) {
-    case 1: return pick_mr<1, PF>(nt);
-    case 2: return pick_mr<2, PF>(nt);
-    case 3: return pick_mr<3, PF>(nt);
-    case 4: return pick_mr<4, PF>(nt);
-    case 5: return pick_mr<5, PF>(std::min(nt, 2));
-    case 6: return pick_mr<6, PF>(std::min(nt, 2));
-    case 7: return pick_mr<7, PF>(std::min(nt, 2));
-    default: return pick_mr<8, PF>(std::min(nt, 2));
+    case 1: return pick_large<1, PF>(nt, ib);
+    case 2: return pick_large<2, PF>(nt, ib);
+    case 3: return pick_large<3, PF>(nt, ib);
+    case 4: return pick_large<4, PF>(nt, ib);
+    case 5: return pick_large<5, PF>(nt, ib);
+    case 6: return pick_large<6, PF>(nt, ib);
+    case 7: return pick_large<7, PF>(nt, ib);
+    default: return pick_large<8, PF>(nt, ib);
   }
 }
-BlockFn pick(int mr, int nt, bool pf) { return pf ? pick_pf<true>(mr, nt) : pick_pf<false>(mr, nt); }
+BlockFn pick(int mr, int nt, bool small, bool pf, bool ib) {
+  return pf ? pick_pf<true>(mr, nt, small, ib) : pick_pf<false>(mr, nt, small, ib);
+}
+
+thread_local ScratchBuf t_idx;
 
 // Rows [m0, m1) against panels [p0, p1) of pnt tiles: every row block re-reads the panel
 // (40 KB per tile and 2048 k) from L2.
 void panels(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t ntiles, int pnt, int maxmr) {
   const int64_t rows = m1 - m0, nblk = ceil_div(rows, maxmr);
+  const bool small = pnt == 4, use_ib = !small && nblk >= 2;
+  uint8_t* ib = use_ib ? t_idx.get(static_cast<size_t>(pnt * g.S * 4 * 64)) : nullptr;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t nb = p * pnt;
     const int nt = static_cast<int>(std::min<int64_t>(pnt, ntiles - nb));
+    if (use_ib) build_index(g, nb, nt, ib);
     for (int64_t i = 0; i < nblk; ++i) {
       const int64_t r0 = rows * i / nblk, r1 = rows * (i + 1) / nblk;
-      pick(static_cast<int>(r1 - r0), nt, i == 0)(g, m0 + r0, nb);  // the first block streams from DRAM
+      // the first block streams the panel from DRAM: it prefetches
+      pick(static_cast<int>(r1 - r0), nt, small, i == 0, use_ib)(g, m0 + r0, nb, ib);
     }
   }
 }
