@@ -26,9 +26,9 @@ namespace {
 
 thread_local ScratchBuf t_qa;
 
-// Register blocks: few x rows (M <= 4, bandwidth-bound) take 4 tiles at a time (4 weight
-// streams); more rows take 2 tiles x up to 8 rows, so each window's vpshufb indices (a
-// multishift + a ternlog per tile) and weight loads serve 8 rows: 16 accumulators.
+// Register blocks: few x rows (M <= 4, bandwidth-bound) take 4 tiles at a time (M = 1: 8; more
+// weight streams per thread measured 2 < 3 < 4 <= 8 tiles); more rows take 2 tiles x up to 8
+// rows: 16 accumulators, and each window's indices and weights serve 8 rows.
 constexpr int kSmallM = 4;
 constexpr int kMaxMR = 8;
 
@@ -143,6 +143,9 @@ using BlockFn = void (*)(const Gemm&, int64_t, int64_t, const uint8_t*);
 
 template <int MR, bool PF>
 BlockFn pick_small(int nt) {  // M <= 4: up to 4 tiles, indices built in registers
+  if (MR == 1 && nt > 4)
+    return nt == 8 ? block<1, 8, PF, false> : nt == 7 ? block<1, 7, PF, false>
+         : nt == 6 ? block<1, 6, PF, false> : block<1, 5, PF, false>;
   return nt == 4 ? block<MR, 4, PF, false> : nt == 3 ? block<MR, 3, PF, false>
        : nt == 2 ? block<MR, 2, PF, false> : block<MR, 1, PF, false>;
 }
@@ -182,7 +185,7 @@ thread_local ScratchBuf t_idx;
 // (40 KB per tile and 2048 k) from L2.
 void panels(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64_t ntiles, int pnt, int maxmr) {
   const int64_t rows = m1 - m0, nblk = ceil_div(rows, maxmr);
-  const bool small = pnt == 4, use_ib = !small && nblk >= 2;
+  const bool small = maxmr == kSmallM, use_ib = !small && nblk >= 2;
   uint8_t* ib = use_ib ? t_idx.get(static_cast<size_t>(pnt * g.S * 4 * 64)) : nullptr;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t nb = p * pnt;
@@ -228,7 +231,7 @@ void sparse24_i8_linear_avx512vbmi(const Sparse24Args& a) {
   g.y = a.y; g.ldy = a.ldy; g.dt = a.dtype;
 
   // Tasks: a run of consecutive panels x a slice of rows, claimed dynamically (as w8a8).
-  const int pnt = M <= kSmallM ? 4 : 2, maxmr = M <= kSmallM ? kSmallM : kMaxMR;
+  const int pnt = M == 1 ? 8 : M <= kSmallM ? 4 : 2, maxmr = M <= kSmallM ? kSmallM : kMaxMR;
   const int64_t npanels = ceil_div(ntiles, int64_t{pnt});
   const int64_t nruns = std::min<int64_t>(npanels, (M <= maxmr ? 16 : 4) * nthr);
   int64_t mslices = 1;
