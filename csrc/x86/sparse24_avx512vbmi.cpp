@@ -57,10 +57,9 @@ struct Gemm {
 // 24..96 blocks ahead all gave about the same.
 constexpr int64_t kPfBlocks = 32;
 
-// int32 dot products of MR activation rows with NT row tiles over all S blocks: acc[r][t] lane i
-// = row 16(t0 + t) + i. Per window and tile: one multishift + ternlog (index), per row one
-// broadcast, per row and tile one vpshufb + one vpdpbusd.
-inline __m512i window_index(__m512i mt, int wi) {
+// vpshufb index of window wi of a tile from its block's 64 meta bytes: byte j of dword r =
+// 4 * (j / 2) + ((meta byte of row r >> 2j) & 3).
+SLMK_INLINE __m512i window_index(__m512i mt, int wi) {
   const __m512i ctrl = _mm512_set1_epi64(0x0E0C0A0806040200LL + 0x1010101010101010LL * wi);
   return _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mt), _mm512_set1_epi8(3),
                                    _mm512_set1_epi32(0x04040000), 0xEA);
@@ -77,11 +76,12 @@ void build_index(const Gemm& g, int64_t nb, int nt, uint8_t* ib) {
     }
 }
 
+// int32 dot products of MR activation rows with NT row tiles over all S blocks: acc[r][t] lane i
+// = row 16(nb + t) + i. Per window and tile: one index (built, or loaded from ib when IB), per
+// row one broadcast, per row and tile one vpshufb + one vpdpbusd.
 template <int MR, int NT, bool PF, bool IB>
 SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const uint8_t* w, int64_t tb, int64_t S,
                            const uint8_t* ib, __m512i (&acc)[MR][NT]) {
-  const __m512i three = _mm512_set1_epi8(3);
-  const __m512i base = _mm512_set1_epi32(0x04040000);
   for (int r = 0; r < MR; ++r)
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_si512();
   for (int64_t s = 0; s < S; ++s) {
@@ -91,16 +91,10 @@ SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const uint8_t* w, int6
           _mm_prefetch(reinterpret_cast<const char*>(w + t * tb + kPfBlocks * kS24I8Block + 64 * l), _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int wi = 0; wi < 4; ++wi) {
-      const __m512i ctrl = _mm512_set1_epi64(0x0E0C0A0806040200LL + 0x1010101010101010LL * wi);
       __m512i idx[NT], wv[NT];
       for (int t = 0; t < NT; ++t) {
         const uint8_t* blk = w + t * tb;
-        if (IB) {
-          idx[t] = _mm512_load_si512(ib + ((t * S) * 4 + wi) * 64);
-        } else {
-          const __m512i mt = _mm512_loadu_si512(blk + 256);
-          idx[t] = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(ctrl, mt), three, base, 0xEA);
-        }
+        idx[t] = IB ? _mm512_load_si512(ib + ((t * S) * 4 + wi) * 64) : window_index(_mm512_loadu_si512(blk + 256), wi);
         wv[t] = _mm512_loadu_si512(blk + 64 * wi);
       }
       for (int r = 0; r < MR; ++r) {
@@ -113,7 +107,7 @@ SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const uint8_t* w, int6
     }
     w += kS24I8Block;
     a += kS24I8BlockK;
-    ib += 4 * 64;
+    if (IB) ib += 4 * 64;
   }
 }
 
