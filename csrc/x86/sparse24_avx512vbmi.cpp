@@ -65,36 +65,45 @@ SLMK_INLINE __m512i window_index(__m512i mt, int wi) {
                                    _mm512_set1_epi32(0x04040000), 0xEA);
 }
 
-// The vpshufb indices of tiles [nb, nb + nt) for every window, ib[((t * S + s) * 4 + w) * 64]: with
-// several row blocks per panel they are built once and loaded (L1/L2) instead of rebuilt per block.
-void build_index(const Gemm& g, int64_t nb, int nt, uint8_t* ib) {
-  for (int t = 0; t < nt; ++t)
-    for (int64_t s = 0; s < g.S; ++s) {
-      const __m512i mt = _mm512_loadu_si512(g.w + (nb + t) * g.tb + s * kS24I8Block + 256);
-      uint8_t* o = ib + ((t * g.S + s) * 4) * 64;
-      for (int wi = 0; wi < 4; ++wi) _mm512_store_si512(o + 64 * wi, window_index(mt, wi));
-    }
-}
+// Index modes: with several row blocks per panel, the first builds each window's indices and
+// stores them to ib[((t * S + s) * 4 + w) * 64] (kStore), the others load them (kLoad, L1/L2)
+// instead of rebuilding them; a lone block builds them in registers only (kBuild).
+enum IndexMode : int { kBuild = 0, kStore = 1, kLoad = 2 };
 
 // int32 dot products of MR activation rows with NT row tiles over all S blocks: acc[r][t] lane i
-// = row 16(nb + t) + i. Per window and tile: one index (built, or loaded from ib when IB), per
-// row one broadcast, per row and tile one vpshufb + one vpdpbusd.
-template <int MR, int NT, bool PF, bool IB>
+// = row 16(nb + t) + i. Per window and tile: one index (built or loaded), per row one
+// broadcast, per row and tile one vpshufb + one vpdpbusd.
+// Prefetch modes: kAhead, the panel's first row block prefetches its own tiles kPfBlocks ahead;
+// kNext, the last of several row blocks prefetches the same block of the next panel (it follows
+// the panel in memory), so the next panel's first block finds it in L2.
+enum PrefetchMode : int { kNone = 0, kAhead = 1, kNext = 2 };
+
+template <int MR, int NT, int PF, int IM>
 SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const uint8_t* w, int64_t tb, int64_t S,
-                           const uint8_t* ib, __m512i (&acc)[MR][NT]) {
+                           uint8_t* ib, __m512i (&acc)[MR][NT]) {
   for (int r = 0; r < MR; ++r)
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_si512();
   for (int64_t s = 0; s < S; ++s) {
-    if (PF && s + kPfBlocks < S)
+    if (PF == kAhead && s + kPfBlocks < S)
       for (int t = 0; t < NT; ++t)
         for (int l = 0; l < kS24I8Block / 64; ++l)
           _mm_prefetch(reinterpret_cast<const char*>(w + t * tb + kPfBlocks * kS24I8Block + 64 * l), _MM_HINT_T1);
+    if (PF == kNext)
+      for (int t = 0; t < NT; ++t)
+        for (int l = 0; l < kS24I8Block / 64; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(w + (NT + t) * tb + 64 * l), _MM_HINT_T1);
 #pragma GCC unroll 4
     for (int wi = 0; wi < 4; ++wi) {
       __m512i idx[NT], wv[NT];
       for (int t = 0; t < NT; ++t) {
         const uint8_t* blk = w + t * tb;
-        idx[t] = IB ? _mm512_load_si512(ib + ((t * S) * 4 + wi) * 64) : window_index(_mm512_loadu_si512(blk + 256), wi);
+        uint8_t* it = IM == kBuild ? nullptr : ib + ((t * S) * 4 + wi) * 64;
+        if (IM == kLoad) {
+          idx[t] = _mm512_load_si512(it);
+        } else {
+          idx[t] = window_index(_mm512_loadu_si512(blk + 256), wi);
+          if (IM == kStore) _mm512_store_si512(it, idx[t]);
+        }
         wv[t] = _mm512_loadu_si512(blk + 64 * wi);
       }
       for (int r = 0; r < MR; ++r) {
@@ -107,15 +116,15 @@ SLMK_INLINE void dot_block(const uint8_t* a, int64_t lda, const uint8_t* w, int6
     }
     w += kS24I8Block;
     a += kS24I8BlockK;
-    if (IB) ib += 4 * 64;
+    if (IM != kBuild) ib += 4 * 64;
   }
 }
 
 // MR rows (m: first row) x NT tiles (nb: first tile) over the whole K, then the epilogue.
-template <int MR, int NT, bool PF, bool IB>
-__attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t nb, const uint8_t* ib) {
+template <int MR, int NT, int PF, int IM>
+__attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t nb, uint8_t* ib) {
   __m512i acc[MR][NT];
-  dot_block<MR, NT, PF, IB>(g.qa + m * g.lda, g.lda, g.w + nb * g.tb, g.tb, g.S, ib, acc);
+  dot_block<MR, NT, PF, IM>(g.qa + m * g.lda, g.lda, g.w + nb * g.tb, g.tb, g.S, ib, acc);
   // Epilogue, in the spec's order: t = sx * scale; v = float(acc) * t; v = v + bias.
   for (int t = 0; t < NT; ++t) {
     const int64_t n = (nb + t) * kS24I8TileN;
@@ -133,44 +142,46 @@ __attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t nb, const
   }
 }
 
-using BlockFn = void (*)(const Gemm&, int64_t, int64_t, const uint8_t*);
+using BlockFn = void (*)(const Gemm&, int64_t, int64_t, uint8_t*);
 
 template <int MR, bool PF>
-BlockFn pick_small(int nt) {  // M <= 4: up to 4 tiles, indices built in registers
+BlockFn pick_small(int nt) {  // M <= 4: up to 4 tiles (M = 1: 8), indices built in registers
+  constexpr int P = PF ? kAhead : kNone;
   if (MR == 1 && nt > 4)
-    return nt == 8 ? block<1, 8, PF, false> : nt == 7 ? block<1, 7, PF, false>
-         : nt == 6 ? block<1, 6, PF, false> : block<1, 5, PF, false>;
-  return nt == 4 ? block<MR, 4, PF, false> : nt == 3 ? block<MR, 3, PF, false>
-       : nt == 2 ? block<MR, 2, PF, false> : block<MR, 1, PF, false>;
+    return nt == 8 ? block<1, 8, P, kBuild> : nt == 7 ? block<1, 7, P, kBuild>
+         : nt == 6 ? block<1, 6, P, kBuild> : block<1, 5, P, kBuild>;
+  return nt == 4 ? block<MR, 4, P, kBuild> : nt == 3 ? block<MR, 3, P, kBuild>
+       : nt == 2 ? block<MR, 2, P, kBuild> : block<MR, 1, P, kBuild>;
 }
-template <int MR, bool PF>
-BlockFn pick_large(int nt, bool ib) {  // M > 4: up to 2 tiles
-  if (ib) return nt == 2 ? block<MR, 2, PF, true> : block<MR, 1, PF, true>;
-  return nt == 2 ? block<MR, 2, PF, false> : block<MR, 1, PF, false>;
+template <int MR>
+BlockFn pick_large(int nt, bool first, bool shared, bool next) {  // M > 4: up to 2 tiles
+  if (!shared) return nt == 2 ? block<MR, 2, kAhead, kBuild> : block<MR, 1, kAhead, kBuild>;  // one block
+  if (first) return nt == 2 ? block<MR, 2, kAhead, kStore> : block<MR, 1, kAhead, kStore>;
+  if (next) return block<MR, 2, kNext, kLoad>;
+  return nt == 2 ? block<MR, 2, kNone, kLoad> : block<MR, 1, kNone, kLoad>;
 }
-template <bool PF>
-BlockFn pick_pf(int mr, int nt, bool small, bool ib) {
+// first: the panel's first row block (it streams the weights from DRAM unless the block before
+// prefetched them); shared: several row blocks share the panel's indices through ib; next: this
+// (last) block prefetches the next panel, a full one of the same run.
+BlockFn pick(int mr, int nt, bool small, bool first, bool shared, bool next) {
   if (small) {
     switch (mr) {
-      case 1: return pick_small<1, PF>(nt);
-      case 2: return pick_small<2, PF>(nt);
-      case 3: return pick_small<3, PF>(nt);
-      default: return pick_small<4, PF>(nt);
+      case 1: return first ? pick_small<1, true>(nt) : pick_small<1, false>(nt);
+      case 2: return first ? pick_small<2, true>(nt) : pick_small<2, false>(nt);
+      case 3: return first ? pick_small<3, true>(nt) : pick_small<3, false>(nt);
+      default: return first ? pick_small<4, true>(nt) : pick_small<4, false>(nt);
     }
   }
   switch (mr) {
-    case 1: return pick_large<1, PF>(nt, ib);
-    case 2: return pick_large<2, PF>(nt, ib);
-    case 3: return pick_large<3, PF>(nt, ib);
-    case 4: return pick_large<4, PF>(nt, ib);
-    case 5: return pick_large<5, PF>(nt, ib);
-    case 6: return pick_large<6, PF>(nt, ib);
-    case 7: return pick_large<7, PF>(nt, ib);
-    default: return pick_large<8, PF>(nt, ib);
+    case 1: return pick_large<1>(nt, first, shared, next);
+    case 2: return pick_large<2>(nt, first, shared, next);
+    case 3: return pick_large<3>(nt, first, shared, next);
+    case 4: return pick_large<4>(nt, first, shared, next);
+    case 5: return pick_large<5>(nt, first, shared, next);
+    case 6: return pick_large<6>(nt, first, shared, next);
+    case 7: return pick_large<7>(nt, first, shared, next);
+    default: return pick_large<8>(nt, first, shared, next);
   }
-}
-BlockFn pick(int mr, int nt, bool small, bool pf, bool ib) {
-  return pf ? pick_pf<true>(mr, nt, small, ib) : pick_pf<false>(mr, nt, small, ib);
 }
 
 thread_local ScratchBuf t_idx;
@@ -184,11 +195,10 @@ void panels(const Gemm& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1, int64
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t nb = p * pnt;
     const int nt = static_cast<int>(std::min<int64_t>(pnt, ntiles - nb));
-    if (use_ib) build_index(g, nb, nt, ib);
+    const bool next = p + 1 < p1 && (p + 2) * pnt <= ntiles && nt == 2;
     for (int64_t i = 0; i < nblk; ++i) {
       const int64_t r0 = rows * i / nblk, r1 = rows * (i + 1) / nblk;
-      // the first block streams the panel from DRAM: it prefetches
-      pick(static_cast<int>(r1 - r0), nt, small, i == 0, use_ib)(g, m0 + r0, nb, ib);
+      pick(static_cast<int>(r1 - r0), nt, small, i == 0, use_ib, next && i == nblk - 1)(g, m0 + r0, nb, ib);
     }
   }
 }
