@@ -153,7 +153,7 @@ Sparse24OpChoice select_sparse24_f() {
 
 Sparse24OpChoice select_sparse24_i8() {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool vbmi = __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2");
+  static const bool vbmi = __builtin_cpu_supports("avx512vbmi");  // vpmultishiftqb
 #else
   static const bool vbmi = false;
 #endif

@@ -114,7 +114,7 @@ class TestValidate:
 
 
 @pytest.mark.parametrize("dtype", FLOATS + (torch.int8,), ids=str)
-@pytest.mark.parametrize("N,K", [(1, 4), (5, 36), (7, 132), (9, 260), (4, 256)])
+@pytest.mark.parametrize("N,K", [(1, 4), (5, 36), (7, 132), (9, 260), (4, 256), (33, 100)])
 def test_cpp_pack_equals_reference_pack(dtype, N, K):
     if not cpu_backend.has_cpp():
         pytest.skip("needs slmkern._C")
@@ -169,3 +169,26 @@ def test_validate_int4_rejects():
         s24.validate_int4(q, m, sc[:, :1].contiguous(), z, 32)
     with pytest.raises(TypeError, match="qvalues"):
         s24.validate_int4(q.to(torch.int8), m, sc, z, 32)
+
+
+def test_int8_packed_layout_v2_byte_positions():
+    """The int8 CPU layout as the module docstring states it: 16-row tiles, 320-byte blocks of
+    32 columns, values [w][r][j], meta [r//2][w][r%2], then int32 row sums."""
+    N, K = 21, 72                                         # 2 tiles, 3 blocks (K padded to 96)
+    v, m, sc = s24.compress_int8(rand_24(N, K))
+    p = s24.pack_reference(v, m)
+    S, T = 3, 2
+    assert p.numel() == T * S * 320 + 4 * 32 == s24.packed_bytes(N, K, torch.int8)
+    pv = p.view(torch.int8)
+    for n in range(N):
+        t, r = divmod(n, 16)
+        for i in range(K // 2):
+            s, w, j = i // 16, (i // 4) % 4, i % 4
+            assert int(pv[(t * S + s) * 320 + 64 * w + 4 * r + j]) == int(v[n, i])
+        for b in range(m.shape[1]):
+            s, w = divmod(b, 4)
+            assert int(p[(t * S + s) * 320 + 256 + 8 * (r // 2) + 2 * w + r % 2]) == int(m[n, b])
+    rs = p[T * S * 320:].view(torch.int32)
+    assert torch.equal(rs[:N], v.to(torch.int32).sum(1, dtype=torch.int32)) and not rs[N:].any()
+    if cpu_backend.has_cpp():
+        assert torch.equal(s24.prepack_cpu(v, m, sc), p)

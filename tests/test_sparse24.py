@@ -105,13 +105,40 @@ def test_int8_equals_our_dense_w8a8_kernel(cpu_isa, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_int8_many_rows_and_strided_x(cpu_isa, dtype):
-    # N > 1024 and M >= 48: the AVX-512 path expands the weight in groups of rows for w8a8's kernel
+    # many row tiles and register blocks of 8 rows (with a 2-row tail) on the AVX-512 path
     K, N = 132, 1100
     v, m, sc = s24.compress_int8(rand_24(N, K))
     wp, b = s24.prepack_cpu(v, m, sc), torch.randn(N).to(dtype)
     x = torch.randn(50, 2 * K).to(dtype)[:, :K]          # row stride > K
     y = op(x, v, m, sc, b, wp)
     assert torch.equal(bits(y), bits(reference.w8a8_linear(x, s24.decompress(v, m), sc, b)))
+
+
+@pytest.mark.parametrize("M", [1, 4, 5, 8, 9, 16, 17])
+def test_int8_register_blocks_and_panel_tails(cpu_isa, M):
+    # N = 200: 13 tiles of 16 rows (panels of 4 and of 2 tiles both end short, last tile 8 rows);
+    # K = 100: K % 32 == 4 and K % 8 == 4 (a padded window inside the last 32-column block)
+    K, N = 100, 200
+    v, m, sc = s24.compress_int8(rand_24(N, K))
+    b = torch.randn(N)
+    x = torch.randn(M, K)
+    y = op(x, v, m, sc, b, s24.prepack_cpu(v, m, sc))
+    assert torch.equal(bits(y), bits(reference.w8a8_linear(x, s24.decompress(v, m), sc, b)))
+
+
+def test_int8_extreme_values_exact(cpu_isa):
+    # |q| = 127 everywhere: the largest int32 sums and the +128 shift of u8 activations must stay exact
+    K, N = 4096, 40
+    w = rand_24(N, K, density=(2,))
+    w = torch.where(w > 0, 1.0, torch.where(w < 0, -1.0, 0.0))
+    w[::2] = w[::2].abs()
+    v, m, sc = s24.compress_int8(w)
+    assert int(v.abs().min()) == 127
+    x = torch.ones(3, K)
+    x[1] = -1
+    x[2, ::2] = -1
+    y = op(x, v, m, sc, None, s24.prepack_cpu(v, m, sc))
+    assert torch.equal(bits(y), bits(reference.w8a8_linear(x, s24.decompress(v, m), sc, None)))
 
 
 @pytest.mark.parametrize("M", [1, 4, 9])

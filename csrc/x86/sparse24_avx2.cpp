@@ -1,9 +1,12 @@
-// 2:4 linear on AVX2 (float values and int8 values). Simpler than the AVX-512 kernels:
-// each weight row is expanded on the fly, in registers, to dense 8-column (float) or
-// 16-column (int16) vectors through a 256-entry table indexed by one meta byte (two groups):
-//   float: vpermps of the 4 kept values (lanes 4..7 zero) by the byte's lane table;
-//   int8:  vpshufb of the 8 kept values widened to int16, then vpmaddwd with int16 x (exact).
-// Each expanded vector feeds up to 2 x rows. int8 values follow w8a8's math bit for bit.
+// 2:4 linear on AVX2 (float values and int8 values). Simpler than the AVX-512 kernels.
+// Float values (layout version 1): each weight row is expanded on the fly, in registers, to
+// dense 8-column vectors through a 256-entry table indexed by one meta byte (two groups):
+// vpermps of the 4 kept values (lanes 4..7 zero) by the byte's lane table.
+// int8 values (layout version 2, 16-row tiles of 8-column windows): the window's 8 activations
+// as int16 are broadcast to both 128-bit lanes and vpshufb, with a control built from the rows'
+// meta bytes (a 256-entry table of 8-byte controls), picks each kept value's activation; vpmaddwd
+// with the kept values widened to int16 is exact. Each control feeds up to 2 x rows. int8 values
+// follow w8a8's math bit for bit.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,7 +23,16 @@ struct Tables {
   alignas(32) int32_t fidx[256][8];   // float lanes: kept value 0..3, or 4 (a zero lane)
   alignas(16) uint8_t lo[256][16];    // int16 lanes of kept values 0..3 (pshufb bytes; 0x80 = 0)
   alignas(16) uint8_t hi[256][16];    // the same for kept values 4..7
+  uint64_t ctl[256];                  // int8 (v2): pshufb bytes of the 4 kept values' int16 activations
   Tables() {
+    for (int b = 0; b < 256; ++b) {
+      uint64_t c = 0;
+      for (int j = 0; j < 4; ++j) {
+        const int col = 4 * (j / 2) + ((b >> (2 * j)) & 3);
+        c |= static_cast<uint64_t>(2 * col) << (16 * j) | static_cast<uint64_t>(2 * col + 1) << (16 * j + 8);
+      }
+      ctl[b] = c;
+    }
     for (int b = 0; b < 256; ++b) {
       for (int l = 0; l < 8; ++l) fidx[b][l] = 4;
       for (int l = 0; l < 16; ++l) lo[b][l] = hi[b][l] = 0x80;
@@ -79,36 +91,36 @@ void f_tile(const uint8_t* tile, int64_t C, S24Values v, const float* xs, int64_
     }
 }
 
+// int8 (layout v2): one 16-row tile, MR x rows (int16, stride Kp), over all S blocks.
 template <int MR>
-void i_tile(const uint8_t* tile, int64_t C, const int16_t* xs, int64_t Kp, int32_t out[2][4]) {
+void i_tile(const uint8_t* tile, int64_t S, const int16_t* xs, int64_t Kp, int32_t out[2][16]) {
   const Tables& tb = tables();
-  const int64_t bb = s24_block_bytes(S24Values::i8);
   __m256i acc[MR][4];
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_setzero_si256();
-  for (int64_t c = 0; c < C; ++c) {
-    const uint8_t* blk = tile + c * bb;
-    const uint8_t* meta = blk + kS24TileN * kS24ChunkV;
-    for (int s = 0; s < 8; ++s) {  // 16 dense columns = two meta bytes = 8 kept values
-      __m256i wd[4];
-      for (int r = 0; r < 4; ++r) {
-        const __m128i v16 = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + r * kS24ChunkV + 8 * s)));
-        const uint8_t* mb = meta + r * kS24ChunkMeta + 2 * s;
-        const __m128i lo = _mm_shuffle_epi8(v16, _mm_load_si128(reinterpret_cast<const __m128i*>(tb.lo[mb[0]])));
-        const __m128i hi = _mm_shuffle_epi8(v16, _mm_load_si128(reinterpret_cast<const __m128i*>(tb.hi[mb[1]])));
-        wd[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-      }
-      for (int m = 0; m < MR; ++m) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + m * Kp + c * kS24ChunkK + 16 * s));
-        for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(xv, wd[r]));
+    for (int g = 0; g < 4; ++g) acc[m][g] = _mm256_setzero_si256();
+  for (int64_t s = 0; s < S; ++s) {
+    const uint8_t* blk = tile + s * kS24I8Block;
+    const uint8_t* meta = blk + 256;
+    for (int w = 0; w < 4; ++w) {
+      __m256i xb[MR];
+      for (int m = 0; m < MR; ++m)
+        xb[m] = _mm256_broadcastsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs + m * Kp + kS24I8BlockK * s + 8 * w)));
+      for (int g = 0; g < 4; ++g) {  // rows 4g..4g+3: meta bytes at 8(r/2) + 2w + (r%2)
+        const uint8_t* mb = meta + 16 * g + 2 * w;
+        const __m256i ctl = _mm256_setr_epi64x(static_cast<long long>(tb.ctl[mb[0]]), static_cast<long long>(tb.ctl[mb[1]]),
+                                               static_cast<long long>(tb.ctl[mb[8]]), static_cast<long long>(tb.ctl[mb[9]]));
+        const __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 64 * w + 16 * g)));
+        for (int m = 0; m < MR; ++m)
+          acc[m][g] = _mm256_add_epi32(acc[m][g], _mm256_madd_epi16(_mm256_shuffle_epi8(xb[m], ctl), w16));
       }
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < 4; ++r) {
-      const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc[m][r]), _mm256_extracti128_si256(acc[m][r], 1));
-      const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-      out[m][r] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xb1)));
+    for (int g = 0; g < 4; ++g) {
+      alignas(32) int32_t v[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(v), acc[m][g]);
+      for (int i = 0; i < 4; ++i) out[m][4 * g + i] = v[2 * i] + v[2 * i + 1];
     }
 }
 
@@ -161,31 +173,36 @@ void sparse24_f_linear_avx2(const Sparse24Args& a) {
 }
 
 void sparse24_i8_linear_avx2(const Sparse24Args& a) {
-  const int64_t M = a.M, K = a.K, N = a.N, Kp = s24_padded_k(K), C = Kp / kS24ChunkK;
-  const int64_t tb = s24_tile_bytes(K, S24Values::i8);
+  const int64_t M = a.M, K = a.K, N = a.N, Kp = s24i8_padded_k(K), S = Kp / kS24I8BlockK;
+  const int64_t tb = s24i8_tile_bytes(K), T = s24i8_padded_n(N) / kS24I8TileN;
   std::vector<int8_t> q(static_cast<size_t>(M * Kp), 0);
   std::vector<int16_t> xs(static_cast<size_t>(M * Kp), 0);
   std::vector<float> sx(static_cast<size_t>(M));
   quantize_rows_s8_ref(a.x, a.dtype, M, K, a.ldx, q.data(), Kp, sx.data());
   for (size_t i = 0; i < q.size(); ++i) xs[i] = q[i];
-  auto epi = [&](int64_t t, int64_t m0, int mr, int32_t out[2][4]) {
-    for (int m = 0; m < mr; ++m)
-      for (int r = 0; r < 4; ++r) {
-        const int64_t n = t * kS24TileN + r;
-        if (n >= N) break;
-        const float s = sx[m0 + m] * a.scales[n];
-        float v = static_cast<float>(out[m][r]) * s;
-        if (a.bias) v = v + a.bias[n];
-        store_from_f32(a.y, a.dtype, (m0 + m) * a.ldy + n, v);
+  // Tasks of a few row tiles (~96 KB of weights), each run over every pair of x rows.
+  const int64_t tg = std::max<int64_t>(1, (96 << 10) / tb), n_tasks = ceil_div(T, tg);
+  parallel_for(n_tasks, a.n_threads, [&](int64_t task) {
+    const int64_t t0 = task * tg, t1 = std::min(T, t0 + tg);
+    for (int64_t m0 = 0; m0 < M; m0 += 2) {
+      const int mr = M - m0 >= 2 ? 2 : 1;
+      for (int64_t t = t0; t < t1; ++t) {
+        int32_t out[2][16];
+        const uint8_t* tile = a.w_packed + t * tb;
+        if (mr == 2) i_tile<2>(tile, S, xs.data() + m0 * Kp, Kp, out);
+        else i_tile<1>(tile, S, xs.data() + m0 * Kp, Kp, out);
+        for (int m = 0; m < mr; ++m)
+          for (int r = 0; r < 16; ++r) {
+            const int64_t n = t * kS24I8TileN + r;
+            if (n >= N) break;
+            const float sc = sx[m0 + m] * a.scales[n];
+            float v = static_cast<float>(out[m][r]) * sc;
+            if (a.bias) v = v + a.bias[n];
+            store_from_f32(a.y, a.dtype, (m0 + m) * a.ldy + n, v);
+          }
       }
-  };
-  run_tiles(a, tb, [&](int64_t t, int64_t m0, int mr, decltype(epi)& e) {
-    int32_t out[2][4];
-    const uint8_t* tile = a.w_packed + t * tb;
-    if (mr == 2) i_tile<2>(tile, C, xs.data() + m0 * Kp, Kp, out);
-    else i_tile<1>(tile, C, xs.data() + m0 * Kp, Kp, out);
-    e(t, m0, mr, out);
-  }, epi);
+    }
+  });
 }
 
 }  // namespace slmkern

@@ -26,13 +26,21 @@ DENSE columns, ``zeros uint8 [N, K/g]`` in 0..15 or None (= 8):
 W[n, k] = (code - zero[n, k // g]) * scale[n, k // g] at kept positions, 0 elsewhere.
 Padding codes equal the zero point, so they dequantize to exactly 0.
 
-CPU packed layout (version 1, built by :func:`prepack_cpu`, never saved; csrc/include/slmkern/sparse24.h)::
+CPU packed layouts (built by :func:`prepack_cpu`, never saved; csrc/include/slmkern/sparse24.h)::
 
+    float values, version 1:
     Np = ceil(N/4)*4, Kp = ceil(K/128)*128, C = Kp/128 chunks of 128 dense columns (64 kept values)
     block(t, c), t < Np/4 row tiles of 4 rows, c < C, stored t-major:
         values[4][64]   the 64 kept values of chunk c of rows 4t..4t+3, value dtype, zero padded
         meta  [4][16]   their meta bytes (16 per row), zero padded
-    rowsum int32 [Np]   (int8 values only) sum of the row's kept values
+
+    int8 values, version 2 (16 rows = the 16 int32 lanes of one vpdpbusd):
+    Np = ceil(N/16)*16, Kp = ceil(K/32)*32, S = Kp/32 blocks; a block is 4 windows of 8 dense
+    columns (one canonical meta byte, 4 kept values per row)
+    block(t, s), t < Np/16 row tiles of 16 rows, s < S, 320 bytes, stored t-major:
+        values[4][16][4] int8   [w][r][j] = kept value 16s + 4w + j of row 16t + r
+        meta  [8][4][2]  uint8  [r//2][w][r%2] = canonical meta byte 4s + w of row 16t + r
+    rowsum int32 [Np]   sum of the row's kept values (the +128 shift of u8 activations)
 One row tile is one sequential stream: the M=1 kernels read exactly the bytes they need, in order.
 """
 from __future__ import annotations
@@ -43,6 +51,9 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 VALUE_DTYPES = FLOAT_DTYPES + (torch.int8,)
 CHUNK_K = 128   # dense columns per packed chunk
 TILE_N = 4      # rows per packed tile
+I8_TILE_N = 16      # int8 values: rows per packed tile
+I8_BLOCK_K = 32     # int8 values: dense columns per block (4 windows of 8)
+I8_BLOCK_BYTES = 320
 INT4_GROUP_SIZES = (32, 64, 128)
 SYMMETRIC_ZERO = 8
 
@@ -62,10 +73,12 @@ def value_code(dtype: torch.dtype) -> int:
 
 def packed_bytes(N: int, K: int, values_dtype: torch.dtype) -> int:
     """Bytes of the CPU packed layout for an [N, K] 2:4 weight with values of `values_dtype`."""
+    if values_dtype == torch.int8:
+        Np, Kp = _ceil(N, I8_TILE_N), _ceil(K, I8_BLOCK_K)
+        return (Np // I8_TILE_N) * (Kp // I8_BLOCK_K) * I8_BLOCK_BYTES + 4 * Np
     Np, Kp = _ceil(N, TILE_N), _ceil(K, CHUNK_K)
     vs = torch.empty((), dtype=values_dtype).element_size()
-    n = (Np // TILE_N) * (Kp // CHUNK_K) * (TILE_N * (CHUNK_K // 2) * vs + TILE_N * (CHUNK_K // 8))
-    return n + (4 * Np if values_dtype == torch.int8 else 0)
+    return (Np // TILE_N) * (Kp // CHUNK_K) * (TILE_N * (CHUNK_K // 2) * vs + TILE_N * (CHUNK_K // 8))
 
 
 # ----------------------------------------------------------------------------- compress / decompress
@@ -281,9 +294,26 @@ def validate_int4(qvalues, meta, scales, zeros, group_size: int, data: bool = Tr
 
 # ----------------------------------------------------------------------------- CPU packing
 
+def _pack_reference_int8(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    N, K = values.shape[0], 2 * values.shape[1]
+    Np, Kp = _ceil(N, I8_TILE_N), _ceil(K, I8_BLOCK_K)
+    T, S = Np // I8_TILE_N, Kp // I8_BLOCK_K
+    v = torch.zeros(Np, Kp // 2, dtype=torch.int8)
+    v[:N, : K // 2] = values
+    mt = torch.zeros(Np, Kp // 8, dtype=torch.uint8)
+    mt[:N, : meta.shape[1]] = meta
+    vb = v.view(torch.uint8).reshape(T, I8_TILE_N, S, 4, 4).permute(0, 2, 3, 1, 4).reshape(T, S, 256)  # [t][s][w][r][j]
+    mb = mt.reshape(T, I8_TILE_N // 2, 2, S, 4).permute(0, 3, 1, 4, 2).reshape(T, S, 64)  # [t][s][r//2][w][r%2]
+    rs = torch.zeros(Np, dtype=torch.int32)
+    rs[:N] = values.to(torch.int32).sum(1, dtype=torch.int32)
+    return torch.cat([torch.cat([vb, mb], dim=2).reshape(-1), rs.view(torch.uint8)])
+
+
 def pack_reference(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """Pure-torch CPU packing (the spec of the packed layout in the module docstring)."""
+    """Pure-torch CPU packing (the spec of the packed layouts in the module docstring)."""
     values, meta = values.detach().cpu(), meta.detach().cpu()
+    if values.dtype == torch.int8:
+        return _pack_reference_int8(values, meta)
     N, K = values.shape[0], 2 * values.shape[1]
     Np, Kp = _ceil(N, TILE_N), _ceil(K, CHUNK_K)
     C, T = Kp // CHUNK_K, Np // TILE_N
@@ -294,12 +324,7 @@ def pack_reference(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     vb = v.reshape(T, TILE_N, C, CHUNK_K // 2).permute(0, 2, 1, 3).contiguous()
     vb = vb.reshape(T, C, -1).view(torch.uint8).reshape(T, C, -1)
     mb = mt.reshape(T, TILE_N, C, CHUNK_K // 8).permute(0, 2, 1, 3).reshape(T, C, -1)
-    out = [torch.cat([vb, mb], dim=2).reshape(-1)]
-    if values.dtype == torch.int8:
-        rs = torch.zeros(Np, dtype=torch.int32)
-        rs[:N] = values.to(torch.int32).sum(1, dtype=torch.int32)
-        out.append(rs.view(torch.uint8))
-    return torch.cat(out)
+    return torch.cat([vb, mb], dim=2).reshape(-1)
 
 
 def prepack_cpu(values: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
