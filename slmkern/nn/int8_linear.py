@@ -68,7 +68,8 @@ class Int8Linear(PackedLinearBase):
 
     def _direct_plan(self):
         """The CPU kernel call with this module's weight-side facts checked once (slmkern._backends.cpu)."""
-        refs = (self.w_packed, self.weight, self.weight_scale, self.bias)
+        buf = self._buffers
+        refs = (buf["w_packed"], buf["weight"], buf["weight_scale"], buf["bias"])
         plan = self.__dict__.get("_plan")
         if plan is None or not plan.valid_for(refs):
             from slmkern._backends import cpu
@@ -80,7 +81,7 @@ class Int8Linear(PackedLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # CPU fast path: no custom-op dispatch, weights checked once; not while tracing/compiling or under
         # a dispatch mode, and any x it does not take (None) goes through the op with its full checks.
-        if self.w_packed is not None and not torch.compiler.is_compiling() and not _dispatch_modes():
+        if not torch.compiler.is_compiling() and self._buffers["w_packed"] is not None and not _dispatch_modes():
             y = self._direct_plan()(x)
             if y is not None:
                 return y
