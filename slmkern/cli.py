@@ -339,6 +339,11 @@ def _eval(sub: argparse._SubParsersAction) -> None:
                 text = wikipedia_text()
                 res.update(ev.perplexity(model, tok, text[:len(text) // 2], window=args.window,
                                          max_tokens=args.max_tokens))
+                if res["omp_wait_policy"].upper() != "PASSIVE":
+                    print("note: OMP_WAIT_POLICY is not PASSIVE: torch's OpenMP threads spin between ops and take "
+                          "the cores from the decode loop on a small machine (benchmarks/NOTES.md, "
+                          "SmolLM2 decode, session 3)",
+                          file=sys.stderr)
                 res.update(ev.decode_tokens_per_s(model, tok, new_tokens=args.decode_tokens, reps=args.reps))
             else:
                 from slmkern.data import rotten_tomatoes

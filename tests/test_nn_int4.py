@@ -116,7 +116,6 @@ def _module(kind: str, bias_dtype=torch.float32):
 
 
 def _op_of(mod):
-    from slmkern import ops
     if isinstance(mod, Int4Linear):
         return "w4a16_linear" if mod.activations == "float" else "w4a8_linear"
     return "w8a8_linear" if mod.activations == "int8" else "w8a16_linear"

@@ -357,7 +357,8 @@ def _next_call(call: Call, out: Any) -> Call | None:
 
 
 def blockwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
-                       device: torch.device, stages: list[list[str]] | None = None) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]] | None:
+                       device: torch.device, stages: list[list[str]] | None = None
+                       ) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]] | None:
     """Like :func:`stagewise_hessians`, but O(#blocks) model work instead of O(#stages * depth).
 
     When every target lies in one nn.ModuleList of blocks (a transformer's layers), the
