@@ -13,6 +13,10 @@
 * :func:`stagewise_hessians`: the layer-by-layer driver on top of those two: yields
   each target layer with its Hessian, one stage at a time, and only runs the next
   stage's pass once the caller has handled (e.g. rewritten) the previous stage.
+* :func:`blockwise_hessians` / :func:`layerwise_hessians`: the same, block by block in a
+  stack of transformer blocks (block inputs cached once, each block replayed alone, its
+  compressed output feeding the next block); layers outside the stack (an output head)
+  stage by stage over the whole model, before or after it. Used by GPTQ and SparseGPT.
 * :class:`InputNormCollector`: one pass, hooks on every target layer, accumulating the
   per-input-column sum of squares (Wanda's ``||X_j||_2^2``).
 * :func:`inverse_hessian_factor`: upper Cholesky factor of the damped inverse Hessian,
