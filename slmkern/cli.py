@@ -303,7 +303,8 @@ def _load_any(name: str, kind: str = "auto"):
 def _eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model or checkpoint: quality, size, memory, speed",
                        description="Causal LMs: perplexity over non-overlapping windows of the first half of the "
-                                   "Wikipedia text + greedy decode tokens/s (KV cache). Classifiers: accuracy and "
+                                   "Wikipedia text + greedy decode tokens/s at batch 1 (KV cache, HF eager loop; "
+                                   "median and every rep, ms/token, prefill ms). Classifiers: accuracy and "
                                    "macro precision/recall/F1 on the Rotten Tomatoes test split. Encoders: embedding "
                                    "cosine to --reference. All: size, peak memory, latency at batch 1 and 32.")
     p.add_argument("--model", required=True, help="slmkern checkpoint dir | minilm | smollm2 | local HF path")
@@ -327,7 +328,9 @@ def _eval(sub: argparse._SubParsersAction) -> None:
         model, tok = _load_any(args.model, args.kind)
         kind = _model_kind(model)
         path = Path(args.model)
+        import os
         res = {"model": args.model, "kind": kind, "threads": torch.get_num_threads(),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
                "mb": ev.model_bytes(model) / 1e6,
                "disk_mb": ev.dir_bytes(path) / 1e6 if (path / CONFIG_NAME).is_file() else None}
         with torch.inference_mode():
@@ -336,6 +339,11 @@ def _eval(sub: argparse._SubParsersAction) -> None:
                 text = wikipedia_text()
                 res.update(ev.perplexity(model, tok, text[:len(text) // 2], window=args.window,
                                          max_tokens=args.max_tokens))
+                if res["omp_wait_policy"].upper() != "PASSIVE":
+                    print("note: OMP_WAIT_POLICY is not PASSIVE: torch's OpenMP threads spin between ops and take "
+                          "the cores from the decode loop on a small machine (benchmarks/NOTES.md, "
+                          "SmolLM2 decode, session 3)",
+                          file=sys.stderr)
                 res.update(ev.decode_tokens_per_s(model, tok, new_tokens=args.decode_tokens, reps=args.reps))
             else:
                 from slmkern.data import rotten_tomatoes

@@ -141,6 +141,9 @@ def decode_tokens_per_s(model, tokenizer, prompt: str = "The history of the city
     """Greedy decoding with the KV cache, one token per step (batch 1): median tokens/s over reps.
 
     Prefill is timed separately; the generated text is returned so runs can be compared.
+    Also returned: every rep's rate (``decode_tokens_per_s_reps``, to show the spread on a shared
+    machine) and the median step time (``decode_ms_per_token``). The loop is plain HF eager
+    (``model(input_ids=..., past_key_values=..., use_cache=True)``) for every model, dense or not.
     """
     import statistics
     import time
@@ -160,5 +163,7 @@ def decode_tokens_per_s(model, tokenizer, prompt: str = "The history of the city
         rates.append((new_tokens - 1) / (t2 - t1))
         prefill.append((t1 - t0) * 1e3)
         text = tokenizer.decode(torch.cat(toks, 1)[0])
-    return {"decode_tokens_per_s": statistics.median(rates[1:]), "prefill_ms": statistics.median(prefill[1:]),
-            "new_tokens": new_tokens, "text": text}
+    rate = statistics.median(rates[1:])
+    return {"decode_tokens_per_s": rate, "decode_ms_per_token": 1e3 / rate,
+            "decode_tokens_per_s_reps": [round(r, 2) for r in rates[1:]],
+            "prefill_ms": statistics.median(prefill[1:]), "new_tokens": new_tokens, "text": text}

@@ -79,6 +79,9 @@ def test_decode_loop_counts_tokens():
     r = ev.decode_tokens_per_s(_Uniform(5), _Tok(5), "a bb ccc", new_tokens=6, reps=1)
     assert r["new_tokens"] == 6 and r["decode_tokens_per_s"] > 0
     assert r["text"] == " ".join(["0"] * 6)                       # argmax of all-zero logits
+    r = ev.decode_tokens_per_s(_Uniform(5), _Tok(5), "a bb ccc", new_tokens=4, reps=3)
+    assert len(r["decode_tokens_per_s_reps"]) == 3 and all(v > 0 for v in r["decode_tokens_per_s_reps"])
+    assert r["decode_ms_per_token"] == pytest.approx(1e3 / r["decode_tokens_per_s"])
 
 
 def test_sizes(tmp_path):

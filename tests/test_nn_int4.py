@@ -101,3 +101,101 @@ def test_overrides_and_int4_skip_reasons():
         quantize_(nn.Sequential(nn.Linear(64, 64)), Int4Config(group_size=32, method="gptq"))
     with pytest.raises(TypeError, match=r"overrides\['x'\]"):
         quantize_(nn.Sequential(nn.Linear(64, 64)), Int4Config(), overrides={"x": "int8"})
+
+
+# ----------------------------------------------------------------------------- CPU fast path
+def _module(kind: str, bias_dtype=torch.float32):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48).to(bias_dtype)
+    lin.weight.data = lin.weight.data.float()
+    if kind == "w4a16":
+        return Int4Linear.from_linear(lin, 32, activations="float", clip="minmax")
+    if kind == "w4a8":
+        return Int4Linear.from_linear(lin, 32, activations="int8", clip="minmax")
+    return Int8Linear.from_linear(lin, activations="int8" if kind == "w8a8" else "float")
+
+
+def _op_of(mod):
+    if isinstance(mod, Int4Linear):
+        return "w4a16_linear" if mod.activations == "float" else "w4a8_linear"
+    return "w8a8_linear" if mod.activations == "int8" else "w8a16_linear"
+
+
+def _via_op(mod, x):
+    from slmkern import ops
+    if isinstance(mod, Int4Linear):
+        return getattr(ops, _op_of(mod))(x, mod.weight, mod.weight_scale, mod.weight_zero, mod.group_size,
+                                         mod.bias, mod.w_packed)
+    return getattr(ops, _op_of(mod))(x, mod.weight, mod.weight_scale, mod.bias, mod.w_packed)
+
+
+def _count_op_calls(monkeypatch, mod):
+    from slmkern import ops
+    calls = []
+    real = getattr(ops, _op_of(mod))
+    monkeypatch.setattr(ops, _op_of(mod), lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["w4a16", "w4a8", "w8a8", "w8a16"])
+def test_fast_path_is_the_op_bit_for_bit(monkeypatch, kind):
+    mod = _module(kind)
+    xs = [torch.randn(1, 128), torch.randn(2, 3, 128), torch.randn(5, 256)[:, ::2], torch.randn(128),
+          torch.randn(4, 128, dtype=torch.bfloat16), torch.randn(0, 128)]
+    expected = [_via_op(mod, x) for x in xs]
+    calls = _count_op_calls(monkeypatch, mod)
+    with torch.inference_mode():
+        for x, e in zip(xs, expected):
+            y = mod(x)
+            assert y.shape == e.shape and y.dtype == e.dtype
+            assert torch.equal(y, e)
+    with torch.no_grad():
+        assert torch.equal(mod(xs[1]), expected[1])
+    assert calls == []                                   # every call above took the fast path
+    ref = (reference.w4a16_linear(xs[1], mod.weight, mod.weight_scale, mod.weight_zero, 32, mod.bias)
+           if kind == "w4a16" else None)
+    if ref is not None:
+        torch.testing.assert_close(mod(xs[1]), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["w4a16", "w8a8"])
+def test_fast_path_leaves_bad_input_and_autograd_to_the_op(monkeypatch, kind):
+    mod = _module(kind)
+    calls = _count_op_calls(monkeypatch, mod)
+    op = _op_of(mod)
+    with pytest.raises(ValueError, match=f"{op}: x has K=64|{op}: K|{op}: w must have shape"):
+        mod(torch.randn(2, 64))
+    with pytest.raises(TypeError, match=f"{op}: x must be a float32/bfloat16/float16 tensor"):
+        mod(torch.ones(2, 128, dtype=torch.int32))
+    assert len(calls) == 2
+    x = torch.randn(3, 128, requires_grad=True)
+    y = mod(x)                                           # autograd: the op's backward
+    assert len(calls) == 3 and y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_fast_path_follows_weight_and_bias_changes():
+    mod = _module("w4a16", torch.bfloat16)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    y0 = mod(x)
+    with torch.no_grad():
+        mod.bias.add_(1.0)                               # in place, bf16 bias: the plan's fp32 copy is stale
+    assert torch.equal(mod(x), _via_op(mod, x)) and not torch.equal(mod(x), y0)
+    other = Int4Linear.from_linear(nn.Linear(128, 48), 32, clip="minmax")
+    mod.load_state_dict({k: v.to(mod.bias.dtype) if k == "bias" else v for k, v in other.state_dict().items()})
+    assert torch.equal(mod(x), _via_op(mod, x))          # repacked on load: a new plan
+    mod.float()
+    xf = x.float()
+    assert mod.bias.dtype == torch.float32 and torch.equal(mod(xf), _via_op(mod, xf))
+
+
+def test_fast_path_bad_module_fails_with_the_op_message():
+    mod = _module("w4a16")
+    mod.w_packed = mod.w_packed[:-64].clone()          # a blob that does not fit the weight
+    with pytest.raises(ValueError, match="w4a16_linear: w_packed must be 1-D with"):
+        mod(torch.randn(1, 128))
+    mod8 = _module("w8a8")
+    mod8.weight_scale = torch.ones(47)
+    with pytest.raises(ValueError, match=r"w8a8_linear: w_scale must have shape \(N,\) = \(48,\)"):
+        mod8(torch.randn(1, 128))

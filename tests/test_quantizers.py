@@ -296,3 +296,101 @@ def test_gptq_model_driver_tiny_bert():
     err_gptq = float((hidden(model) - ref).norm())
     err_rtn = float((hidden(rtn_model) - ref).norm())
     assert err_gptq < 0.8 * err_rtn
+
+
+# ----------------------------------------------------------------------------- block-by-block driver
+class _Block(nn.Module):
+    def __init__(self, d=64, h=128):
+        super().__init__()
+        self.q, self.k, self.o = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x, mask=None, use_cache=False, cache=None):
+        assert cache is None and not use_cache      # the replay drops cache arguments
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 8 + mask, dim=-1) @ x
+        x = x + self.o(a)
+        return (x + self.down(torch.relu(self.up(x))),)
+
+
+class _BlockLM(nn.Module):
+    """in_proj -> ModuleList of blocks (kwargs) -> lm_head: targets before, inside and after the stack."""
+
+    def __init__(self, vocab=96, d=64, n=3):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.in_proj = nn.Linear(d, d)
+        self.layers = nn.ModuleList(_Block(d) for _ in range(n))
+        self.lm_head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids):
+        x = self.in_proj(self.embed_tokens(input_ids))
+        T = x.shape[-2]
+        mask = torch.full((T, T), float("-inf")).triu(1)
+        for layer in self.layers:
+            x = layer(x, mask=mask, use_cache=False, cache=None)[0]
+        return self.lm_head(x)
+
+
+def test_gptq_model_driver_block_by_block_matches_whole_model_replay(monkeypatch):
+    torch.manual_seed(0)
+    model = _BlockLM()
+    calib = [torch.randint(0, 96, (2, 16)) for _ in range(4)]
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    passes = {"a": 0, "b": 0}
+    a.register_forward_pre_hook(lambda *_: passes.__setitem__("a", passes["a"] + 1))
+    b.register_forward_pre_hook(lambda *_: passes.__setitem__("b", passes["b"] + 1))
+    wa, ra = gptq.gptq_quantize_model(a, calib, group_size=32, progress=False)
+    monkeypatch.setattr(_calib, "blockwise_hessians", lambda *args: None)
+    wb, rb = gptq.gptq_quantize_model(b, calib, group_size=32, progress=False)
+    names = ["in_proj"] + [f"layers.{i}.{n}" for i in range(3) for n in ("q", "k", "o", "up", "down")] + ["lm_head"]
+    assert list(ra.layers) == list(rb.layers) == names
+    assert ra.stages == rb.stages and ra.stages[0] == ["in_proj"] and ra.stages[1] == ["layers.0.q", "layers.0.k"]
+    assert ra.stages[-1] == ["lm_head"]
+    for fqn in names:
+        assert ra.layers[fqn].nsamples == rb.layers[fqn].nsamples == 4 * 2 * 16
+        assert not ra.layers[fqn].fallback
+        assert torch.equal(wa[fqn].packed, wb[fqn].packed) or \
+            float((wa[fqn].dequantize() - wb[fqn].dequantize()).abs().max()) < 1e-4
+        torch.testing.assert_close(a.get_submodule(fqn).weight, b.get_submodule(fqn).weight, rtol=1e-4, atol=1e-4)
+    # whole-model passes: trace + in_proj's stage + block-0 capture + lm_head's stage (per batch), against
+    # one pass per stage for the whole-model replay
+    assert passes["a"] <= 3 * len(calib) + 3 and passes["b"] >= len(ra.stages) * len(calib)
+
+
+def test_gptq_block_driver_quantized_block_output_feeds_the_next_block():
+    """Block 1's Hessians come from block 0's *quantized* output."""
+    torch.manual_seed(1)
+    model = _BlockLM(n=2)
+    calib = [torch.randint(0, 96, (2, 16)) for _ in range(2)]
+    seen = {}
+    orig = _calib.HessianCollector.collect
+
+    def spy(self, m, batches, device):
+        accs = orig(self, m, batches, device)
+        for fqn, acc in accs.items():
+            seen[fqn] = acc.H.clone()
+        return accs
+
+    ref = copy.deepcopy(model)
+    import unittest.mock as um
+    with um.patch.object(_calib.HessianCollector, "collect", spy):
+        gptq.gptq_quantize_model(model, calib, group_size=32, filter_fn=lambda m, f: f.startswith("layers"),
+                                 progress=False)
+    # expected H of layers.1.q: block 1's input in the model whose block 0 is quantized (as it is now)
+    xs = []
+    h = model.layers[1].q.register_forward_pre_hook(lambda mod, args: xs.append(args[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for c in calib:
+            model(c)
+    h.remove()
+    X = torch.cat(xs)
+    H = 2.0 / X.shape[0] * X.T @ X
+    torch.testing.assert_close(seen["layers.1.q"], H, rtol=1e-4, atol=1e-5)
+    xs.clear()
+    h = ref.layers[1].q.register_forward_pre_hook(lambda mod, args: xs.append(args[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for c in calib:
+            ref(c)
+    h.remove()
+    X = torch.cat(xs)
+    assert float((seen["layers.1.q"] - 2.0 / X.shape[0] * X.T @ X).abs().max()) > 1e-4  # not the float model's

@@ -13,6 +13,10 @@
 * :func:`stagewise_hessians`: the layer-by-layer driver on top of those two: yields
   each target layer with its Hessian, one stage at a time, and only runs the next
   stage's pass once the caller has handled (e.g. rewritten) the previous stage.
+* :func:`blockwise_hessians` / :func:`layerwise_hessians`: the same, block by block in a
+  stack of transformer blocks (block inputs cached once, each block replayed alone, its
+  compressed output feeding the next block); layers outside the stack (an output head)
+  stage by stage over the whole model, before or after it. Used by GPTQ and SparseGPT.
 * :class:`InputNormCollector`: one pass, hooks on every target layer, accumulating the
   per-input-column sum of squares (Wanda's ``||X_j||_2^2``).
 * :func:`inverse_hessian_factor`: upper Cholesky factor of the damped inverse Hessian,
@@ -194,25 +198,81 @@ class HessianCollector:
 
 
 def layerwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
-                       device: torch.device) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]]:
+                       device: torch.device, stages: list[list[str]] | None = None
+                       ) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]]:
     """Every target with its Hessian, layer by layer (None for layers that never ran).
 
-    Uses :func:`blockwise_hessians` when the model is a stack of blocks, else
-    :func:`stagewise_hessians` over the whole model. Either way a layer's Hessian comes
-    from the model as the caller left it after processing all earlier layers.
+    In a stack of blocks (the nn.ModuleList holding most targets, see :func:`find_block_list`)
+    the blocks' layers go through :func:`blockwise_hessians` (each block replayed on cached
+    inputs: O(#blocks) model work); targets outside the stack (an output head, a pooler, an
+    input projection) are handled by :func:`stagewise_hessians` over the whole model, before
+    the stack if they run before it, after it if they run after it. A model without such a
+    stack, or whose other targets run *between* blocks, goes through :func:`stagewise_hessians`
+    alone. Either way a layer's Hessian comes from the model as the caller left it after
+    processing all earlier layers (their compressed outputs feed later layers).
+
+    ``stages``: if a list is given, every stage (layers calibrated from one input, e.g.
+    q/k/v) is appended to it, as fqn lists in run order, when it is calibrated.
     """
-    it = blockwise_hessians(model, targets, batches, device)
-    if it is not None:
-        yield from it
-        return
+    found = find_block_list(model, targets)
+    if found is not None:
+        name = found[0]
+        inner = {f: m for f, m in targets.items() if f.startswith(name + ".")}
+        outer = {f: m for f, m in targets.items() if f not in inner}
+        plan = _split_around_blocks(model, inner, outer, batches, device) if outer else ([], [], [], {})
+        if plan is not None:
+            pre, post, never, calls = plan
+            if pre:   # outer layers that run before the stack: compressed before its inputs are cached
+                yield from stagewise_hessians(model, outer, batches, device, Trace(pre, calls, []), stages)
+            it = blockwise_hessians(model, inner, batches, device, stages)
+            if it is None:
+                done = {f for st in pre for f in st}
+                rest = {f: m for f, m in targets.items() if f not in done}
+                trace = trace_linears(model, rest, batches[0], device)
+                yield from stagewise_hessians(model, rest, batches, device, trace, stages)
+                for fqn in trace.never_called:
+                    yield fqn, rest[fqn], None
+                return
+            yield from it
+            if post:  # e.g. an output head: one whole-model pass per stage
+                yield from stagewise_hessians(model, outer, batches, device, Trace(post, calls, []), stages)
+            for fqn in never:
+                yield fqn, outer[fqn], None
+            return
     trace = trace_linears(model, targets, batches[0], device)
-    yield from stagewise_hessians(model, targets, batches, device, trace)
+    yield from stagewise_hessians(model, targets, batches, device, trace, stages)
     for fqn in trace.never_called:
         yield fqn, targets[fqn], None
 
 
+def _split_around_blocks(model: nn.Module, inner: dict[str, nn.Module], outer: dict[str, nn.Module],
+                         batches: list[Any], device: torch.device
+                         ) -> tuple[list[list[str]], list[list[str]], list[str], dict[str, int]] | None:
+    """(stages of ``outer`` that run before every ``inner`` layer, stages that run after them all,
+    outer layers that never run, calls per forward of each layer), or None when an outer layer
+    runs between inner ones (or shares a stage with one)."""
+    trace = trace_linears(model, {**inner, **outer}, batches[0], device)
+    pos = {}
+    for i, st in enumerate(trace.stages):
+        for f in st:
+            pos[f] = i
+    ran_inner = [pos[f] for f in inner if f in pos]
+    if not ran_inner:
+        return None
+    lo, hi = min(ran_inner), max(ran_inner)
+    pre, post = [], []
+    for i, st in enumerate(trace.stages):
+        kinds = {f in inner for f in st}
+        if kinds == {True}:
+            continue
+        if kinds != {False} or lo <= i <= hi:
+            return None
+        (pre if i < lo else post).append(list(st))
+    return pre, post, [f for f in outer if f in trace.never_called], trace.calls
+
+
 def stagewise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
-                       device: torch.device, trace: Trace
+                       device: torch.device, trace: Trace, stages: list[list[str]] | None = None
                        ) -> Iterator[tuple[str, nn.Module, HessianAccumulator]]:
     """Yield ``(fqn, module, HessianAccumulator)`` for every layer of ``trace.stages``, in run order.
 
@@ -220,10 +280,13 @@ def stagewise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches:
     its first layer, i.e. after it has processed (pruned/quantized in place) every layer
     of stage s, so later layers calibrate on the compressed model's activations. Memory:
     one stage's K x K Hessians at a time. ``trace.never_called`` layers are not yielded.
+    ``stages``: a list that each stage's fqns are appended to as it is calibrated.
     """
     for stage in trace.stages:
         layers = {fqn: targets[fqn] for fqn in stage}
         accs = HessianCollector(layers, trace.calls).collect(model, batches, device)
+        if stages is not None:
+            stages.append(list(stage))
         for fqn, mod in layers.items():
             yield fqn, mod, accs.pop(fqn)
 
@@ -233,15 +296,21 @@ _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def find_block_list(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, nn.ModuleList] | None:
-    """The nn.ModuleList of repeated blocks (transformer layers) that holds every target, or None."""
-    best = None
+    """The nn.ModuleList of repeated blocks (transformer layers) holding the most targets, or None.
+
+    Among lists holding equally many, the innermost. A list qualifies when at least two of
+    its blocks hold targets (one block is not a stack worth replaying block by block).
+    """
+    best, best_n = None, 0
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or not name:
             continue
         inside = [f for f in targets if f.startswith(name + ".")]
-        if len(inside) == len(targets):
-            if best is None or len(name) > len(best[0]):   # the innermost list holding them all
-                best = (name, mod)
+        blocks = {f[len(name) + 1:].split(".", 1)[0] for f in inside}
+        if len(blocks) < 2:
+            continue
+        if len(inside) > best_n or (len(inside) == best_n and best is not None and len(name) > len(best[0])):
+            best, best_n = (name, mod), len(inside)
     return best
 
 
@@ -292,7 +361,8 @@ def _next_call(call: Call, out: Any) -> Call | None:
 
 
 def blockwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
-                       device: torch.device) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]] | None:
+                       device: torch.device, stages: list[list[str]] | None = None
+                       ) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]] | None:
     """Like :func:`stagewise_hessians`, but O(#blocks) model work instead of O(#stages * depth).
 
     When every target lies in one nn.ModuleList of blocks (a transformer's layers), the
@@ -302,12 +372,17 @@ def blockwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches:
     the (compressed) block is run once to produce the next block's inputs. Yields
     ``(fqn, module, HessianAccumulator)``, and ``(fqn, module, None)`` for a layer of a
     block that never ran. Returns None (use :func:`stagewise_hessians`) when the model
-    does not have that shape: no such list, or a block whose input cannot be replayed.
+    does not have that shape: no such list holding *every* target, or a block whose input
+    cannot be replayed. ``stages``: a list each calibrated stage's fqns are appended to.
+    Memory: the cached block inputs (one hidden-state tensor per calibration batch, plus
+    the batch's shared kwargs such as masks and rotary tables) and one stage's Hessians.
     """
     found = find_block_list(model, targets)
     if found is None:
         return None
     name, blocks = found
+    if any(not f.startswith(name + ".") for f in targets):
+        return None
     block_of = {}
     for fqn in targets:
         idx = fqn[len(name) + 1:].split(".", 1)[0]
@@ -327,7 +402,7 @@ def blockwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches:
             layers = block_of.get(b, {})
             if layers:
                 trace = trace_linears(block, layers, calls[0], device)
-                for fqn, mod, acc in stagewise_hessians(block, layers, calls, device, trace):
+                for fqn, mod, acc in stagewise_hessians(block, layers, calls, device, trace, stages):
                     yield fqn, mod, acc
                 for fqn in trace.never_called:
                     yield fqn, layers[fqn], None

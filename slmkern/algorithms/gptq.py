@@ -21,7 +21,8 @@ updates lazily in blocks of ``block_size`` columns.
 * output: canonical int4 (:mod:`slmkern.formats.int4`); never NaN (non-finite
   inputs are rejected, non-finite intermediate results fall back to RTN).
 
-:func:`gptq_quantize_model` runs it over a whole model, layer stage by stage.
+:func:`gptq_quantize_model` runs it over a whole model, block by block (layer by layer
+inside a block, each layer calibrated on the outputs of the already-quantized layers).
 """
 from __future__ import annotations
 
@@ -234,17 +235,24 @@ def gptq_quantize_model(model: nn.Module, calibration: Any, group_size: int = 12
 
     calibration: an iterable of model inputs -- dicts (``model(**batch)``, e.g. tokenizer
     output), tuples (``model(*batch)``) or tensors (``model(batch)``); it is read into a
-    list once and replayed. Layers are processed in the order they run, one *stage*
-    at a time (consecutive layers reading the same tensor, e.g. q/k/v): a pass over
-    the calibration data accumulates the stage's Hessians (the forward pass stops
-    as soon as the stage has its inputs), the stage is quantized, and its weights
-    are replaced by their dequantized int4 values so later layers calibrate on the
-    quantized model's activations. Memory: the stage's K x K Hessians at a time.
+    list once and replayed. Layers are quantized one after the other in the order they
+    run, each from the Hessian of its inputs *in the already-quantized model*: its weights
+    are replaced by their dequantized int4 values before later layers calibrate.
+
+    Block by block (:func:`slmkern.algorithms._calib.layerwise_hessians`): in a stack of
+    transformer blocks the calibration inputs of block 0 are captured once; each block is
+    calibrated on its cached inputs one *stage* at a time (layers reading one tensor, e.g.
+    q/k/v, share a replay), its layers are quantized, and the quantized block is run once
+    to give the next block its inputs. Model work is O(depth) instead of O(depth^2);
+    layers outside the stack (an output head) get one whole-model pass per stage; a model
+    that is not a stack of blocks is replayed up to each stage. Memory: the cached block
+    inputs (calibration tokens x hidden x 4 bytes) and one stage's K x K Hessians.
 
     write_back=False restores the original weights at the end (the returned tensors
     are unchanged). filter_fn(module, fqn) -> bool selects layers (default: all).
     Layers whose in_features is not compatible with group_size are skipped, layers that
     never run during calibration are quantized by RTN; the report says which and why.
+    progress: a tqdm bar over the layers (its postfix names the layer being quantized).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
@@ -273,52 +281,40 @@ def gptq_quantize_model(model: nn.Module, calibration: Any, group_size: int = 12
     model.eval()
     originals = {fqn: m.weight.detach().clone() for fqn, m in targets.items()} if not write_back else {}
     out: dict[str, int4.Int4Weight] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(targets), desc="gptq", unit="layer")
     try:
-        trace = _calib.trace_linears(model, targets, batches[0], device)
-        report.stages = trace.stages
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(targets), desc="gptq", unit="layer")
-        for stage in trace.stages:
-            layers = {fqn: targets[fqn] for fqn in stage}
-            accs = _calib.HessianCollector(layers, trace.calls).collect(model, batches, device)
-            for fqn, mod in layers.items():
-                acc = accs.pop(fqn)
-                if acc.n == 0:  # ran, but with no tensor input we could read
-                    q = rtn.rtn_quantize(mod.weight, group_size, symmetric, clip=clip)
+        for fqn, mod, acc in _calib.layerwise_hessians(model, targets, batches, device, report.stages):
+            if bar is not None:
+                bar.set_postfix_str(fqn, refresh=False)
+            if acc is None or acc.n == 0:
+                q = rtn.rtn_quantize(mod.weight, group_size, symmetric, clip=clip)
+                if acc is None:
+                    st = GPTQStats(fallback="never called during calibration; RTN")
+                    logger.log(logging.INFO, "gptq: %s never ran on the calibration data; quantized by RTN", fqn)
+                else:  # ran, but with no tensor input we could read
                     st = GPTQStats(fallback="no input rows captured during calibration; RTN")
                     logger.warning("gptq: %s: no input rows captured; quantized by RTN", fqn)
-                    _store(mod, q)
-                    out[fqn], report.layers[fqn] = q, st
-                    if bar is not None:
-                        bar.update(1)
-                    continue
+            else:
                 q, st = gptq_quantize(mod.weight, acc.H, group_size, symmetric, act_order=act_order,
                                       percdamp=percdamp, block_size=block_size, clip=clip,
                                       name=fqn, nsamples=acc.n)
-                del acc
-                _store(mod, q)
-                out[fqn] = q
-                report.layers[fqn] = st
-                if bar is not None:
-                    bar.update(1)
-        for fqn in trace.never_called:
-            mod = targets[fqn]
-            q = rtn.rtn_quantize(mod.weight, group_size, symmetric, clip=clip)
+            del acc
             _store(mod, q)
             out[fqn] = q
-            report.layers[fqn] = GPTQStats(fallback="never called during calibration; RTN")
-            logger.log(logging.INFO, "gptq: %s never ran on the calibration data; quantized by RTN", fqn)
+            report.layers[fqn] = st
             if bar is not None:
                 bar.update(1)
+    finally:
         if bar is not None:
             bar.close()
-    finally:
         for fqn, w in originals.items():
             with torch.no_grad():
                 targets[fqn].weight.copy_(w)
         model.train(was_training)
+    report.layers = {fqn: report.layers[fqn] for fqn in targets if fqn in report.layers}  # model order
     return out, report
 
 

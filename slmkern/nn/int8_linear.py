@@ -9,6 +9,7 @@ from slmkern.formats import int8 as int8_format
 from slmkern.nn._base import PackedLinearBase
 
 ACTIVATIONS = ("int8", "float")
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 class Int8Linear(PackedLinearBase):
@@ -65,7 +66,25 @@ class Int8Linear(PackedLinearBase):
     def dequantized_weight(self) -> torch.Tensor:
         return int8_format.dequantize(self.weight, self.weight_scale)
 
+    def _direct_plan(self):
+        """The CPU kernel call with this module's weight-side facts checked once (slmkern._backends.cpu)."""
+        buf = self._buffers
+        refs = (buf["w_packed"], buf["weight"], buf["weight_scale"], buf["bias"])
+        plan = self.__dict__.get("_plan")
+        if plan is None or not plan.valid_for(refs):
+            from slmkern._backends import cpu
+            op = "w8a8_linear" if self.activations == "int8" else "w8a16_linear"
+            plan = cpu.int8_linear_plan(op, self.weight, self.weight_scale, self.bias, self.w_packed)
+            self.__dict__["_plan"] = plan
+        return plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # CPU fast path: no custom-op dispatch, weights checked once; not while tracing/compiling or under
+        # a dispatch mode, and any x it does not take (None) goes through the op with its full checks.
+        if not torch.compiler.is_compiling() and self._buffers["w_packed"] is not None and not _dispatch_modes():
+            y = self._direct_plan()(x)
+            if y is not None:
+                return y
         packed = self.w_packed if x.device.type == "cpu" else None
         if self.activations == "int8":
             return ops.w8a8_linear(x, self.weight, self.weight_scale, self.bias, packed)
