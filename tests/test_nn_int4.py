@@ -199,3 +199,18 @@ def test_fast_path_bad_module_fails_with_the_op_message():
     mod8.weight_scale = torch.ones(47)
     with pytest.raises(ValueError, match=r"w8a8_linear: w_scale must have shape \(N,\) = \(48,\)"):
         mod8(torch.randn(1, 128))
+
+
+@pytest.mark.parametrize("kind", ["w4a8", "w8a8"])
+def test_fast_path_steps_aside_for_jit_trace_and_vmap(monkeypatch, kind):
+    mod = _module(kind)
+    calls = _count_op_calls(monkeypatch, mod)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        traced = torch.jit.trace(mod, (x,), check_trace=False)  # a direct kernel call: invisible to the trace
+    assert len(calls) == 1
+    x2 = torch.randn(3, 128)
+    assert torch.equal(traced(x2), _via_op(mod, x2))
+    xb = torch.randn(4, 3, 128)
+    yb = torch.vmap(mod)(xb)                             # functorch wrappers have no data pointer
+    assert torch.equal(yb, torch.stack([_via_op(mod, xi) for xi in xb]))

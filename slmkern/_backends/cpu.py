@@ -218,6 +218,17 @@ def sparse24_w4a16_linear_cpu(x, qvalues, meta, scales, zeros, group_size, bias=
 # K, a tensor subclass, autograd, tracing, a dispatch mode) goes through torch.ops.slmkern.<op> instead,
 # which raises the usual errors. Saves the custom-op dispatch and the per-call weight checks
 # (~15 us of ~20 us per M=1 call on the dev box; SmolLM2 decodes 211 linears per token).
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def module_fast_path_off() -> bool:
+    """True while anything must see the op itself: torch.compile/export, torch.jit.trace, a dispatch mode
+    (FakeTensor, FlopCounter, ...) or a functorch transform (vmap, grad)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or bool(_dispatch_modes())
+            or _functorch_active())
+
+
 class LinearPlan:
     """The ready CPU kernel call of one module: ``plan(x) -> y``, or None when x needs the op path."""
 

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from slmkern import ops
+from slmkern._backends import cpu as cpu_backend
 from slmkern.formats import int8 as int8_format
 from slmkern.nn._base import PackedLinearBase
 
 ACTIVATIONS = ("int8", "float")
-_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 class Int8Linear(PackedLinearBase):
@@ -79,9 +79,9 @@ class Int8Linear(PackedLinearBase):
         return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # CPU fast path: no custom-op dispatch, weights checked once; not while tracing/compiling or under
-        # a dispatch mode, and any x it does not take (None) goes through the op with its full checks.
-        if not torch.compiler.is_compiling() and self._buffers["w_packed"] is not None and not _dispatch_modes():
+        # CPU fast path: no custom-op dispatch, weights checked once; not while compiling, tracing, under a
+        # dispatch mode or a functorch transform; any x it does not take (None) goes through the op.
+        if self._buffers["w_packed"] is not None and not cpu_backend.module_fast_path_off():
             y = self._direct_plan()(x)
             if y is not None:
                 return y
