@@ -331,6 +331,18 @@ class _BlockLM(nn.Module):
         return self.lm_head(x)
 
 
+def _q1_hessian(model, calib):
+    """2/n X^T X of layers.1.q's inputs when `model` runs the calibration batches."""
+    xs = []
+    h = model.layers[1].q.register_forward_pre_hook(lambda mod, args: xs.append(args[0].reshape(-1, 64)))
+    with torch.no_grad():
+        for c in calib:
+            model(c)
+    h.remove()
+    X = torch.cat(xs)
+    return 2.0 / X.shape[0] * X.T @ X
+
+
 def test_gptq_model_driver_block_by_block_matches_whole_model_replay(monkeypatch):
     torch.manual_seed(0)
     model = _BlockLM()
@@ -377,20 +389,5 @@ def test_gptq_block_driver_quantized_block_output_feeds_the_next_block():
         gptq.gptq_quantize_model(model, calib, group_size=32, filter_fn=lambda m, f: f.startswith("layers"),
                                  progress=False)
     # expected H of layers.1.q: block 1's input in the model whose block 0 is quantized (as it is now)
-    xs = []
-    h = model.layers[1].q.register_forward_pre_hook(lambda mod, args: xs.append(args[0].reshape(-1, 64)))
-    with torch.no_grad():
-        for c in calib:
-            model(c)
-    h.remove()
-    X = torch.cat(xs)
-    H = 2.0 / X.shape[0] * X.T @ X
-    torch.testing.assert_close(seen["layers.1.q"], H, rtol=1e-4, atol=1e-5)
-    xs.clear()
-    h = ref.layers[1].q.register_forward_pre_hook(lambda mod, args: xs.append(args[0].reshape(-1, 64)))
-    with torch.no_grad():
-        for c in calib:
-            ref(c)
-    h.remove()
-    X = torch.cat(xs)
-    assert float((seen["layers.1.q"] - 2.0 / X.shape[0] * X.T @ X).abs().max()) > 1e-4  # not the float model's
+    torch.testing.assert_close(seen["layers.1.q"], _q1_hessian(model, calib), rtol=1e-4, atol=1e-5)
+    assert float((seen["layers.1.q"] - _q1_hessian(ref, calib)).abs().max()) > 1e-4  # not the float model's
