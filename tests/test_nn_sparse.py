@@ -155,3 +155,50 @@ def test_save_load_round_trip_every_kind(tmp_path):
     assert [m.extra_repr() for m in loaded if isinstance(m, SparseLinear)] == \
         [m.extra_repr() for m in model if isinstance(m, SparseLinear)]
     assert torch.equal(loaded(x), model(x))
+
+
+def _via_op(mod, x):
+    """The module's op, called through the torch.library dispatcher (the path the fast path skips)."""
+    if mod.format == "2:4" and mod.value_kind == "int4":
+        return torch.ops.slmkern.sparse24_w4a16_linear(x, mod.qvalues, mod.meta, mod.scales, mod.zeros,
+                                                       mod.group_size, mod.bias, mod.w_packed)
+    if mod.format == "2:4":
+        return torch.ops.slmkern.sparse24_linear(x, mod.values, mod.meta, mod.scales, mod.bias, mod.w_packed)
+    if mod.format == "unstructured":
+        return torch.ops.slmkern.sparse_linear(x, mod.values, mod.bitmask, mod.row_offsets, mod.scales, mod.bias,
+                                               mod.w_packed)
+    return torch.ops.slmkern.w8a8_linear(x, mod.weight, mod.scales, mod.bias, mod.w_packed)
+
+
+@pytest.mark.parametrize("fmt,values", [c for c in CASES if c != ("dense", "float")])
+def test_fast_path_is_the_op_bit_for_bit(fmt, values):
+    lin = pruned_linear(132, 40, "2:4" if fmt == "2:4" else 0.85, seed=3)
+    mod = SparseLinear.from_linear(lin, fmt, values, group_size=4)
+    xs = [torch.randn(1, 132), torch.randn(2, 3, 132), torch.randn(5, 264)[:, ::2], torch.randn(132),
+          torch.randn(4, 132, dtype=torch.bfloat16), torch.randn(0, 132)]
+    with torch.inference_mode():
+        for x in xs:
+            e = _via_op(mod, x)
+            y = mod(x)
+            assert y.shape == e.shape and y.dtype == e.dtype and torch.equal(y, e)
+    assert mod.__dict__["_plan"].fn is not None          # the calls above ran the planned kernel call
+    with torch.no_grad():
+        mod.bias.add_(0.5)                               # an in-place edit: the plan's fp32 bias copy is stale
+        x = torch.randn(3, 132)
+        assert torch.equal(mod(x), _via_op(mod, x))
+    bad = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="K"):           # a wrong K goes through the op and its message
+        mod(bad)
+
+
+def test_fast_path_steps_aside_for_autograd_and_jit_trace():
+    mod = SparseLinear.from_linear(pruned_linear(64, 24, "2:4"), "2:4", "int8")
+    x = torch.randn(3, 64, requires_grad=True)
+    y = mod(x)
+    assert y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():
+        traced = torch.jit.trace(mod, (torch.randn(3, 64),), check_trace=False)
+    x2 = torch.randn(3, 64)
+    assert torch.equal(traced(x2), _via_op(mod, x2))

@@ -313,3 +313,51 @@ def int4_linear_plan(op: str, w, scales, zeros, group_size: int, bias, w_packed)
     wp, b = ready
     mid = (g, zeros is not None, wp.data_ptr(), b.data_ptr() if b is not None else 0)
     return LinearPlan(getattr(_C, op), K, N, mid, refs, bias, (wp, b))
+
+
+def _x0(K: int, bias) -> torch.Tensor:
+    """An empty x of width K for running an op's shape checks on the weight side alone."""
+    return torch.empty((0, K), dtype=bias.dtype if bias is not None and bias.dtype in DTYPE_CODE else torch.float32)
+
+
+def sparse24_linear_plan(values, meta, scales, bias, w_packed) -> LinearPlan:
+    """Plan of a 2:4 SparseLinear with float or int8 values (sparse24_linear)."""
+    refs = (w_packed, values, meta, scales, bias)
+    ready = _plan_ready("sparse24_linear", w_packed, bias) if values.is_cpu else None
+    if ready is None or (scales is not None and not scales.is_contiguous()):
+        return LinearPlan(None, 0, 0, (), refs, bias, ())
+    K = 2 * values.shape[1]
+    N, _ = ops.check_sparse24_linear("sparse24_linear", _x0(K, bias), values, meta, scales, bias, w_packed)
+    wp, b = ready
+    mid = (wp.data_ptr(), sparse24_format.value_code(values.dtype), scales.data_ptr() if scales is not None else 0,
+           b.data_ptr() if b is not None else 0)
+    return LinearPlan(_C.sparse24_linear, K, N, mid, refs, bias, (wp, scales, b))
+
+
+def sparse24_w4a16_linear_plan(qvalues, meta, scales, zeros, group_size: int, bias, w_packed) -> LinearPlan:
+    """Plan of a 2:4 SparseLinear with int4 values (sparse24_w4a16_linear: the w4a16 kernel, expanded weight)."""
+    op = "sparse24_w4a16_linear"
+    refs = (w_packed, qvalues, meta, scales, zeros, bias)
+    ready = _plan_ready(op, w_packed, bias) if qvalues.is_cpu else None
+    if ready is None:
+        return LinearPlan(None, 0, 0, (), refs, bias, ())
+    K = 4 * qvalues.shape[1]
+    N, _, g = ops.check_sparse24_w4a16_linear(op, _x0(K, bias), qvalues, meta, scales, zeros, group_size, bias,
+                                              w_packed)
+    wp, b = ready
+    mid = (g, zeros is not None, wp.data_ptr(), b.data_ptr() if b is not None else 0)
+    return LinearPlan(_C.w4a16_linear, K, N, mid, refs, bias, (wp, b))
+
+
+def sparse_linear_plan(values, bitmask, row_offsets, K: int, scales, bias, w_packed) -> LinearPlan:
+    """Plan of an unstructured SparseLinear (sparse_linear, bitmask format)."""
+    refs = (w_packed, values, bitmask, row_offsets, scales, bias)
+    ready = _plan_ready("sparse_linear", w_packed, bias) if values.is_cpu else None
+    if ready is None or (scales is not None and not scales.is_contiguous()):
+        return LinearPlan(None, 0, 0, (), refs, bias, ())
+    N = ops.check_sparse_linear(_x0(K, bias), values, bitmask, row_offsets, scales, bias, w_packed)
+    wp, b = ready
+    int8v = values.dtype == torch.int8
+    mid = (wp.data_ptr(), int(int8v), values.shape[0], scales.data_ptr() if int8v else 0,
+           b.data_ptr() if b is not None else 0)
+    return LinearPlan(_C.sparse_linear, K, N, mid, refs, bias, (wp, scales, b))

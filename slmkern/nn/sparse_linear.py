@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkern import ops  # noqa: F401  (defines torch.ops.slmkern.*)
+from slmkern._backends import cpu as cpu_backend
 from slmkern._logging import log_once
 from slmkern.formats import bitmask as bitmask_format
 from slmkern.formats import int8 as int8_format
@@ -242,7 +243,44 @@ class SparseLinear(PackedLinearBase):
             return int8_format.prepack_cpu(self.weight)
         return None
 
+    def _plan_refs(self) -> tuple:
+        """The tensors the kernel call reads, in the order of the matching cpu.*_plan's refs."""
+        b = self._buffers
+        if self.format == "2:4":
+            if self.value_kind == "int4":
+                return (b["w_packed"], b["qvalues"], b["meta"], b["scales"], b["zeros"], b["bias"])
+            return (b["w_packed"], b["values"], b["meta"], b["scales"], b["bias"])
+        if self.format == "unstructured":
+            return (b["w_packed"], b["values"], b["bitmask"], b["row_offsets"], b["scales"], b["bias"])
+        return (b["w_packed"], b["weight"], b["scales"], b["bias"])
+
+    def _direct_plan(self):
+        """The CPU kernel call with this module's weight-side facts checked once (slmkern._backends.cpu)."""
+        refs = self._plan_refs()
+        plan = self.__dict__.get("_plan")
+        if plan is None or not plan.valid_for(refs):
+            wp, *mid, bias = refs
+            if self.format == "2:4" and self.value_kind == "int4":
+                qv, meta, sc, zeros = mid
+                plan = cpu_backend.sparse24_w4a16_linear_plan(qv, meta, sc, zeros, self.group_size, bias, wp)
+            elif self.format == "2:4":
+                plan = cpu_backend.sparse24_linear_plan(*mid, bias, wp)
+            elif self.format == "unstructured":
+                vals, bm, ro, sc = mid
+                plan = cpu_backend.sparse_linear_plan(vals, bm, ro, self.in_features, sc, bias, wp)
+            else:
+                plan = cpu_backend.int8_linear_plan("w8a8_linear", *mid, bias, wp)
+            self.__dict__["_plan"] = plan
+        return plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # CPU fast path (as Int8Linear's): no custom-op dispatch, weight-side checks done once; it steps
+        # aside while compiling, tracing, under a dispatch mode or a functorch transform, and for any x
+        # it does not take (the op then runs with its full checks).
+        if self._buffers.get("w_packed") is not None and not cpu_backend.module_fast_path_off():
+            y = self._direct_plan()(x)
+            if y is not None:
+                return y
         if self.format == "2:4":
             if self.value_kind == "int4":
                 return torch.ops.slmkern.sparse24_w4a16_linear(x, self.qvalues, self.meta, self.scales, self.zeros,
