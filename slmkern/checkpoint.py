@@ -17,6 +17,7 @@ so a failed save never leaves a half-written directory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -182,10 +183,42 @@ def _build_hf(path: Path, cfg: dict) -> nn.Module:
     hf_cfg = transformers.AutoConfig.from_pretrained(str(path))
     try:
         from transformers.modeling_utils import no_init_weights
-        with no_init_weights():
-            return cls(hf_cfg)
     except ImportError:  # pragma: no cover - older/newer transformers
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights(), _meta_linears():
         return cls(hf_cfg)
+
+
+@contextlib.contextmanager
+def _meta_linears():
+    """Every nn.Linear built inside gets its parameters on the meta device (no memory).
+
+    A checkpoint's quantized/sparse layers replace those Linears anyway: building the dense
+    skeleton first would touch the full fp32 model's memory (538 MB for SmolLM2-135M; glibc
+    keeps most of it after the replacement) for a model that needs a fraction of it. Linears
+    that stay dense are materialised by :func:`_materialize_meta` and filled from the checkpoint;
+    nn.Linear has no non-persistent buffers, so nothing else needs recomputing.
+    """
+    orig = nn.Linear.__init__
+
+    def init(self, in_features, out_features, bias=True, device=None, dtype=None):
+        orig(self, in_features, out_features, bias, device="meta", dtype=dtype)
+
+    nn.Linear.__init__ = init
+    try:
+        yield
+    finally:
+        nn.Linear.__init__ = orig
+
+
+def _materialize_meta(model: nn.Module) -> None:
+    """Linears still on meta after the packed modules went in: allocate them (the state dict fills them)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear) and any(p.is_meta for p in mod.parameters(recurse=False)):
+            mod.to_empty(device="cpu", recurse=False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"tensors left without data after loading: {left[:5]}")
 
 
 def load(path: str | os.PathLike, model_or_config: nn.Module | None = None, *,
@@ -225,6 +258,7 @@ def load(path: str | os.PathLike, model_or_config: nn.Module | None = None, *,
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     rest = {k: v for k, v in tensors.items() if k not in packed_keys}
+    _materialize_meta(model)
     model.to(device)
     try:
         result = model.load_state_dict(rest, strict=False)

@@ -202,3 +202,29 @@ def test_from_canonical_checks_shapes():
     with pytest.raises(ValueError, match="missing \\['weight_scale'\\]"):
         Int8Linear.from_canonical({k: v for k, v in t.items() if k != "weight_scale"}, mod.slmkern_config())
     assert set(checkpoint.packed_module_classes()) >= {"Int8Linear", "Int4Linear"}
+
+
+def test_hf_load_never_builds_the_dense_linears(tmp_path):
+    """The skeleton's Linears start on meta (no memory); the ones that stay dense get real data."""
+    with checkpoint._meta_linears():
+        lin = nn.Linear(8, 4)
+    assert lin.weight.is_meta and lin.bias.is_meta
+    assert not nn.Linear(8, 4).weight.is_meta                  # the patch ends with the block
+
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(cfg).eval()
+    compress(lm, {"ignore": ["lm_head", "model.layers.1.mlp.down_proj"],
+                  "steps": [{"quantize": {"algorithm": "int8"}}]}, progress=False)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        want = lm(input_ids=ids).logits
+    save(lm, tmp_path / "ck")
+    back = load(tmp_path / "ck")
+    assert not any(t.is_meta for t in list(back.parameters()) + list(back.buffers()))
+    assert type(back.model.layers[1].mlp.down_proj) is nn.Linear   # kept dense, filled from the file
+    assert back.lm_head.weight is back.model.embed_tokens.weight    # still tied
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, want)
