@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <atomic>
-#include <cstdlib>
 #include <vector>
 
 #include "slmkern/bitmask.h"
@@ -39,21 +38,8 @@ SLMK_INLINE __m512i load_unfolded(const void* p) {
   return v;
 }
 
-// 16 / 32 bytes zero-extended to a zmm (the expand reads only the first popcnt(mask) bytes).
-SLMK_INLINE __m512i load16_unfolded(const void* p) {
-  __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-  asm("" : "+v"(v));
-  return v;
-}
-SLMK_INLINE __m512i load32_unfolded(const void* p) {
-  __m512i v = _mm512_zextsi256_si512(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
-  asm("" : "+v"(v));
-  return v;
-}
-
 thread_local ScratchBuf tl_sparse_scratch;
 thread_local ScratchBuf tl_sparse_xt;
-thread_local ScratchBuf tl_sparse_cx;
 
 // Balanced row chunks (cost = nnz + per_row per row), 4 per thread claimed dynamically; chunk
 // borders rounded down to a multiple of `align` rows (the kernels' row blocks).
@@ -177,98 +163,30 @@ __attribute__((noinline)) void s8_block8(const Ctx& c, int64_t n, int64_t m0) {
   const uint64_t* mk = c.w.masks + n * c.Kw;
   const int64_t Kw = c.Kw;
   const uint8_t* xq = c.xq + m0 * c.ldq;
-  // Prefetch 8 rows two blocks ahead while these run: their masks (64 Kw bytes, one line per word b)
+  // Prefetch the next 8-row block while this one runs: its masks (64 Kw bytes, one line per word b)
   // and values (pf_lines lines per word). Past the last row it touches the rowsum / values
   // sections or the 64 pad bytes at most a block beyond: prefetches never fault anyway.
-  const int64_t kAhead = NR * (getenv("SLMK_PFA") ? atoi(getenv("SLMK_PFA")) : 2);  // rows ahead
-  const int kLd = getenv("SLMK_LD") ? atoi(getenv("SLMK_LD")) : 0;
-  const int kHint = getenv("SLMK_PFH") ? atoi(getenv("SLMK_PFH")) : 0;
+  // One block ahead beat two (session 3b, (2048, 8192) 90% M=1, two threads, rotated weights:
+  // ~4-5% in four interleaved runs; 4, 6, 12 rows ahead, L2 hints and per-block L2 bursts were worse).
+  constexpr int64_t kAhead = NR;  // rows ahead
   const char* pf_mask = reinterpret_cast<const char*>(mk + kAhead * Kw);
   const int64_t n_pf = std::min<int64_t>(n + kAhead, c.N), n_next = std::min<int64_t>(n + kAhead + NR, c.N);
   const char* pf_val = reinterpret_cast<const char*>(vals + c.w.offsets[n_pf]);
   const int64_t pf_bytes = c.w.offsets[n_next] - c.w.offsets[n_pf];
   const int64_t pf_lines = (pf_bytes + 64 * Kw - 1) / (64 * Kw);
-  const bool pfm = n + kAhead < c.N;
   for (int64_t b = 0; b < Kw; ++b) {
     __m512i xv[MT];
     for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_si512(xq + i * c.ldq + b * 64);
-    if (kHint == 0) {
-      if (pfm) _mm_prefetch(pf_mask + b * 64, _MM_HINT_T0);
-      for (int64_t j = 0; j < pf_lines; ++j) _mm_prefetch(pf_val + (b * pf_lines + j) * 64, _MM_HINT_T0);
-    } else if (kHint == 1) {
-      if (pfm) _mm_prefetch(pf_mask + b * 64, _MM_HINT_T1);
-      for (int64_t j = 0; j < pf_lines; ++j) _mm_prefetch(pf_val + (b * pf_lines + j) * 64, _MM_HINT_T1);
-    } else {
-      if (pfm) _mm_prefetch(pf_mask + b * 64, _MM_HINT_NTA);
-      for (int64_t j = 0; j < pf_lines; ++j) _mm_prefetch(pf_val + (b * pf_lines + j) * 64, _MM_HINT_NTA);
-    }
+    if (n + kAhead < c.N) _mm_prefetch(pf_mask + b * 64, _MM_HINT_T0);
+    for (int64_t j = 0; j < pf_lines; ++j) _mm_prefetch(pf_val + (b * pf_lines + j) * 64, _MM_HINT_T0);
     for (int r = 0; r < NR; ++r) {
       const uint64_t m = mk[r * Kw + b];
-      const int64_t pc = _mm_popcnt_u64(m);
-      __m512i v;
-      if (kLd == 0) v = _mm512_maskz_expand_epi8(m, load_unfolded(cur[r]));
-      else if (kLd == 1) {
-        if (__builtin_expect(pc <= 16, 1)) v = _mm512_maskz_expand_epi8(m, load16_unfolded(cur[r]));
-        else v = _mm512_maskz_expand_epi8(m, load_unfolded(cur[r]));
-      } else {
-        if (__builtin_expect(pc <= 32, 1)) v = _mm512_maskz_expand_epi8(m, load32_unfolded(cur[r]));
-        else v = _mm512_maskz_expand_epi8(m, load_unfolded(cur[r]));
-      }
-      cur[r] += pc;
+      const __m512i v = _mm512_maskz_expand_epi8(m, load_unfolded(cur[r]));
+      cur[r] += _mm_popcnt_u64(m);
       for (int i = 0; i < MT; ++i) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], xv[i], v);
     }
   }
   for (int i = 0; i < MT; ++i) s8_store8(c, n, m0 + i, hsum8_epi32(acc[i]));
-}
-
-// M = 1, 8 weight rows: x compressed instead of the weight expanded. Per 64-column word and row,
-// vpcompressb picks the x bytes of the row's nonzero columns and stores them at the row's value
-// cursor in a per-row staging line xs[r] (16-byte stores: a word holds <= 16 nonzeros almost
-// always); then each row is one short dense dot, xs[r][0..nnz) . values[0..nnz) (masked value
-// loads past nnz: the zero weights meet whatever xs holds there). Same int32 sums as the expand.
-__attribute__((noinline)) void s8_block8c(const Ctx& c, int64_t n, uint8_t* xs, int64_t xs_ld) {
-  constexpr int NR = 8;
-  int64_t off[NR];
-  const int8_t* vals = static_cast<const int8_t*>(c.w.values);
-  for (int r = 0; r < NR; ++r) off[r] = 0;
-  const uint64_t* mk = c.w.masks + n * c.Kw;
-  const int64_t Kw = c.Kw;
-  const uint8_t* xq = c.xq;
-  const int64_t kAhead = NR * (getenv("SLMK_PFA") ? atoi(getenv("SLMK_PFA")) : 2);  // rows ahead
-  const char* pf_mask = reinterpret_cast<const char*>(mk + kAhead * Kw);
-  const int64_t n_pf = std::min<int64_t>(n + kAhead, c.N), n_next = std::min<int64_t>(n + kAhead + NR, c.N);
-  const char* pf_val = reinterpret_cast<const char*>(vals + c.w.offsets[n_pf]);
-  const int64_t pf_bytes = c.w.offsets[n_next] - c.w.offsets[n_pf];
-  const int64_t pf_lines = (pf_bytes + 64 * Kw - 1) / (64 * Kw);
-  const bool pfm = n + kAhead < c.N;
-  for (int64_t b = 0; b < Kw; ++b) {
-    const __m512i xv = _mm512_loadu_si512(xq + b * 64);
-    if (pfm) _mm_prefetch(pf_mask + b * 64, _MM_HINT_T0);
-    for (int64_t j = 0; j < pf_lines; ++j) _mm_prefetch(pf_val + (b * pf_lines + j) * 64, _MM_HINT_T0);
-    for (int r = 0; r < NR; ++r) {
-      const uint64_t m = mk[r * Kw + b];
-      const int64_t pc = _mm_popcnt_u64(m);
-      const __m512i v = _mm512_maskz_compress_epi8(m, xv);
-      uint8_t* dst = xs + r * xs_ld + off[r];
-      if (__builtin_expect(pc <= 16, 1)) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_castsi512_si128(v));
-      else _mm512_storeu_si512(dst, v);
-      off[r] += pc;
-    }
-  }
-  __m512i acc[NR];
-  for (int r = 0; r < NR; ++r) {
-    const int8_t* vr = vals + c.w.offsets[n + r];
-    const uint8_t* xr = xs + r * xs_ld;
-    __m512i a = _mm512_setzero_si512();
-    int64_t j = 0;
-    for (; j + 64 <= off[r]; j += 64) a = _mm512_dpbusd_epi32(a, _mm512_load_si512(xr + j), _mm512_loadu_si512(vr + j));
-    if (j < off[r]) {
-      const __mmask64 k = _bzhi_u64(~uint64_t{0}, static_cast<unsigned>(off[r] - j));
-      a = _mm512_dpbusd_epi32(a, _mm512_load_si512(xr + j), _mm512_maskz_loadu_epi8(k, vr + j));
-    }
-    acc[r] = a;
-  }
-  s8_store8(c, n, 0, hsum8_epi32(acc));
 }
 
 void s8_rows8(const Ctx& c, int64_t n, int64_t M) {
@@ -856,12 +774,6 @@ void s8_linear(const SparseLinearArgs& a) {
   if (path == 1) {
     for_row_chunks(a, c.w.offsets, Kw * 8, [&](int64_t n0, int64_t n1) {
       int64_t n = n0;
-      if (M == 1 && !(getenv("SLMK_CX") && atoi(getenv("SLMK_CX")) == 0)) {
-        // staging: 8 rows of Kw * 64 + 64 bytes (a 64-byte store at any cursor <= Kw * 64 fits)
-        const int64_t xs_ld = Kw * 64 + 128;
-        uint8_t* xs = tl_sparse_cx.get(static_cast<size_t>(8 * xs_ld));
-        for (; n + 8 <= n1; n += 8) s8_block8c(c, n, xs, xs_ld);
-      }
       if (M <= 2)
         for (; n + 8 <= n1; n += 8) s8_rows8(c, n, M);
       for (; n + 4 <= n1; n += 4) s8_rows<4>(c, n, M);
