@@ -394,6 +394,29 @@ class TestBadInputs:
         fwp = bf.prepack_cpu(self.fv, self.fb, self.fr, self.K)
         self.call(ValueError, r"w_packed", wp=fwp)
 
+    def test_fast_check_agrees_with_full_check(self):
+        """ops.sparse_linear_ok (the per-call fast pass) accepts exactly what check_sparse_linear accepts."""
+        from slmkern import ops
+        wp = bf.prepack_cpu(self.v, self.b, self.r, self.K, self.s)
+        fwp = bf.prepack_cpu(self.fv, self.fb, self.fr, self.K)
+        base = dict(x=self.x, v=self.v, b=self.b, r=self.r, s=self.s, bias=None, wp=wp)
+        cases = [{}, dict(bias=torch.randn(self.N)), dict(bias=torch.randn(self.N).double()),
+                 dict(bias=torch.randn(self.N + 1)), dict(x=self.x.double()), dict(x=self.x.bfloat16()),
+                 dict(x=torch.randn(3, self.K + 8)), dict(v=self.v[:-1]), dict(r=self.r[:-1]),
+                 dict(b=self.b.to(torch.int16)), dict(r=self.r.int()), dict(v=self.v.to(torch.int16)),
+                 dict(s=None), dict(s=self.s.double()), dict(s=self.s[:-1]), dict(wp=None), dict(wp=wp[:-1]),
+                 dict(wp=wp.view(torch.int8)), dict(wp=fwp), dict(v=self.fv, b=self.fb, r=self.fr, s=None, wp=fwp),
+                 dict(v=self.fv, b=self.fb, r=self.fr, wp=fwp), dict(b=self.b[:, :-1])]
+        for kw in cases:
+            a = dict(base, **kw)
+            args = (a["x"], a["v"], a["b"], a["r"], a["s"], a["bias"], a["wp"])
+            try:
+                ops.check_sparse_linear(*args)
+                full = a["wp"] is not None
+            except (TypeError, ValueError):
+                full = False
+            assert ops.sparse_linear_ok(*args) == full, sorted(kw)
+
 
 @pytest.mark.parametrize("path", [1, 2, 3, 4], ids=["expand", "broadcast", "dense", "blocks"])
 def test_avx512_paths_forced(path):

@@ -128,7 +128,7 @@ def sparse_linear_cpu(x, values, bitmask, row_offsets, scales=None, bias=None, w
     K, N = x.shape[-1], bitmask.shape[0]
     x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else ops.as_rows(x, K)
     M = x2.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype)
+    y = x2.new_empty((M, N))
     if M > 0:
         if w_packed is None:
             from slmkern.formats.bitmask import prepack_cpu
@@ -140,7 +140,8 @@ def sparse_linear_cpu(x, values, bitmask, row_offsets, scales=None, bias=None, w
             w_packed = w_packed.contiguous()
         int8v = values.dtype == torch.int8
         s = scales.contiguous() if int8v else None
-        b = bias.float().contiguous() if bias is not None else None
+        b = None if bias is None else (bias if bias.dtype == torch.float32 and bias.is_contiguous()
+                                       else bias.float().contiguous())
         w_packed = _aligned("sparse_linear", w_packed)  # bound: the kernel reads it after this line
         _C.sparse_linear(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), w_packed.data_ptr(),
                          int(int8v), values.shape[0], s.data_ptr() if s is not None else 0,

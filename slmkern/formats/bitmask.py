@@ -27,6 +27,8 @@ CPU packed layout (built once by :func:`prepack_cpu`, never saved; csrc/include/
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,6 +44,12 @@ def packed_bytes(N: int, K: int, nnz: int, int8_values: bool) -> int:
     Kw = (K + 63) // 64
     head = _a64(N * Kw * 8) + _a64((N + 1) * 8) + (_a64(N * 4) if int8_values else 0)
     return head + nnz * (1 if int8_values else 4) + 64
+
+
+@functools.lru_cache(maxsize=256)
+def packed_bytes_cached(N: int, K: int, nnz: int, int8_values: bool) -> int:
+    """packed_bytes for plain ints (the per-call fast check in ops.sparse_linear_ok)."""
+    return packed_bytes(N, K, nnz, int8_values)
 
 
 def _bits(bitmask: torch.Tensor, K: int) -> torch.Tensor:
