@@ -294,14 +294,20 @@ def validate_int4(qvalues, meta, scales, zeros, group_size: int, data: bool = Tr
 
 # ----------------------------------------------------------------------------- CPU packing
 
+def _zero_padded(values: torch.Tensor, meta: torch.Tensor, Np: int, Kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """values / meta copied into zero tensors of Np rows and Kp dense columns (the packers' padding)."""
+    v = torch.zeros(Np, Kp // 2, dtype=values.dtype)
+    v[: values.shape[0], : values.shape[1]] = values
+    mt = torch.zeros(Np, Kp // 8, dtype=torch.uint8)
+    mt[: meta.shape[0], : meta.shape[1]] = meta
+    return v, mt
+
+
 def _pack_reference_int8(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     N, K = values.shape[0], 2 * values.shape[1]
     Np, Kp = _ceil(N, I8_TILE_N), _ceil(K, I8_BLOCK_K)
     T, S = Np // I8_TILE_N, Kp // I8_BLOCK_K
-    v = torch.zeros(Np, Kp // 2, dtype=torch.int8)
-    v[:N, : K // 2] = values
-    mt = torch.zeros(Np, Kp // 8, dtype=torch.uint8)
-    mt[:N, : meta.shape[1]] = meta
+    v, mt = _zero_padded(values, meta, Np, Kp)
     vb = v.view(torch.uint8).reshape(T, I8_TILE_N, S, 4, 4).permute(0, 2, 3, 1, 4).reshape(T, S, 256)  # [t][s][w][r][j]
     mb = mt.reshape(T, I8_TILE_N // 2, 2, S, 4).permute(0, 3, 1, 4, 2).reshape(T, S, 64)  # [t][s][r//2][w][r%2]
     rs = torch.zeros(Np, dtype=torch.int32)
@@ -317,10 +323,7 @@ def pack_reference(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     N, K = values.shape[0], 2 * values.shape[1]
     Np, Kp = _ceil(N, TILE_N), _ceil(K, CHUNK_K)
     C, T = Kp // CHUNK_K, Np // TILE_N
-    v = torch.zeros(Np, Kp // 2, dtype=values.dtype)
-    v[:N, : K // 2] = values
-    mt = torch.zeros(Np, Kp // 8, dtype=torch.uint8)
-    mt[:N, : meta.shape[1]] = meta
+    v, mt = _zero_padded(values, meta, Np, Kp)
     vb = v.reshape(T, TILE_N, C, CHUNK_K // 2).permute(0, 2, 1, 3).contiguous()
     vb = vb.reshape(T, C, -1).view(torch.uint8).reshape(T, C, -1)
     mb = mt.reshape(T, TILE_N, C, CHUNK_K // 8).permute(0, 2, 1, 3).reshape(T, C, -1)
