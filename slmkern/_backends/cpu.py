@@ -83,7 +83,7 @@ def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return getattr(reference, op)(x, w, scales, zeros, group_size, bias)
     N, K = w.shape[0], x.shape[-1]
-    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else ops.as_rows(x, K)
+    x2 = ops.as_rows(x, K)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
     if M > 0:
@@ -126,7 +126,7 @@ def sparse_linear_cpu(x, values, bitmask, row_offsets, scales=None, bias=None, w
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return reference.sparse_linear(x, values, bitmask, row_offsets, scales, bias)
     K, N = x.shape[-1], bitmask.shape[0]
-    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else ops.as_rows(x, K)
+    x2 = ops.as_rows(x, K)
     M = x2.shape[0]
     y = x2.new_empty((M, N))
     if M > 0:
@@ -165,7 +165,7 @@ def sparse24_linear_cpu(x, values, meta, scales=None, bias=None, w_packed=None):
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return reference.sparse24_linear(x, values, meta, scales, bias)
     N, K = values.shape[0], x.shape[-1]
-    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else ops.as_rows(x, K)
+    x2 = ops.as_rows(x, K)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
     if M > 0:
@@ -199,7 +199,7 @@ def sparse24_w4a16_linear_cpu(x, qvalues, meta, scales, zeros, group_size, bias=
         log_once(f"{op}-repack", f"slmkern: {op} got no w_packed and packs the weight on every call; "
                  "pass slmkern.formats.sparse24.prepack_cpu_int4(qvalues, meta, scales, zeros, group_size)")
         w_packed = sparse24_format.prepack_cpu_int4(qvalues, meta, scales, zeros, g)
-    x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else ops.as_rows(x, K)
+    x2 = ops.as_rows(x, K)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
     if M > 0:
@@ -269,13 +269,18 @@ class LinearPlan:
             if M > 0:
                 self.fn(x.data_ptr(), code, M, K, N, K, *self.mid, y.data_ptr(), N, torch.get_num_threads())
             return y
-        x2 = x if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= K else ops.as_rows(x, K)
+        x2 = ops.as_rows(x, K)
         M = x2.shape[0]
         y = torch.empty((M, N), dtype=x.dtype, device="cpu")
         if M > 0:
             self.fn(x2.data_ptr(), code, M, K, N, max(x2.stride(0), K), *self.mid, y.data_ptr(), N,
                     torch.get_num_threads())
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+
+
+def _x0(K: int, bias) -> torch.Tensor:
+    """An empty x of width K for running an op's shape checks on the weight side alone."""
+    return torch.empty((0, K), dtype=bias.dtype if bias is not None and bias.dtype in DTYPE_CODE else torch.float32)
 
 
 def _plan_ready(op: str, w_packed, bias):
@@ -294,8 +299,7 @@ def int8_linear_plan(op: str, w, w_scale, bias, w_packed) -> LinearPlan:
     if ready is None or not w_scale.is_contiguous():
         return LinearPlan(None, 0, 0, (), refs, bias, ())
     N, K = w.shape
-    x0 = torch.empty((0, K), dtype=bias.dtype if bias is not None else torch.float32)
-    ops.check_int8_linear(op, x0, w, w_scale, bias, w_packed)
+    ops.check_int8_linear(op, _x0(K, bias), w, w_scale, bias, w_packed)
     wp, b = ready
     mid = (wp.data_ptr(), w_scale.data_ptr(), b.data_ptr() if b is not None else 0)
     return LinearPlan(getattr(_C, op), K, N, mid, refs, bias, (wp, w_scale, b))
@@ -308,17 +312,11 @@ def int4_linear_plan(op: str, w, scales, zeros, group_size: int, bias, w_packed)
     if ready is None:
         return LinearPlan(None, 0, 0, (), refs, bias, ())
     N, K = w.shape[0], w.shape[1] * 2
-    x0 = torch.empty((0, K), dtype=bias.dtype if bias is not None else torch.float32)
-    g = ops.check_int4_linear(op, x0, w, scales, zeros, group_size, bias, w_packed)
+    g = ops.check_int4_linear(op, _x0(K, bias), w, scales, zeros, group_size, bias, w_packed)
     ops.check_int4_zero_values(op, zeros)
     wp, b = ready
     mid = (g, zeros is not None, wp.data_ptr(), b.data_ptr() if b is not None else 0)
     return LinearPlan(getattr(_C, op), K, N, mid, refs, bias, (wp, b))
-
-
-def _x0(K: int, bias) -> torch.Tensor:
-    """An empty x of width K for running an op's shape checks on the weight side alone."""
-    return torch.empty((0, K), dtype=bias.dtype if bias is not None and bias.dtype in DTYPE_CODE else torch.float32)
 
 
 def sparse24_linear_plan(values, meta, scales, bias, w_packed) -> LinearPlan:
