@@ -174,3 +174,23 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if missing:
         raise CheckpointError(f"{index}: tensors listed but absent from their shards: {missing[:5]}")
     return tensors, config
+
+
+def check_int4_groups(where: str, K: int, N: int, group_size, qz: torch.Tensor, sc: torch.Tensor) -> tuple[int, int]:
+    """The group facts GPTQ and AWQ layers share: group_size, int32 qzeros [G, N/8], finite scales [G, N].
+
+    Returns (g, G). Raises CheckpointError naming the tensor.
+    """
+    if type(group_size) is not int or (group_size != -1 and group_size <= 0):
+        raise CheckpointError(f"{where}: group_size must be a positive int or -1, got {group_size!r}")
+    g = K if group_size == -1 else group_size
+    if K % g:
+        raise CheckpointError(f"{where}: K={K} is not a multiple of group_size={g}")
+    G = K // g
+    if qz.dtype != torch.int32 or tuple(qz.shape) != (G, N // 8):
+        raise CheckpointError(f"{where}.qzeros: expected int32 [{G}, {N // 8}], got {qz.dtype} {tuple(qz.shape)}")
+    if not sc.is_floating_point() or tuple(sc.shape) != (G, N):
+        raise CheckpointError(f"{where}.scales: expected float [{G}, {N}], got {sc.dtype} {tuple(sc.shape)}")
+    if not bool(torch.isfinite(sc).all()):
+        raise CheckpointError(f"{where}.scales: contains NaN or inf")
+    return g, G

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from slmkern.formats import int4 as int4_format
-from slmkern.formats.interop._safetensors_io import CheckpointError, read_checkpoint, read_json
+from slmkern.formats.interop._safetensors_io import CheckpointError, check_int4_groups, read_checkpoint, read_json
 
 __all__ = ["CheckpointError", "ORDER", "unpack_awq", "dequantize_awq", "awq_to_int4", "load_awq", "awq_config"]
 
@@ -54,18 +54,7 @@ def unpack_awq(t: Mapping[str, torch.Tensor], group_size: int, where: str = "lay
     K, N = qw.shape[0], qw.shape[1] * 8
     if shape is not None and (N, K) != tuple(shape):
         raise CheckpointError(f"{where}.qweight: holds a [{N}, {K}] weight (N, K), the model's Linear is {tuple(shape)}")
-    if type(group_size) is not int or (group_size != -1 and group_size <= 0):
-        raise CheckpointError(f"{where}: group_size must be a positive int or -1, got {group_size!r}")
-    g = K if group_size == -1 else group_size
-    if K % g:
-        raise CheckpointError(f"{where}: K={K} is not a multiple of group_size={g}")
-    G = K // g
-    if qz.dtype != torch.int32 or tuple(qz.shape) != (G, N // 8):
-        raise CheckpointError(f"{where}.qzeros: expected int32 [{G}, {N // 8}], got {qz.dtype} {tuple(qz.shape)}")
-    if not sc.is_floating_point() or tuple(sc.shape) != (G, N):
-        raise CheckpointError(f"{where}.scales: expected float [{G}, {N}], got {sc.dtype} {tuple(sc.shape)}")
-    if not bool(torch.isfinite(sc).all()):
-        raise CheckpointError(f"{where}.scales: contains NaN or inf")
+    g, _ = check_int4_groups(where, K, N, group_size, qz, sc)
     codes = _unpack_cols(qw).T.contiguous()
     zeros = _unpack_cols(qz).T.contiguous()
     return codes, zeros, sc.to(torch.float32).T.contiguous(), g

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from slmkern.formats import int4 as int4_format
-from slmkern.formats.interop._safetensors_io import CheckpointError, read_checkpoint, read_json
+from slmkern.formats.interop._safetensors_io import CheckpointError, check_int4_groups, read_checkpoint, read_json
 
 __all__ = ["CheckpointError", "unpack_gptq", "dequantize_gptq", "gptq_to_int4", "load_gptq", "gptq_config"]
 
@@ -63,18 +63,9 @@ def _check_layer(t: Mapping[str, torch.Tensor], where: str, group_size: int, sha
     K, N = qw.shape[0] * 8, qw.shape[1]
     if shape is not None and (N, K) != tuple(shape):
         raise CheckpointError(f"{where}.qweight: holds a [{N}, {K}] weight (N, K), the model's Linear is {tuple(shape)}")
-    if type(group_size) is not int or (group_size != -1 and group_size <= 0):
-        raise CheckpointError(f"{where}: group_size must be a positive int or -1, got {group_size!r}")
-    g = K if group_size == -1 else group_size
-    if K % g or N % 8:
-        raise CheckpointError(f"{where}: K={K} must be a multiple of group_size={g} and N={N} of 8")
-    G = K // g
-    if qz.dtype != torch.int32 or tuple(qz.shape) != (G, N // 8):
-        raise CheckpointError(f"{where}.qzeros: expected int32 [{G}, {N // 8}], got {qz.dtype} {tuple(qz.shape)}")
-    if not sc.is_floating_point() or tuple(sc.shape) != (G, N):
-        raise CheckpointError(f"{where}.scales: expected float [{G}, {N}], got {sc.dtype} {tuple(sc.shape)}")
-    if not bool(torch.isfinite(sc).all()):
-        raise CheckpointError(f"{where}.scales: contains NaN or inf")
+    if N % 8:
+        raise CheckpointError(f"{where}: N={N} must be a multiple of 8")
+    g, G = check_int4_groups(where, K, N, group_size, qz, sc)
     gi = t.get("g_idx")
     if gi is None:
         gi = torch.arange(K) // g
