@@ -6,7 +6,7 @@ sentence embeddings, stays dense) is pruned in place to 50% unstructured sparsit
 of mean-pooled sentence embeddings to the fp32 model's on 1,000 other snippets.
 Offline only (slmkern.models / slmkern.data):
 
-    python benchmarks/accuracy_sparse_minilm.py [--patterns 0.5,2:4] [--json out.json]
+    python -m benchmarks.accuracy_sparse_minilm [--patterns 0.5,2:4] [--json out.json]
 
 Writes a table to stdout and JSON (default:
 benchmarks/runs/2026-11-28_sparse_accuracy/accuracy_sparse_minilm.json).
@@ -14,27 +14,16 @@ benchmarks/runs/2026-11-28_sparse_accuracy/accuracy_sparse_minilm.json).
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import os
-import time
 from pathlib import Path
 
 import torch
 
-from slmkern.algorithms.magnitude import magnitude_prune_
-from slmkern.algorithms.sparsegpt import sparsegpt_prune_
-from slmkern.algorithms.wanda import wanda_prune_
+from benchmarks._pruning import METHODS, pruned_copies, write_json
 from slmkern.data import rotten_tomatoes
 from slmkern.evaluation import mean_pooled_embeddings
 from slmkern.models import load_model
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 OUT = Path(__file__).parent / "runs" / "2026-11-28_sparse_accuracy" / "accuracy_sparse_minilm.json"
-
-
-def _pattern(s: str):
-    return s if ":" in s else float(s)
 
 
 def main() -> None:
@@ -65,30 +54,18 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
 
     rows = []
-    for pat in [_pattern(s) for s in args.patterns.split(",")]:
-        for method in args.methods.split(","):
-            if method not in METHODS:
-                raise SystemExit(f"--methods: unknown {method!r}; choose from {METHODS}")
-            model = copy.deepcopy(base)
-            t0 = time.perf_counter()
-            if method == "magnitude":
-                rep = magnitude_prune_(model, pat)
-            elif method == "wanda":
-                rep = wanda_prune_(model, calib, pat)
-            else:
-                rep = sparsegpt_prune_(model, calib, pat, progress=False)
-            secs = time.perf_counter() - t0
-            cos = torch.nn.functional.cosine_similarity(
-                mean_pooled_embeddings(model, tok, eval_texts, max_length=args.max_length), ref, dim=-1)
-            row = {"model": "all-MiniLM-L6-v2", "method": method, "pattern": str(pat), "threads": torch.get_num_threads(),
-                   "cos_mean": float(cos.mean()), "cos_p05": float(cos.quantile(0.05)), "cos_min": float(cos.min()),
-                   "sparsity": rep.sparsity, "layers_pruned": len(rep.layers), "layers_skipped": len(rep.skipped),
-                   "prune_s": secs, "n_eval": int(cos.numel()), "n_calib": len(calib_texts),
-                   "fallbacks": sorted(f for f, li in rep.layers.items() if li.fallback)}
-            rows.append(row)
-            print(f"  {str(pat):>4} {method:10s} cos mean {row['cos_mean']:.5f}  p05 {row['cos_p05']:.5f}  "
-                  f"min {row['cos_min']:.5f}  sparsity {row['sparsity']:.4f} ({row['layers_pruned']} layers)  "
-                  f"{secs:.1f}s", flush=True)
+    for pat, method, model, rep, secs in pruned_copies(base, args.patterns, args.methods, calib):
+        cos = torch.nn.functional.cosine_similarity(
+            mean_pooled_embeddings(model, tok, eval_texts, max_length=args.max_length), ref, dim=-1)
+        row = {"model": "all-MiniLM-L6-v2", "method": method, "pattern": str(pat), "threads": torch.get_num_threads(),
+               "cos_mean": float(cos.mean()), "cos_p05": float(cos.quantile(0.05)), "cos_min": float(cos.min()),
+               "sparsity": rep.sparsity, "layers_pruned": len(rep.layers), "layers_skipped": len(rep.skipped),
+               "prune_s": secs, "n_eval": int(cos.numel()), "n_calib": len(calib_texts),
+               "fallbacks": sorted(f for f, li in rep.layers.items() if li.fallback)}
+        rows.append(row)
+        print(f"  {str(pat):>4} {method:10s} cos mean {row['cos_mean']:.5f}  p05 {row['cos_p05']:.5f}  "
+              f"min {row['cos_min']:.5f}  sparsity {row['sparsity']:.4f} ({row['layers_pruned']} layers)  "
+              f"{secs:.1f}s", flush=True)
 
     print("\n| pattern | magnitude | Wanda | SparseGPT |  (mean cosine to fp32; p05 in brackets)")
     print("|---|---:|---:|---:|")
@@ -98,11 +75,7 @@ def main() -> None:
             r = next((r for r in rows if r["pattern"] == pat and r["method"] == m), None)
             cells.append(f"{r['cos_mean']:.4f} ({r['cos_p05']:.4f})" if r else "-")
         print(f"| {pat} | " + " | ".join(cells) + " |")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
-        print(f"wrote {args.json}")
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

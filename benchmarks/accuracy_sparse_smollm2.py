@@ -8,7 +8,7 @@ windows, --tokens tokens; calibration (Wanda, SparseGPT): --calib sequences of
 inputs cached, see slmkern.algorithms._calib.blockwise_hessians), so it costs about
 three forward passes over the calibration set plus the per-layer OBS sweeps.
 
-    python benchmarks/accuracy_sparse_smollm2.py [--tokens 8192] [--calib 16] [--calib-len 256]
+    python -m benchmarks.accuracy_sparse_smollm2 [--tokens 8192] [--calib 16] [--calib-len 256]
 
 Writes a table to stdout and JSON (default:
 benchmarks/runs/2026-11-28_sparse_accuracy/accuracy_sparse_smollm2.json).
@@ -16,27 +16,17 @@ benchmarks/runs/2026-11-28_sparse_accuracy/accuracy_sparse_smollm2.json).
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from slmkern.algorithms.magnitude import magnitude_prune_
-from slmkern.algorithms.sparsegpt import sparsegpt_prune_
-from slmkern.algorithms.wanda import wanda_prune_
+from benchmarks._pruning import METHODS, pruned_copies, write_json
 from slmkern.data import wikipedia_text
 from slmkern.evaluation import perplexity
 from slmkern.models import load_model
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 OUT = Path(__file__).parent / "runs" / "2026-11-28_sparse_accuracy" / "accuracy_sparse_smollm2.json"
-
-
-def _pattern(s: str):
-    return s if ":" in s else float(s)
 
 
 def main() -> None:
@@ -73,32 +63,20 @@ def main() -> None:
     r = {"perplexity": float("nan")} if args.no_dense else ppl(model)
     rows.append({"method": "dense", "pattern": "-", "sparsity": 0.0, "prune_s": 0.0, **r})
     print(f"  dense: perplexity {r['perplexity']:.3f}", flush=True)
-    for pat in [_pattern(s) for s in args.patterns.split(",")]:
-        for method in args.methods.split(","):
-            if method not in METHODS:
-                raise SystemExit(f"--methods: unknown {method!r}; choose from {METHODS}")
-            m = copy.deepcopy(model)
-            t0 = time.perf_counter()
-            if method == "magnitude":
-                rep = magnitude_prune_(m, pat)
-            elif method == "wanda":
-                rep = wanda_prune_(m, calib, pat)
-            else:
-                rep = sparsegpt_prune_(m, calib, pat, progress=False)
-            secs = time.perf_counter() - t0
-            r = ppl(m)
-            row = {"method": method, "pattern": str(pat), "sparsity": rep.sparsity, "prune_s": secs,
-                   "layers_pruned": len(rep.layers), "layers_skipped": len(rep.skipped),
-                   "fallbacks": sorted(f for f, li in rep.layers.items() if li.fallback), **r}
-            if method == "sparsegpt":   # calibration-set output error per layer vs magnitude at the same pattern
-                ratios = torch.tensor([li.rel_err / li.magnitude_rel_err for li in rep.layers.values()
-                                       if li.magnitude_rel_err > 0])
-                row["rel_err_vs_magnitude_median"] = float(ratios.median())
-                row["rel_err_vs_magnitude_max"] = float(ratios.max())
-            rows.append(row)
-            print(f"  {str(pat):>4} {method:10s} perplexity {r['perplexity']:9.3f}  sparsity {rep.sparsity:.4f} "
-                  f"({len(rep.layers)} layers, {len(rep.skipped)} skipped)  prune {secs:.0f}s", flush=True)
-            del m
+    for pat, method, m, rep, secs in pruned_copies(model, args.patterns, args.methods, calib):
+        r = ppl(m)
+        row = {"method": method, "pattern": str(pat), "sparsity": rep.sparsity, "prune_s": secs,
+               "layers_pruned": len(rep.layers), "layers_skipped": len(rep.skipped),
+               "fallbacks": sorted(f for f, li in rep.layers.items() if li.fallback), **r}
+        if method == "sparsegpt":   # calibration-set output error per layer vs magnitude at the same pattern
+            ratios = torch.tensor([li.rel_err / li.magnitude_rel_err for li in rep.layers.values()
+                                   if li.magnitude_rel_err > 0])
+            row["rel_err_vs_magnitude_median"] = float(ratios.median())
+            row["rel_err_vs_magnitude_max"] = float(ratios.max())
+        rows.append(row)
+        print(f"  {str(pat):>4} {method:10s} perplexity {r['perplexity']:9.3f}  sparsity {rep.sparsity:.4f} "
+              f"({len(rep.layers)} layers, {len(rep.skipped)} skipped)  prune {secs:.0f}s", flush=True)
+        del m
     base = rows[0]["perplexity"]
     for r in rows:
         r["increase_pct"] = 100 * (r["perplexity"] / base - 1)
@@ -114,11 +92,7 @@ def main() -> None:
             cells.append(f"{r['perplexity']:.2f} (+{r['increase_pct']:.0f}%)" if r else "-")
         print(f"| {method} | " + " | ".join(cells) + " |")
     print(f"total {time.perf_counter() - t_start:.0f}s")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
-        print(f"wrote {args.json}")
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":
