@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import INTERPRET, cast_out, grouped_tile, launch, m_bucket, prune_to_bucket, tiled_configs
-from ._act_quant import quantize_rows, row_absmax_params, row_block
+from ._util import INTERPRET, grouped_tile, launch, m_bucket, prune_to_bucket, tiled_configs
+from ._act_quant import quantize_rows, row_absmax_params, row_block, store_row, store_tile_nm
 from .sparse24 import dot_in_fp32
-from .w8a8 import _dequant_epilogue, _quantize
+from .w8a8 import _quantize
 
 
 @triton.jit
@@ -65,6 +65,7 @@ def _sparse_gemv_kernel(x_ptr, v_ptr, mask_ptr, off_ptr, ws_ptr, b_ptr, y_ptr, N
         inv, sx, ok = row_absmax_params(x_row, K, X_BLOCK)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
     else:
+        sx = 0.0  # unused by the float epilogue
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
 
     offs_k = tl.arange(0, BLOCK_K)
@@ -82,17 +83,7 @@ def _sparse_gemv_kernel(x_ptr, v_ptr, mask_ptr, off_ptr, ws_ptr, b_ptr, y_ptr, N
         else:
             acc += w.to(tl.float32) * xf[None, :]
 
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if INT8_VALUES:
-        ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
-        y = _dequant_epilogue(tl.sum(acc, axis=1), sx, ws, bias, HAS_BIAS)
-    else:
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y = y + bias
-    tl.store(y_ptr + row * stride_ym + offs_n, cast_out(y, y_ptr.dtype.element_ty), mask=n_mask)
+    store_row(tl.sum(acc, axis=1), row, sx, ws_ptr, b_ptr, y_ptr, stride_ym, offs_n, n_mask, INT8_VALUES, HAS_BIAS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,19 +135,8 @@ def _sparse_kernel(a_ptr, sx_ptr, v_ptr, mask_ptr, off_ptr, ws_ptr, b_ptr, y_ptr
             acc = tl.dot(w.to(a_ptr.dtype.element_ty), at, acc)
 
     # acc is y's tile transposed, (BLOCK_N, BLOCK_M)
-    bias = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    if INT8_VALUES:
-        sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
-        ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
-        y = _dequant_epilogue(acc, sx[None, :], ws[:, None], bias, HAS_BIAS)
-    else:
-        y = acc
-        if HAS_BIAS:
-            y = y + bias
-    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-    tl.store(y_ptrs, cast_out(y, y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+    store_tile_nm(acc, offs_m, offs_n, m_mask, n_mask, sx_ptr, ws_ptr, b_ptr, y_ptr, stride_ym, INT8_VALUES, HAS_BIAS,
+                  BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------

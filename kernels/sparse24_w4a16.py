@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._act_quant import store_row, store_tile_nm
 from ._int4 import codes_minus_zero, load_zero_offset
-from ._util import INTERPRET, cast_out, grouped_tile, launch, m_bucket, prune_to_bucket, tiled_configs
+from ._util import INTERPRET, grouped_tile, launch, m_bucket, prune_to_bucket, tiled_configs
 from .sparse24 import dot_in_fp32, expand24, load_group_indices, load_meta_indices, split_pairs
 
 
@@ -134,10 +135,8 @@ def _sparse24_w4a16_gemv_kernel(x_ptr, q_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_p
         w0 = codes_minus_zero(b & 0xF, zoff, False)
         w1 = codes_minus_zero(b >> 4, zoff, False)
         acc += (w0 * x0 + w1 * x1) * s
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y = y + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_ym + offs_n, cast_out(y, y_ptr.dtype.element_ty), mask=n_mask)
+    # float epilogue (INT8_VALUES=False: the scale arguments are never read)
+    store_row(tl.sum(acc, axis=1), row, 0.0, b_ptr, b_ptr, y_ptr, stride_ym, offs_n, n_mask, False, HAS_BIAS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,11 +191,7 @@ def _sparse24_w4a16_kernel(x_ptr, q_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M
         else:
             acc = tl.dot(w.to(x_ptr.dtype.element_ty), at, acc)
 
-    y = acc
-    if HAS_BIAS:
-        y = y + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-    tl.store(y_ptrs, cast_out(y, y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+    store_tile_nm(acc, offs_m, offs_n, m_mask, n_mask, b_ptr, b_ptr, b_ptr, y_ptr, stride_ym, False, HAS_BIAS, BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------
