@@ -15,15 +15,31 @@ namespace slmkern {
 
 void sparse_pack(const uint8_t* bitmask, const int64_t* row_offsets, const void* values, DType vdtype,
                  SparseValues kind, int64_t N, int64_t K, int64_t nnz, uint8_t* out) {
-  const int64_t Kw = sparse_words(K), Kb = (K + 7) / 8;
+  const int64_t Kw = sparse_words(K), Kb = (K + 7) / 8, Nb = sparse_blocks(N);
   std::memset(out, 0, static_cast<size_t>(sparse_packed_bytes(N, K, nnz, kind)));
   uint64_t* masks = reinterpret_cast<uint64_t*>(out);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t b = 0; b < Kb; ++b)
-      masks[n * Kw + b / 8] |= static_cast<uint64_t>(bitmask[n * Kb + b]) << (8 * (b % 8));
-  std::memcpy(out + sparse_offsets_at(N, K), row_offsets, static_cast<size_t>((N + 1) * 8));
+      masks[((n / 8) * Kw + b / 8) * 8 + n % 8] |= static_cast<uint64_t>(bitmask[n * Kb + b]) << (8 * (b % 8));
+  int64_t* boff = reinterpret_cast<int64_t*>(out + sparse_boffsets_at(N, K));
+  const bool s8 = kind == SparseValues::s8;
   uint8_t* vals = out + sparse_values_at(N, K, kind);
-  if (kind == SparseValues::s8) {
+  int64_t at = 0;  // values written so far (consumption order)
+  for (int64_t j = 0; j < Nb; ++j) {
+    boff[j] = at;
+    int64_t cur[8];
+    for (int r = 0; r < 8; ++r) cur[r] = 8 * j + r < N ? row_offsets[8 * j + r] : 0;
+    for (int64_t b = 0; b < Kw; ++b)
+      for (int r = 0; r < 8; ++r) {
+        const int c = sparse_popcount(masks[(j * Kw + b) * 8 + r]);
+        for (int i = 0; i < c; ++i, ++at, ++cur[r]) {
+          if (s8) vals[at] = static_cast<const uint8_t*>(values)[cur[r]];
+          else reinterpret_cast<float*>(vals)[at] = load_as_f32(values, vdtype, cur[r]);
+        }
+      }
+  }
+  boff[Nb] = at;
+  if (s8) {
     const int8_t* v = static_cast<const int8_t*>(values);
     int32_t* rowsum = reinterpret_cast<int32_t*>(out + sparse_rowsum_at(N, K));
     for (int64_t n = 0; n < N; ++n) {
@@ -31,22 +47,18 @@ void sparse_pack(const uint8_t* bitmask, const int64_t* row_offsets, const void*
       for (int64_t i = row_offsets[n]; i < row_offsets[n + 1]; ++i) s += v[i];
       rowsum[n] = s;
     }
-    if (nnz > 0) std::memcpy(vals, v, static_cast<size_t>(nnz));
-  } else {
-    float* f = reinterpret_cast<float*>(vals);
-    for (int64_t i = 0; i < nnz; ++i) f[i] = load_as_f32(values, vdtype, i);
   }
 }
 
 namespace {
 
-// Balanced row chunks: 4 per thread, claimed dynamically.
+// Balanced chunks of whole 8-row blocks: 4 per thread, claimed dynamically.
 template <class F>
-void for_row_chunks(const SparseLinearArgs& a, const int64_t* offsets, int64_t per_row, F&& f) {
+void for_row_chunks(const SparseLinearArgs& a, const int64_t* boffsets, int64_t per_block, F&& f) {
   const int64_t parts = a.n_threads <= 1 ? 1 : 4 * static_cast<int64_t>(a.n_threads);
   parallel_for(parts, a.n_threads, [&](int64_t p) {
-    const int64_t r0 = sparse_split_row(offsets, a.N, per_row, p, parts);
-    const int64_t r1 = sparse_split_row(offsets, a.N, per_row, p + 1, parts);
+    int64_t r0, r1;
+    sparse_part_rows(boffsets, a.N, per_block, p, parts, &r0, &r1);
     if (r0 < r1) f(r0, r1);
   });
 }
@@ -60,35 +72,55 @@ void sparse_linear_ref(const SparseLinearArgs& a) {
     std::vector<int8_t> qx(static_cast<size_t>(M * K));
     std::vector<float> sx(static_cast<size_t>(M));
     quantize_rows_s8_ref(a.x, a.dtype, M, K, a.ldx, qx.data(), K, sx.data());
-    const int8_t* v = static_cast<const int8_t*>(w.values);
-    for_row_chunks(a, w.offsets, Kw, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
+    for_row_chunks(a, w.boffsets, Kw * 8, [&](int64_t n0, int64_t n1) {
+      std::vector<uint64_t> mk(static_cast<size_t>(8 * Kw));
+      std::vector<uint8_t> vb;
+      int64_t voff[9];
+      for (int64_t n = n0; n < n1; ++n) {
+        if (n == n0 || n % 8 == 0) {
+          const int64_t j = n / 8;
+          vb.resize(static_cast<size_t>(w.boffsets[j + 1] - w.boffsets[j] + 64));
+          sparse_block_rows(w, Kw, j, 1, mk.data(), vb.data(), voff);
+        }
+        const uint64_t* rm = mk.data() + (n % 8) * Kw;
+        const int8_t* v = reinterpret_cast<const int8_t*>(vb.data()) + voff[n % 8];
         for (int64_t m = 0; m < M; ++m) {
-          int64_t c = w.offsets[n];
+          int64_t c = 0;
           int32_t acc = 0;
           for (int64_t k = 0; k < K; ++k)
-            if ((w.masks[n * Kw + k / 64] >> (k % 64)) & 1) acc += int32_t(qx[m * K + k]) * int32_t(v[c++]);
+            if ((rm[k / 64] >> (k % 64)) & 1) acc += int32_t(qx[m * K + k]) * int32_t(v[c++]);
           const float s = sx[m] * a.scales[n];
           float y = static_cast<float>(acc) * s;
           if (a.bias) y = y + a.bias[n];
           store_from_f32(a.y, a.dtype, m * a.ldy + n, y);
         }
+      }
     });
     return;
   }
-  const float* v = static_cast<const float*>(w.values);
-  for_row_chunks(a, w.offsets, Kw, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
+  for_row_chunks(a, w.boffsets, Kw * 8, [&](int64_t n0, int64_t n1) {
+    std::vector<uint64_t> mk(static_cast<size_t>(8 * Kw));
+    std::vector<uint8_t> vb;
+    int64_t voff[9];
+    for (int64_t n = n0; n < n1; ++n) {
+      if (n == n0 || n % 8 == 0) {
+        const int64_t j = n / 8;
+        vb.resize(static_cast<size_t>(4 * (w.boffsets[j + 1] - w.boffsets[j]) + 64));
+        sparse_block_rows(w, Kw, j, 4, mk.data(), vb.data(), voff);
+      }
+      const uint64_t* rm = mk.data() + (n % 8) * Kw;
+      const float* v = reinterpret_cast<const float*>(vb.data()) + voff[n % 8];
       for (int64_t m = 0; m < M; ++m) {
-        int64_t c = w.offsets[n];
+        int64_t c = 0;
         float acc = 0.f;
         for (int64_t k = 0; k < K; ++k) {
-          const float wk = ((w.masks[n * Kw + k / 64] >> (k % 64)) & 1) ? v[c++] : 0.f;
+          const float wk = ((rm[k / 64] >> (k % 64)) & 1) ? v[c++] : 0.f;
           acc = acc + load_as_f32(a.x, a.dtype, m * a.ldx + k) * wk;
         }
         if (a.bias) acc = acc + a.bias[n];
         store_from_f32(a.y, a.dtype, m * a.ldy + n, acc);
       }
+    }
   });
 }
 

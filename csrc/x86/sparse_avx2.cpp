@@ -1,5 +1,6 @@
-// sparse_linear with AVX2: decompress each weight row into a dense L1 tile, then a dense
-// row-times-x dot for every x row. y[M, N] = x[M, K] @ W^T, W in the bitmask packed layout.
+// sparse_linear with AVX2: decompress each 8-row block of the weight into dense rows (one pass
+// over the block's interleaved masks and values, one value cursor), then a dense row-times-x dot
+// for every x row. y[M, N] = x[M, K] @ W^T, W in the bitmask packed layout.
 //
 // Decompression, 8 columns per step, driven by the mask byte b:
 //   int8 : pshufb of the 8 bytes at the value cursor by kShuf[b] (the rank of each set bit,
@@ -45,12 +46,13 @@ const Tables& tables() {
   return t;
 }
 
+// Balanced chunks of whole 8-row blocks: 4 per thread, claimed dynamically.
 template <class F>
-void for_row_chunks(const SparseLinearArgs& a, const int64_t* offsets, int64_t per_row, F&& f) {
+void for_row_chunks(const SparseLinearArgs& a, const int64_t* boffsets, int64_t per_block, F&& f) {
   const int64_t parts = a.n_threads <= 1 ? 1 : 4 * static_cast<int64_t>(a.n_threads);
   parallel_for(parts, a.n_threads, [&](int64_t p) {
-    const int64_t r0 = sparse_split_row(offsets, a.N, per_row, p, parts);
-    const int64_t r1 = sparse_split_row(offsets, a.N, per_row, p + 1, parts);
+    int64_t r0, r1;
+    sparse_part_rows(boffsets, a.N, per_block, p, parts, &r0, &r1);
     if (r0 < r1) f(r0, r1);
   });
 }
@@ -80,20 +82,25 @@ void s8_linear(const SparseLinearArgs& a) {
   for (size_t i = 0; i < qx.size(); ++i) qabs[i] = static_cast<uint8_t>(qx[i] < 0 ? -qx[i] : qx[i]);
   const Tables& tb = tables();
   const int8_t* vals = static_cast<const int8_t*>(w.values);
-  for_row_chunks(a, w.offsets, Kw * 8, [&](int64_t n0, int64_t n1) {
-    std::vector<int8_t> tv(static_cast<size_t>(Kp) + 32);  // one dense weight row (L1 for K <= 32k)
-    int8_t* t = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(tv.data()) + 31) & ~uintptr_t(31));
+  for_row_chunks(a, w.boffsets, Kw * 64, [&](int64_t n0, int64_t n1) {
+    std::vector<int8_t> tv(static_cast<size_t>(8 * Kp) + 32);  // the block's 8 dense rows
+    int8_t* tb8 = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(tv.data()) + 31) & ~uintptr_t(31));
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* mb = reinterpret_cast<const uint8_t*>(w.masks + n * Kw);
-      const int8_t* cur = vals + w.offsets[n];
-      for (int64_t g = 0; g < Kw * 8; ++g) {
-        const uint8_t b = mb[g];
-        const __m128i v = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cur)),
-                                           _mm_cvtsi64_si128(static_cast<long long>(tb.shuf[b])));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(t + g * 8), v);
-        cur += tb.pop[b];
+      if (n == n0 || n % 8 == 0) {
+        const uint8_t* mb = reinterpret_cast<const uint8_t*>(w.masks + (n / 8) * Kw * 8);
+        const int8_t* cur = vals + w.boffsets[n / 8];
+        for (int64_t b = 0; b < Kw; ++b)
+          for (int r = 0; r < 8; ++r)
+            for (int64_t g = 0; g < 8; ++g) {
+              const uint8_t bm = mb[(b * 8 + r) * 8 + g];
+              const __m128i v = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cur)),
+                                                 _mm_cvtsi64_si128(static_cast<long long>(tb.shuf[bm])));
+              _mm_storel_epi64(reinterpret_cast<__m128i*>(tb8 + r * Kp + b * 64 + g * 8), v);
+              cur += tb.pop[bm];
+            }
       }
+      const int8_t* t = tb8 + (n % 8) * Kp;
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* xr = qx.data() + m * Kp;
         const uint8_t* ar = qabs.data() + m * Kp;
@@ -127,20 +134,25 @@ void f32_linear(const SparseLinearArgs& a) {
   const Tables& tb = tables();
   const float* vals = static_cast<const float*>(w.values);
   const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  for_row_chunks(a, w.offsets, Kw * 16, [&](int64_t n0, int64_t n1) {
-    std::vector<float> tv(static_cast<size_t>(Kp) + 16);
-    float* t = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tv.data()) + 31) & ~uintptr_t(31));
+  for_row_chunks(a, w.boffsets, Kw * 128, [&](int64_t n0, int64_t n1) {
+    std::vector<float> tv(static_cast<size_t>(8 * Kp) + 16);  // the block's 8 dense rows
+    float* tb8 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tv.data()) + 31) & ~uintptr_t(31));
     for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* mb = reinterpret_cast<const uint8_t*>(w.masks + n * Kw);
-      const float* cur = vals + w.offsets[n];
-      for (int64_t g = 0; g < Kw * 8; ++g) {
-        const uint8_t b = mb[g];
-        const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(tb.perm[b]));
-        const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(b), bits), bits);
-        const __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(cur), idx);
-        _mm256_store_ps(t + g * 8, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
-        cur += tb.pop[b];
+      if (n == n0 || n % 8 == 0) {
+        const uint8_t* mb = reinterpret_cast<const uint8_t*>(w.masks + (n / 8) * Kw * 8);
+        const float* cur = vals + w.boffsets[n / 8];
+        for (int64_t b = 0; b < Kw; ++b)
+          for (int r = 0; r < 8; ++r)
+            for (int64_t g = 0; g < 8; ++g) {
+              const uint8_t bm = mb[(b * 8 + r) * 8 + g];
+              const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(tb.perm[bm]));
+              const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bm), bits), bits);
+              const __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(cur), idx);
+              _mm256_store_ps(tb8 + r * Kp + b * 64 + g * 8, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
+              cur += tb.pop[bm];
+            }
       }
+      const float* t = tb8 + (n % 8) * Kp;
       for (int64_t m = 0; m < M; ++m) {
         const float* xr = xf.data() + m * Kp;
         __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();

@@ -41,20 +41,35 @@ SLMK_INLINE __m512i load_unfolded(const void* p) {
 thread_local ScratchBuf tl_sparse_scratch;
 thread_local ScratchBuf tl_sparse_xt;
 
-// Balanced row chunks (cost = nnz + per_row per row), 4 per thread claimed dynamically; chunk
-// borders rounded down to a multiple of `align` rows (the kernels' row blocks).
+// Balanced chunks of whole 8-row blocks (cost = nnz + per_block per block), 4 per thread claimed
+// dynamically: f(r0, r1) gets rows [r0, r1), r0 a multiple of 8.
 template <class F>
-void for_row_chunks(const SparseLinearArgs& a, const int64_t* offsets, int64_t per_row, F&& f, int64_t align = 1) {
+void for_row_chunks(const SparseLinearArgs& a, const int64_t* boffsets, int64_t per_block, F&& f) {
   const int64_t parts = a.n_threads <= 1 ? 1 : 4 * static_cast<int64_t>(a.n_threads);
-  auto border = [&](int64_t p) {
-    const int64_t r = sparse_split_row(offsets, a.N, per_row, p, parts);
-    return r >= a.N ? a.N : r / align * align;
-  };
   parallel_for(parts, a.n_threads, [&](int64_t p) {
-    const int64_t r0 = border(p), r1 = border(p + 1);
+    int64_t r0, r1;
+    sparse_part_rows(boffsets, a.N, per_block, p, parts, &r0, &r1);
     if (r0 < r1) f(r0, r1);
   });
 }
+
+// Block j of the weight in row order (sparse_block_rows) in a per-thread buffer, for the paths that
+// take a row at a time: rows(r) = row 8j + r's masks, vals<T>(r) its values.
+struct BlockRows {
+  std::vector<uint64_t> mk;
+  std::vector<uint8_t> vb;
+  int64_t voff[9];
+  int64_t Kw = 0, esize = 1, j = -1;
+  void load(const SparsePacked& w, int64_t Kw_, int64_t esize_, int64_t j_) {
+    Kw = Kw_; esize = esize_; j = j_;
+    mk.resize(static_cast<size_t>(8 * Kw));
+    vb.resize(static_cast<size_t>((w.boffsets[j + 1] - w.boffsets[j]) * esize + 64));
+    sparse_block_rows(w, Kw, j, static_cast<int>(esize), mk.data(), vb.data(), voff);
+  }
+  const uint64_t* rows(int64_t r) const { return mk.data() + r * Kw; }
+  template <class T>
+  const T* vals(int64_t r) const { return reinterpret_cast<const T*>(vb.data() + voff[r] * esize); }
+};
 
 struct Ctx {
   SparsePacked w;
@@ -71,49 +86,52 @@ struct Ctx {
 };
 
 // ---------------------------------------------------------------- int8 values
-template <int NR, int MT>
-__attribute__((noinline)) void s8_block(const Ctx& c, int64_t n, int64_t m0) {
+// Rows 8j + R0 .. 8j + R0 + NR - 1 (NR = 4: half a block) x MT x rows from m0. The block's value
+// stream holds every row of a word back to back, so the rows outside the window are stepped over
+// by their popcounts.
+template <int R0, int NR, int MT>
+__attribute__((noinline)) void s8_block(const Ctx& c, int64_t j, int64_t m0) {
   __m512i acc[NR][MT];
-  const int8_t* cur[NR];
-  const uint64_t* mk[NR];
-  const int8_t* vals = static_cast<const int8_t*>(c.w.values);
-  for (int r = 0; r < NR; ++r) {
+  for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_si512();
-    cur[r] = vals + c.w.offsets[n + r];
-    mk[r] = c.w.masks + (n + r) * c.Kw;
-  }
+  const uint64_t* mk = c.w.masks + j * c.Kw * 8;
+  const int8_t* cur = static_cast<const int8_t*>(c.w.values) + c.w.boffsets[j];
   const uint8_t* xq = c.xq + m0 * c.ldq;
-  for (int64_t b = 0; b < c.Kw; ++b) {
+  for (int64_t b = 0; b < c.Kw; ++b, mk += 8) {
     __m512i xv[MT];
     for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_si512(xq + i * c.ldq + b * 64);
+    for (int r = 0; r < R0; ++r) cur += _mm_popcnt_u64(mk[r]);
     for (int r = 0; r < NR; ++r) {
-      const uint64_t m = mk[r][b];
-      const __m512i v = _mm512_maskz_expand_epi8(m, load_unfolded(cur[r]));
-      cur[r] += _mm_popcnt_u64(m);
+      const uint64_t m = mk[R0 + r];
+      const __m512i v = _mm512_maskz_expand_epi8(m, load_unfolded(cur));
+      cur += _mm_popcnt_u64(m);
       for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], xv[i], v);
     }
+    for (int r = R0 + NR; r < 8; ++r) cur += _mm_popcnt_u64(mk[r]);
   }
   for (int r = 0; r < NR; ++r) {
-    const int32_t corr = 128 * c.w.rowsum[n + r];
-    const float ws = c.scales[n + r];
+    const int64_t n = 8 * j + R0 + r;
+    if (n >= c.N) break;
+    const int32_t corr = 128 * c.w.rowsum[n];
+    const float ws = c.scales[n];
     for (int i = 0; i < MT; ++i) {
       const int32_t s = _mm512_reduce_add_epi32(acc[r][i]) - corr;
       const float sc = c.sx[m0 + i] * ws;
       float y = static_cast<float>(s) * sc;
-      if (c.bias) y = y + c.bias[n + r];
-      store_from_f32(c.y, c.dt, (m0 + i) * c.ldy + n + r, y);
+      if (c.bias) y = y + c.bias[n];
+      store_from_f32(c.y, c.dt, (m0 + i) * c.ldy + n, y);
     }
   }
 }
 
-template <int NR>
-void s8_rows(const Ctx& c, int64_t n, int64_t M) {
+template <int R0>
+void s8_half(const Ctx& c, int64_t j, int64_t M) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) s8_block<NR, 4>(c, n, m);
+  for (; m + 4 <= M; m += 4) s8_block<R0, 4, 4>(c, j, m);
   switch (M - m) {
-    case 3: s8_block<NR, 3>(c, n, m); break;
-    case 2: s8_block<NR, 2>(c, n, m); break;
-    case 1: s8_block<NR, 1>(c, n, m); break;
+    case 3: s8_block<R0, 4, 3>(c, j, m); break;
+    case 2: s8_block<R0, 4, 2>(c, j, m); break;
+    case 1: s8_block<R0, 4, 1>(c, j, m); break;
     default: break;
   }
 }
@@ -149,50 +167,49 @@ SLMK_INLINE void s8_store8(const Ctx& c, int64_t n, int64_t m, __m256i acc) {
   }
 }
 
-// 8 weight rows x MT x rows, one pass over the masks: each expand feeds MT vpdpbusd.
+// Block j (8 weight rows) x MT x rows, one pass over its masks and values: each expand feeds MT
+// vpdpbusd. One value cursor walks the block's stream (bitmask.h), one 64-byte mask line per word.
 template <int MT>
-__attribute__((noinline)) void s8_block8(const Ctx& c, int64_t n, int64_t m0) {
+__attribute__((noinline)) void s8_block8(const Ctx& c, int64_t j, int64_t m0) {
   constexpr int NR = 8;
   __m512i acc[MT][NR];
-  const int8_t* cur[NR];
-  const int8_t* vals = static_cast<const int8_t*>(c.w.values);
-  for (int r = 0; r < NR; ++r) {
+  for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MT; ++i) acc[i][r] = _mm512_setzero_si512();
-    cur[r] = vals + c.w.offsets[n + r];
-  }
-  const uint64_t* mk = c.w.masks + n * c.Kw;
+  const uint64_t* mk = c.w.masks + j * c.Kw * 8;
+  const int8_t* cur = static_cast<const int8_t*>(c.w.values) + c.w.boffsets[j];
   const int64_t Kw = c.Kw;
   const uint8_t* xq = c.xq + m0 * c.ldq;
-  // Prefetch the next 8-row block while this one runs: its masks (64 Kw bytes, one line per word b)
-  // and values (pf_lines lines per word). Past the last row it touches the rowsum / values
-  // sections or the 64 pad bytes at most a block beyond: prefetches never fault anyway.
-  // One block ahead beat two (session 3b, (2048, 8192) 90% M=1, two threads, rotated weights:
-  // ~4-5% in four interleaved runs; 4, 6, 12 rows ahead, L2 hints and per-block L2 bursts were worse).
-  constexpr int64_t kAhead = NR;  // rows ahead
-  const char* pf_mask = reinterpret_cast<const char*>(mk + kAhead * Kw);
-  const int64_t n_pf = std::min<int64_t>(n + kAhead, c.N), n_next = std::min<int64_t>(n + kAhead + NR, c.N);
-  const char* pf_val = reinterpret_cast<const char*>(vals + c.w.offsets[n_pf]);
-  const int64_t pf_bytes = c.w.offsets[n_next] - c.w.offsets[n_pf];
-  const int64_t pf_lines = (pf_bytes + 64 * Kw - 1) / (64 * Kw);
-  for (int64_t b = 0; b < Kw; ++b) {
+  for (int64_t b = 0; b < Kw; ++b, mk += 8) {
     __m512i xv[MT];
     for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_si512(xq + i * c.ldq + b * 64);
-    if (n + kAhead < c.N) _mm_prefetch(pf_mask + b * 64, _MM_HINT_T0);
-    for (int64_t j = 0; j < pf_lines; ++j) _mm_prefetch(pf_val + (b * pf_lines + j) * 64, _MM_HINT_T0);
+    // Both streams run straight on into the next block (and at the end into the rowsum / values
+    // sections or the 64 pad bytes; prefetches never fault): ~32 mask lines and ~16-32 value
+    // lines ahead at 90% sparsity. Session 4, (2048, 8192) 90% M=1 rotated, two threads: beat
+    // prefetching the next block by its row ranges (153-154 vs 162-166 us raw).
+    _mm_prefetch(reinterpret_cast<const char*>(mk) + 2048, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(cur) + 1024, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(cur) + 1088, _MM_HINT_T0);
     for (int r = 0; r < NR; ++r) {
-      const uint64_t m = mk[r * Kw + b];
-      const __m512i v = _mm512_maskz_expand_epi8(m, load_unfolded(cur[r]));
-      cur[r] += _mm_popcnt_u64(m);
+      const uint64_t m = mk[r];
+      const __m512i v = _mm512_maskz_expand_epi8(m, load_unfolded(cur));
+      cur += _mm_popcnt_u64(m);
       for (int i = 0; i < MT; ++i) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], xv[i], v);
     }
   }
-  for (int i = 0; i < MT; ++i) s8_store8(c, n, m0 + i, hsum8_epi32(acc[i]));
-}
-
-void s8_rows8(const Ctx& c, int64_t n, int64_t M) {
-  int64_t m = 0;
-  for (; m + 2 <= M; m += 2) s8_block8<2>(c, n, m);
-  if (m < M) s8_block8<1>(c, n, m);
+  const int64_t n = 8 * j;
+  if (n + NR <= c.N) {
+    for (int i = 0; i < MT; ++i) s8_store8(c, n, m0 + i, hsum8_epi32(acc[i]));
+    return;
+  }
+  for (int r = 0; n + r < c.N; ++r) {  // the last, partial block: scales / bias end at N
+    const int32_t corr = 128 * c.w.rowsum[n + r];
+    for (int i = 0; i < MT; ++i) {
+      const int32_t s = _mm512_reduce_add_epi32(acc[i][r]) - corr;
+      float y = static_cast<float>(s) * (c.sx[m0 + i] * c.scales[n + r]);
+      if (c.bias) y = y + c.bias[n + r];
+      store_from_f32(c.y, c.dt, (m0 + i) * c.ldy + n + r, y);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- int8 values, nonzero 4-blocks
@@ -225,9 +242,8 @@ const BlkLut& blk_lut() {
 //   nibbles, compacted (pext by their spread) -> one vpexpandb of the values by mc writes the
 //   nonzero blocks back to back; the line offsets come from a 256-entry table per mask byte.
 // wl, ol need 16 spare entries (full-width stores).
-int64_t row_blocks(const Ctx& c, int64_t n, int line_shift, int32_t* wl, int32_t* ol) {
-  const int8_t* cur = static_cast<const int8_t*>(c.w.values) + c.w.offsets[n];
-  const uint64_t* mk = c.w.masks + n * c.Kw;
+// mk, cur: the row's masks and values in row order (BlockRows).
+int64_t row_blocks(const Ctx& c, const uint64_t* mk, const int8_t* cur, int line_shift, int32_t* wl, int32_t* ol) {
   const BlkLut& lut = blk_lut();
   constexpr uint64_t kNib = 0x1111111111111111ull;
   int64_t cnt = 0;
@@ -290,7 +306,7 @@ __attribute__((noinline)) void s8_blk_row(const uint8_t* x4, const int32_t* wl, 
   V::store(out, V::add(V::add(a0, a1), V::add(a2, a3)));
 }
 
-int64_t row_indices(const Ctx& c, int64_t n, int32_t* idx);
+int64_t row_indices(const Ctx& c, const uint64_t* mk, int32_t* idx);
 
 // ---------------------------------------------------------------- int8 values, nonzero broadcast
 // x transposed to xT8[k][m] (u8 = q + 128, W rows of x per tile). Four nonzeros (k0..k3, w0..w3)
@@ -371,53 +387,47 @@ __attribute__((noinline)) void s8_nz_row(const Ctx& c, const uint8_t* xT, int64_
 }
 
 // ---------------------------------------------------------------- float values, expand
-template <int NR, int MT>
-__attribute__((noinline)) void f32_block(const Ctx& c, int64_t n, int64_t m0) {
+// Block j (8 weight rows) x MT x rows from m0: per word, each row's four 16-column quarters are
+// expanded in turn (the value cursor walks the block's stream in order) and fma'd with x.
+template <int MT>
+__attribute__((noinline)) void f32_block8(const Ctx& c, int64_t j, int64_t m0) {
+  constexpr int NR = 8;
   __m512 acc[NR][MT];
-  const float* cur[NR];
-  const uint64_t* mk[NR];
-  const float* vals = static_cast<const float*>(c.w.values);
-  for (int r = 0; r < NR; ++r) {
+  for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
-    cur[r] = vals + c.w.offsets[n + r];
-    mk[r] = c.w.masks + (n + r) * c.Kw;
-  }
+  const uint64_t* mk = c.w.masks + j * c.Kw * 8;
+  const float* cur = static_cast<const float*>(c.w.values) + c.w.boffsets[j];
   const float* xf = c.xf + m0 * c.ldq;
-  for (int64_t b = 0; b < c.Kw; ++b) {
-    uint64_t m[NR];
-    for (int r = 0; r < NR; ++r) m[r] = mk[r][b];
-    for (int j = 0; j < 4; ++j) {
-      __m512 xv[MT];
-      for (int i = 0; i < MT; ++i) xv[i] = _mm512_loadu_ps(xf + i * c.ldq + b * 64 + 16 * j);
-      for (int r = 0; r < NR; ++r) {
-        const __mmask16 h = static_cast<__mmask16>(m[r] >> (16 * j));
-        const __m512 v = _mm512_maskz_expand_ps(h, _mm512_castsi512_ps(load_unfolded(cur[r])));
-        cur[r] += _mm_popcnt_u32(h);
-        for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_fmadd_ps(v, xv[i], acc[r][i]);
+  for (int64_t b = 0; b < c.Kw; ++b, mk += 8) {
+    __m512 xv[4][MT];
+    for (int q = 0; q < 4; ++q)
+      for (int i = 0; i < MT; ++i) xv[q][i] = _mm512_loadu_ps(xf + i * c.ldq + b * 64 + 16 * q);
+    for (int r = 0; r < NR; ++r) {
+      const uint64_t m = mk[r];
+      for (int q = 0; q < 4; ++q) {
+        const __mmask16 h = static_cast<__mmask16>(m >> (16 * q));
+        const __m512 v = _mm512_maskz_expand_ps(h, _mm512_castsi512_ps(load_unfolded(cur)));
+        cur += _mm_popcnt_u32(h);
+        for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_fmadd_ps(v, xv[q][i], acc[r][i]);
       }
     }
   }
-  for (int r = 0; r < NR; ++r)
+  for (int r = 0; r < NR; ++r) {
+    const int64_t n = 8 * j + r;
+    if (n >= c.N) break;
     for (int i = 0; i < MT; ++i) {
       float y = _mm512_reduce_add_ps(acc[r][i]);
-      if (c.bias) y = y + c.bias[n + r];
-      store_from_f32(c.y, c.dt, (m0 + i) * c.ldy + n + r, y);
+      if (c.bias) y = y + c.bias[n];
+      store_from_f32(c.y, c.dt, (m0 + i) * c.ldy + n, y);
     }
-}
-
-template <int NR>
-void f32_rows(const Ctx& c, int64_t n, int64_t m0, int64_t m1) {
-  int64_t m = m0;
-  for (; m + 2 <= m1; m += 2) f32_block<NR, 2>(c, n, m);
-  if (m < m1) f32_block<NR, 1>(c, n, m);
+  }
 }
 
 // ---------------------------------------------------------------- float values, nonzero broadcast
 // xT: [tiles][Kw*64][64] fp32, tile t holds x rows 64t .. 64t+63 (zeros beyond M).
 template <int J>
 __attribute__((noinline)) void f32_nz_row(const Ctx& c, const float* xT, int64_t n, int64_t m0, int64_t rows,
-                                          const int32_t* idx, int64_t cnt) {
-  const float* v = static_cast<const float*>(c.w.values) + c.w.offsets[n];
+                                          const int32_t* idx, const float* v, int64_t cnt) {
   __m512 a0[J], a1[J];
   for (int j = 0; j < J; ++j) a0[j] = a1[j] = _mm512_setzero_ps();
   int64_t i = 0;
@@ -445,11 +455,10 @@ __attribute__((noinline)) void f32_nz_row(const Ctx& c, const float* xT, int64_t
   }
 }
 
-// The row's nonzero columns, in order: vpcompressd of the column numbers per 16 mask bits
+// The row's nonzero columns (mk: its masks in row order), in order: vpcompressd of the column numbers per 16 mask bits
 // (register form + a full store: idx has 16 spare entries), no data-dependent branches.
-int64_t row_indices(const Ctx& c, int64_t n, int32_t* idx) {
+int64_t row_indices(const Ctx& c, const uint64_t* mk, int32_t* idx) {
   int64_t cnt = 0;
-  const uint64_t* mk = c.w.masks + n * c.Kw;
   const __m512i step = _mm512_set1_epi32(16);
   __m512i col = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t b = 0; b < c.Kw; ++b) {
@@ -533,10 +542,12 @@ void f32_linear(const SparseLinearArgs& a) {
   }
   c.xf = xf;
   if (!broadcast) {
-    for_row_chunks(a, c.w.offsets, Kw * 4, [&](int64_t n0, int64_t n1) {
-      int64_t n = n0;
-      for (; n + 4 <= n1; n += 4) f32_rows<4>(c, n, 0, M);
-      for (; n < n1; ++n) f32_rows<1>(c, n, 0, M);
+    for_row_chunks(a, c.w.boffsets, Kw * 32, [&](int64_t n0, int64_t n1) {
+      for (int64_t j = n0 / 8; 8 * j < n1; ++j) {
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) f32_block8<2>(c, j, m);
+        if (m < M) f32_block8<1>(c, j, m);
+      }
     });
     return;
   }
@@ -549,25 +560,28 @@ void f32_linear(const SparseLinearArgs& a) {
       for (int64_t k = 0; k < K; ++k) T[k * 64 + r] = src[k];
     }
   }
-  for_row_chunks(a, c.w.offsets, Kw * 2, [&](int64_t n0, int64_t n1) {
+  for_row_chunks(a, c.w.boffsets, Kw * 16, [&](int64_t n0, int64_t n1) {
     std::vector<int32_t> idx(static_cast<size_t>(Kp) + 16);
+    BlockRows br;
     for (int64_t n = n0; n < n1; ++n) {
-      const int64_t cnt = row_indices(c, n, idx.data());
+      if (n % 8 == 0) br.load(c.w, Kw, 4, n / 8);
+      const int64_t cnt = row_indices(c, br.rows(n % 8), idx.data());
+      const float* v = br.vals<float>(n % 8);
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t m0 = t * 64, rows = std::min<int64_t>(64, M - m0);
         const float* T = xT + t * Kp * 64;
         switch ((rows + 15) / 16) {
-          case 1: f32_nz_row<1>(c, T, n, m0, rows, idx.data(), cnt); break;
-          case 2: f32_nz_row<2>(c, T, n, m0, rows, idx.data(), cnt); break;
-          case 3: f32_nz_row<3>(c, T, n, m0, rows, idx.data(), cnt); break;
-          default: f32_nz_row<4>(c, T, n, m0, rows, idx.data(), cnt); break;
+          case 1: f32_nz_row<1>(c, T, n, m0, rows, idx.data(), v, cnt); break;
+          case 2: f32_nz_row<2>(c, T, n, m0, rows, idx.data(), v, cnt); break;
+          case 3: f32_nz_row<3>(c, T, n, m0, rows, idx.data(), v, cnt); break;
+          default: f32_nz_row<4>(c, T, n, m0, rows, idx.data(), v, cnt); break;
         }
       }
     }
   });
   for (int64_t m : bad)
-    for_row_chunks(a, c.w.offsets, Kw * 4, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) f32_block<1, 1>(c, n, m);
+    for_row_chunks(a, c.w.boffsets, Kw * 32, [&](int64_t n0, int64_t n1) {
+      for (int64_t j = n0 / 8; 8 * j < n1; ++j) f32_block8<1>(c, j, m);
     });
 }
 
@@ -606,44 +620,41 @@ SLMK_INLINE void transpose16x16_epi32(__m512i r[16]) {
   }
 }
 
-// Weight rows [n0, n0 + rows) into the int8 packed layout of a rows x K weight.
+// Weight rows [n0, n0 + rows) into the int8 packed layout of a rows x K weight. n0 is a multiple
+// of 16 and rows one too unless the group ends at N, so each 16-row tile is two whole blocks (rows
+// past N have zero masks; a block past the last one is not read).
 void expand_to_int8_tiles(const Ctx& c, int64_t n0, int64_t rows, int64_t K, int n_threads, int8_t* out) {
   const int64_t Kp4 = int8_padded_k(K), ksteps = Kp4 / kInt8KB, Np16 = int8_padded_n(rows);
   const int8_t* vals = static_cast<const int8_t*>(c.w.values);
+  const int64_t Nb = sparse_blocks(c.N);
   int32_t* colsum = reinterpret_cast<int32_t*>(out + Np16 * Kp4);
   constexpr int64_t kChunkW = 16;  // words per chunk: the 16-row staging is 16 KB (L1)
   parallel_for(Np16 / kInt8NB, n_threads, [&](int64_t nb) {
     int8_t* tile = out + nb * kInt8NB * Kp4;
     alignas(64) uint8_t stage[kInt8NB][kChunkW * 64];
-    const int8_t* cur[kInt8NB];
-    int64_t live = 0;  // rows of this tile inside the group
     for (int64_t i = 0; i < kInt8NB; ++i) {
-      const int64_t r = nb * kInt8NB + i, n = n0 + r;
-      colsum[r] = r < rows ? c.w.rowsum[n] : 0;
-      cur[i] = r < rows ? vals + c.w.offsets[n] : vals;
-      live += r < rows;
+      const int64_t r = nb * kInt8NB + i;
+      colsum[r] = r < rows ? c.w.rowsum[n0 + r] : 0;
     }
-    for (int64_t i = live; i < kInt8NB; ++i) std::memset(stage[i], 0, sizeof(stage[i]));
+    const int64_t j0 = (n0 + nb * kInt8NB) / 8;
+    const int nblk = j0 + 1 < Nb ? 2 : 1;  // j0 < Nb always: the tile holds a row < N
+    const int8_t* cur[2] = {vals + c.w.boffsets[j0], vals + c.w.boffsets[j0 + nblk - 1]};
+    if (nblk == 1) std::memset(stage[8], 0, 8 * sizeof(stage[8]));
     for (int64_t b0 = 0; b0 < c.Kw; b0 += kChunkW) {
       const int64_t nw = std::min(kChunkW, c.Kw - b0);
-      // each row expanded on its own: one sequential stream of masks and values at a time
-      for (int64_t i = 0; i < live; ++i) {
-        const uint64_t* mk = c.w.masks + (n0 + nb * kInt8NB + i) * c.Kw + b0;
-        const int8_t* p = cur[i];
-        // the next row's part of this chunk: its masks (<= 2 lines) and values (<= 2 lines a word)
-        const int64_t in = i + 1 < live ? i + 1 : i;
-        const char* pm = reinterpret_cast<const char*>(mk + (in - i) * c.Kw);
-        const char* pv = reinterpret_cast<const char*>(cur[in]);
-        _mm_prefetch(pm, _MM_HINT_T0);
-        _mm_prefetch(pm + 64, _MM_HINT_T0);
-        for (int64_t w = 0; w < nw; ++w) {
-          _mm_prefetch(pv + w * 128, _MM_HINT_T0);
-          _mm_prefetch(pv + w * 128 + 64, _MM_HINT_T0);
-          const uint64_t m = mk[w];
-          _mm512_store_si512(stage[i] + w * 64, _mm512_maskz_expand_epi8(m, load_unfolded(p)));
-          p += _mm_popcnt_u64(m);
+      for (int h = 0; h < nblk; ++h) {
+        const uint64_t* mk = c.w.masks + ((j0 + h) * c.Kw + b0) * 8;
+        const int8_t* p = cur[h];
+        for (int64_t w = 0; w < nw; ++w, mk += 8) {
+          _mm_prefetch(reinterpret_cast<const char*>(mk) + 512, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p) + 512, _MM_HINT_T0);
+          for (int r = 0; r < 8; ++r) {
+            const uint64_t m = mk[r];
+            _mm512_store_si512(stage[8 * h + r] + w * 64, _mm512_maskz_expand_epi8(m, load_unfolded(p)));
+            p += _mm_popcnt_u64(m);
+          }
         }
-        cur[i] = p;
+        cur[h] = p;
       }
       for (int64_t w = 0; w < nw; ++w) {
         __m512i r[16];
@@ -722,15 +733,18 @@ void s8_blocks(const SparseLinearArgs& a, const Ctx& c) {
       }
     }
   }
-  for_row_chunks(a, c.w.offsets, Kw * 2, [&](int64_t n0, int64_t n1) {
+  for_row_chunks(a, c.w.boffsets, Kw * 16, [&](int64_t n0, int64_t n1) {
     std::vector<int32_t> wl(static_cast<size_t>(KB) + 16), ol(static_cast<size_t>(KB) + 16);
+    BlockRows br;
     // int32 outputs of 16 weight rows for every x tile: [tile][16 rows][16 lanes]
     std::vector<int32_t> accv(static_cast<size_t>(tiles * 256 + 16));
     int32_t(*acc)[16] = reinterpret_cast<int32_t(*)[16]>((reinterpret_cast<uintptr_t>(accv.data()) + 63) & ~uintptr_t(63));
     for (int64_t g = n0; g < n1; g += 16) {
       const int64_t nr = std::min<int64_t>(16, n1 - g);
       for (int64_t r = 0; r < nr; ++r) {
-        const int64_t cnt = row_blocks(c, g + r, W == 8 ? 5 : 6, wl.data(), ol.data());
+        const int64_t n = g + r;
+        if (n % 8 == 0) br.load(c.w, c.Kw, 1, n / 8);
+        const int64_t cnt = row_blocks(c, br.rows(n % 8), br.vals<int8_t>(n % 8), W == 8 ? 5 : 6, wl.data(), ol.data());
         for (int64_t t = 0; t < tiles; ++t) {
           const uint8_t* T = x4 + t * KB * line;
           if (W == 8) s8_blk_row<8>(T, wl.data(), ol.data(), cnt, acc[t * 16 + r]);
@@ -772,13 +786,18 @@ void s8_linear(const SparseLinearArgs& a) {
   const bool narrow = M <= 16;
   const int64_t TW = narrow ? 16 : 64, tiles = ceil_div(M, TW);
   if (path == 1) {
-    for_row_chunks(a, c.w.offsets, Kw * 8, [&](int64_t n0, int64_t n1) {
-      int64_t n = n0;
-      if (M <= 2)
-        for (; n + 8 <= n1; n += 8) s8_rows8(c, n, M);
-      for (; n + 4 <= n1; n += 4) s8_rows<4>(c, n, M);
-      for (; n < n1; ++n) s8_rows<1>(c, n, M);
-    }, M <= 2 ? 8 : 4);
+    for_row_chunks(a, c.w.boffsets, Kw * 64, [&](int64_t n0, int64_t n1) {
+      for (int64_t j = n0 / 8; 8 * j < n1; ++j) {
+        if (M == 1) {
+          s8_block8<1>(c, j, 0);
+        } else if (M == 2) {
+          s8_block8<2>(c, j, 0);
+        } else {  // 4 rows x 4 x rows per pass: the expands of a word serve 4 x rows
+          s8_half<0>(c, j, M);
+          if (8 * j + 4 < c.N) s8_half<4>(c, j, M);
+        }
+      }
+    });
     return;
   }
   // xT8[t][k][TW]: column k of rows TW*t .. TW*t + TW-1 as u8 (128 = q of 0 past M)
@@ -789,13 +808,14 @@ void s8_linear(const SparseLinearArgs& a) {
     const uint8_t* src = xq + m * Kp;
     for (int64_t k = 0; k < K; ++k) T[k * TW] = src[k];
   }
-  const int8_t* vals = static_cast<const int8_t*>(c.w.values);
-  for_row_chunks(a, c.w.offsets, 4, [&](int64_t n0, int64_t n1) {
+  for_row_chunks(a, c.w.boffsets, 32, [&](int64_t n0, int64_t n1) {
     std::vector<int32_t> idx(static_cast<size_t>(Kp) + 16), w4(static_cast<size_t>(Kp / 4) + 1);
+    BlockRows br;
     for (int64_t n = n0; n < n1; ++n) {
-      const int64_t cnt = row_indices(c, n, idx.data());
+      if (n % 8 == 0) br.load(c.w, Kw, 1, n / 8);
+      const int64_t cnt = row_indices(c, br.rows(n % 8), idx.data());
       const int64_t groups = (cnt + 3) / 4;
-      const int8_t* v = vals + c.w.offsets[n];
+      const int8_t* v = br.vals<int8_t>(n % 8);
       int8_t* wb = reinterpret_cast<int8_t*>(w4.data());
       std::memcpy(wb, v, static_cast<size_t>(cnt));
       for (int64_t i = cnt; i < groups * 4; ++i) {

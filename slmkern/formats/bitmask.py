@@ -17,12 +17,15 @@ second byte's bits 2..7 (columns 10..15) must be 0. A row with no kept entry (10
 legal and contributes only the bias. compressed-tensors' sparse-bitmask stores the [N] start
 offsets: drop / append the last entry of row_offsets to convert.
 
-CPU packed layout (built once by :func:`prepack_cpu`, never saved; csrc/include/slmkern/bitmask.h)::
+CPU packed layout (built once by :func:`prepack_cpu`, never saved; csrc/include/slmkern/bitmask.h).
+Rows in blocks of 8 (Nb = ceil(N/8)), Kw = ceil(K/64)::
 
-    masks   uint64 [N][ceil(K/64)]   the bitmask as little-endian 64-bit words
-    offsets int64  [N + 1]           row_offsets
-    rowsum  int32  [N]               int8 values only: per-row value sums (for the +128 shift)
-    values  int8 [nnz] or fp32 [nnz] (bf16/f16 widened, exact), then 64 zero bytes
+    masks    uint64 [Nb][Kw][8]      word b of the block's 8 rows in one 64-byte line (the bitmask
+                                     as little-endian 64-bit words; rows >= N are 0)
+    boffsets int64  [Nb + 1]         index of each block's first value in `values`
+    rowsum   int32  [Nb * 8]         int8 values only: per-row value sums (for the +128 shift)
+    values   int8 [nnz] or fp32 [nnz] (bf16/f16 widened, exact) in consumption order: block by
+             block, word by word, row by row, ascending column; then 64 zero bytes
     each section starts at a multiple of 64 bytes; one flat uint8 tensor of packed_bytes(...) bytes.
 """
 from __future__ import annotations
@@ -41,8 +44,8 @@ def _a64(b: int) -> int:
 
 def packed_bytes(N: int, K: int, nnz: int, int8_values: bool) -> int:
     """Size in bytes of the CPU packed layout (mirrors sparse_packed_bytes in bitmask.h)."""
-    Kw = (K + 63) // 64
-    head = _a64(N * Kw * 8) + _a64((N + 1) * 8) + (_a64(N * 4) if int8_values else 0)
+    Kw, Nb = (K + 63) // 64, (N + 7) // 8
+    head = _a64(Nb * Kw * 64) + _a64((Nb + 1) * 8) + (_a64(Nb * 32) if int8_values else 0)
     return head + nnz * (1 if int8_values else 4) + 64
 
 
@@ -205,24 +208,32 @@ def pack_reference(values, bitmask, row_offsets, K: int) -> torch.Tensor:
     N = bitmask.shape[0]
     nnz = values.shape[0]
     int8v = values.dtype == torch.int8
-    Kw = (K + 63) // 64
+    Kw, Nb = (K + 63) // 64, (N + 7) // 8
     out = torch.zeros(packed_bytes(N, K, nnz, int8v), dtype=torch.uint8)
-    m = torch.zeros(N, Kw * 8, dtype=torch.uint8)
-    m[:, :bitmask.shape[1]] = bitmask.cpu()
-    out[:N * Kw * 8] = m.reshape(-1)
-    o = _a64(N * Kw * 8)
-    out[o:o + (N + 1) * 8] = row_offsets.cpu().contiguous().view(torch.uint8)
-    o += _a64((N + 1) * 8)
+    m = torch.zeros(Nb * 8, Kw * 8, dtype=torch.uint8)
+    m[:N, :bitmask.shape[1]] = bitmask.cpu()
+    # [Nb, 8 rows, Kw, 8 bytes] -> [Nb, Kw, 8 rows, 8 bytes]: word b of a block's rows side by side
+    out[:Nb * Kw * 64] = m.reshape(Nb, 8, Kw, 8).transpose(1, 2).reshape(-1)
+    o = _a64(Nb * Kw * 64)
+    # values in consumption order: sort the nonzeros (row-major now) by (block, word, row, column)
+    keep = _bits(bitmask.cpu(), K)
+    rows, cols = keep.nonzero(as_tuple=True)
+    key = (((rows // 8) * Kw + cols // 64) * 8 + rows % 8) * 64 + cols % 64
+    order = torch.argsort(key)
+    block_nnz = torch.zeros(Nb, dtype=torch.int64).index_add_(0, rows // 8, torch.ones_like(rows))
+    boffsets = torch.zeros(Nb + 1, dtype=torch.int64)
+    boffsets[1:] = torch.cumsum(block_nnz, 0)
+    out[o:o + (Nb + 1) * 8] = boffsets.view(torch.uint8)
+    o += _a64((Nb + 1) * 8)
     if int8v:
         v = values.cpu().to(torch.int32)
-        rowsum = torch.zeros(N, dtype=torch.int32)
-        rows = torch.repeat_interleave(torch.arange(N), (row_offsets[1:] - row_offsets[:-1]).cpu())
+        rowsum = torch.zeros(Nb * 8, dtype=torch.int32)
         rowsum.index_add_(0, rows, v)
-        out[o:o + N * 4] = rowsum.view(torch.uint8)
-        o += _a64(N * 4)
-        out[o:o + nnz] = values.cpu().contiguous().view(torch.uint8)
+        out[o:o + Nb * 32] = rowsum.view(torch.uint8)
+        o += _a64(Nb * 32)
+        out[o:o + nnz] = values.cpu().contiguous()[order].view(torch.uint8)
     else:
-        out[o:o + 4 * nnz] = values.cpu().float().contiguous().view(torch.uint8)
+        out[o:o + 4 * nnz] = values.cpu().float().contiguous()[order].view(torch.uint8)
     return out
 
 

@@ -9,27 +9,40 @@ namespace slmkern {
 
 // ---------------------------------------------------------------------------
 // CPU packed layout (built once per module by sparse_pack(); never saved).
-// One flat byte buffer, every section 64-byte aligned relative to its start:
+// Rows in blocks of 8 (Nb = ceil(N/8)), Kw = ceil(K/64) mask words per row. One flat byte
+// buffer, every section 64-byte aligned relative to its start:
 //
-//   masks   : uint64 [N][Kw]      Kw = ceil(K/64); bit i of masks[n][w] <-> column 64w + i
-//                                  (the canonical uint8 bitmask read as little-endian words,
-//                                  zero-extended to whole words)
-//   offsets : int64  [N + 1]      the canonical row_offsets
-//   rowsum  : int32  [N]          int8 values only: sum of row n's values (compensates the
-//                                  +128 shift of the unsigned vpdpbusd operand); absent for float
-//   values  : int8 [nnz] or fp32 [nnz], then 64 zero bytes, so a full 64-byte load at any
-//             value cursor stays inside the buffer (bf16/f16 values are widened to fp32, exact)
+//   masks   : uint64 [Nb][Kw][8]  masks[(j Kw + b) 8 + r]: word b of row n = 8j + r, bit i <->
+//                                  column 64b + i (the canonical uint8 bitmask read as
+//                                  little-endian words); rows >= N are 0. Word b of a block's
+//                                  eight rows is one 64-byte line.
+//   boffsets: int64  [Nb + 1]     index in values of block j's first value; boffsets[Nb] = nnz
+//   rowsum  : int32  [Nb * 8]     int8 values only: sum of row n's values (compensates the +128
+//                                  shift of the unsigned vpdpbusd operand); rows >= N: 0. Absent
+//                                  for float values
+//   values  : int8 [nnz] or fp32 [nnz] in consumption order: block by block, in a block word by
+//             word, in a word row by row (r = 0..7), a row's values in ascending column. Then 64
+//             zero bytes, so a full 64-byte load at any value cursor stays inside the buffer
+//             (bf16/f16 values are widened to fp32, exact).
+//
+// Why interleaved: an M = 1 kernel walks one block with ONE value cursor and one mask line per
+// word (two sequential streams), instead of 8 row cursors and 8 mask streams; on Zen 4 that is
+// ~15% less time at 90% sparsity (benchmarks/NOTES.md, session 4). Row-at-a-time consumers
+// (large-M paths, the reference) de-interleave a block with sparse_block_rows().
 // ---------------------------------------------------------------------------
 enum class SparseValues : int { f32 = 0, s8 = 1 };
 
 static inline int64_t sparse_align64(int64_t b) { return (b + 63) / 64 * 64; }
 static inline int64_t sparse_words(int64_t K) { return (K + 63) / 64; }
-static inline int64_t sparse_offsets_at(int64_t N, int64_t K) { return sparse_align64(N * sparse_words(K) * 8); }
+static inline int64_t sparse_blocks(int64_t N) { return (N + 7) / 8; }
+static inline int64_t sparse_boffsets_at(int64_t N, int64_t K) {
+  return sparse_align64(sparse_blocks(N) * sparse_words(K) * 64);
+}
 static inline int64_t sparse_rowsum_at(int64_t N, int64_t K) {
-  return sparse_offsets_at(N, K) + sparse_align64((N + 1) * 8);
+  return sparse_boffsets_at(N, K) + sparse_align64((sparse_blocks(N) + 1) * 8);
 }
 static inline int64_t sparse_values_at(int64_t N, int64_t K, SparseValues kind) {
-  return sparse_rowsum_at(N, K) + (kind == SparseValues::s8 ? sparse_align64(N * 4) : 0);
+  return sparse_rowsum_at(N, K) + (kind == SparseValues::s8 ? sparse_align64(sparse_blocks(N) * 32) : 0);
 }
 static inline int64_t sparse_packed_bytes(int64_t N, int64_t K, int64_t nnz, SparseValues kind) {
   return sparse_values_at(N, K, kind) + nnz * (kind == SparseValues::s8 ? 1 : 4) + 64;
@@ -37,7 +50,7 @@ static inline int64_t sparse_packed_bytes(int64_t N, int64_t K, int64_t nnz, Spa
 
 struct SparsePacked {
   const uint64_t* masks;
-  const int64_t* offsets;
+  const int64_t* boffsets;
   const int32_t* rowsum;  // s8 only
   const void* values;
 };
@@ -45,10 +58,38 @@ struct SparsePacked {
 static inline SparsePacked sparse_view(const uint8_t* p, int64_t N, int64_t K, SparseValues kind) {
   SparsePacked s;
   s.masks = reinterpret_cast<const uint64_t*>(p);
-  s.offsets = reinterpret_cast<const int64_t*>(p + sparse_offsets_at(N, K));
+  s.boffsets = reinterpret_cast<const int64_t*>(p + sparse_boffsets_at(N, K));
   s.rowsum = reinterpret_cast<const int32_t*>(p + sparse_rowsum_at(N, K));
   s.values = p + sparse_values_at(N, K, kind);
   return s;
+}
+
+static inline int sparse_popcount(uint64_t m) { return __builtin_popcountll(m); }
+
+// Block j in row order, for row-at-a-time consumers: masks_out[r * Kw + b] = word b of row 8j + r,
+// row r's values (esize bytes each) at vals_out + voff[r] * esize, voff[8] = the block's nnz.
+// vals_out needs the block's nnz * esize bytes + 64 (the kernels' full-width loads).
+static inline void sparse_block_rows(const SparsePacked& s, int64_t Kw, int64_t j, int esize, uint64_t* masks_out,
+                                     uint8_t* vals_out, int64_t voff[9]) {
+  const uint64_t* mk = s.masks + j * Kw * 8;
+  voff[0] = 0;
+  for (int r = 0; r < 8; ++r) {
+    int64_t c = 0;
+    for (int64_t b = 0; b < Kw; ++b) c += sparse_popcount(mk[b * 8 + r]);
+    voff[r + 1] = voff[r] + c;
+  }
+  int64_t cur[8];
+  for (int r = 0; r < 8; ++r) cur[r] = voff[r];
+  const uint8_t* v = static_cast<const uint8_t*>(s.values) + s.boffsets[j] * esize;
+  for (int64_t b = 0; b < Kw; ++b)
+    for (int r = 0; r < 8; ++r) {
+      const uint64_t m = mk[b * 8 + r];
+      masks_out[r * Kw + b] = m;
+      const int64_t bytes = sparse_popcount(m) * esize;
+      for (int64_t i = 0; i < bytes; ++i) vals_out[cur[r] * esize + i] = v[i];
+      cur[r] += sparse_popcount(m);
+      v += bytes;
+    }
 }
 
 // y[M, N] = x[M, K] @ W^T (+ bias), W given by the packed layout above.
@@ -76,8 +117,9 @@ using SparseLinearFn = void (*)(const SparseLinearArgs&);
 void sparse_pack(const uint8_t* bitmask, const int64_t* row_offsets, const void* values, DType vdtype,
                  SparseValues kind, int64_t N, int64_t K, int64_t nnz, uint8_t* out);
 
-// Rows [r0, r1) whose cost is a balanced share: part p of `parts` by
-// cost(n) = offsets[n] + n * per_row (binary search; offsets is monotone).
+// Block (or row) index where part p of `parts` starts, balanced by cost(n) = offsets[n] + n * per_row
+// over n = 0..N (binary search; offsets is monotone). With the packed layout's boffsets and Nb
+// blocks: part p is blocks [split(p), split(p + 1)).
 static inline int64_t sparse_split_row(const int64_t* offsets, int64_t N, int64_t per_row, int64_t p,
                                        int64_t parts) {
   if (p <= 0) return 0;
@@ -91,6 +133,16 @@ static inline int64_t sparse_split_row(const int64_t* offsets, int64_t N, int64_
     else hi = mid;
   }
   return lo;
+}
+
+// Rows [r0, r1) of part p of `parts`: whole blocks, balanced by nnz + per_block per block.
+static inline void sparse_part_rows(const int64_t* boffsets, int64_t N, int64_t per_block, int64_t p, int64_t parts,
+                                    int64_t* r0, int64_t* r1) {
+  const int64_t Nb = sparse_blocks(N);
+  const int64_t b0 = sparse_split_row(boffsets, Nb, per_block, p, parts);
+  const int64_t b1 = sparse_split_row(boffsets, Nb, per_block, p + 1, parts);
+  *r0 = 8 * b0 < N ? 8 * b0 : N;
+  *r1 = 8 * b1 < N ? 8 * b1 : N;
 }
 
 void sparse_linear_ref(const SparseLinearArgs& a);
