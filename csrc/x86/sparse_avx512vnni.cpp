@@ -53,22 +53,24 @@ void for_row_chunks(const SparseLinearArgs& a, const int64_t* boffsets, int64_t 
   });
 }
 
-// Block j of the weight in row order (sparse_block_rows) in a per-thread buffer, for the paths that
-// take a row at a time: rows(r) = row 8j + r's masks, vals<T>(r) its values.
-struct BlockRows {
-  std::vector<uint64_t> mk;
-  std::vector<uint8_t> vb;
-  int64_t voff[9];
-  int64_t Kw = 0, esize = 1, j = -1;
-  void load(const SparsePacked& w, int64_t Kw_, int64_t esize_, int64_t j_) {
-    Kw = Kw_; esize = esize_; j = j_;
-    mk.resize(static_cast<size_t>(8 * Kw));
-    vb.resize(static_cast<size_t>((w.boffsets[j + 1] - w.boffsets[j]) * esize + 64));
-    sparse_block_rows(w, Kw, j, static_cast<int>(esize), mk.data(), vb.data(), voff);
+// Per-thread lists for the 8 rows of a block (block_blocks / block_indices fill them): p[r] and
+// q[r] hold `na` int32 each, v[r] `nv` bytes; every list starts 64-byte aligned.
+struct RowLists {
+  std::vector<uint8_t> buf;
+  int32_t* p[8];
+  int32_t* q[8];
+  uint8_t* v[8];
+  int64_t cnt[8];
+  RowLists(int64_t na, int64_t nv) {
+    const int64_t sa = (na * 4 + 63) / 64 * 64, sv = (nv + 63) / 64 * 64;
+    buf.resize(static_cast<size_t>(8 * (2 * sa + sv) + 64));
+    uint8_t* at = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    for (int r = 0; r < 8; ++r, at += 2 * sa + sv) {
+      p[r] = reinterpret_cast<int32_t*>(at);
+      q[r] = reinterpret_cast<int32_t*>(at + sa);
+      v[r] = at + 2 * sa;
+    }
   }
-  const uint64_t* rows(int64_t r) const { return mk.data() + r * Kw; }
-  template <class T>
-  const T* vals(int64_t r) const { return reinterpret_cast<const T*>(vb.data() + voff[r] * esize); }
 };
 
 struct Ctx {
@@ -236,35 +238,38 @@ const BlkLut& blk_lut() {
   return t;
 }
 
-// Row n's nonzero 4-column blocks: wl[i] = the block's four int8 weights, ol[i] = its x4 line
-// offset in bytes (kb << line_shift). Per 64 columns, from the mask m alone (scalar BMI2):
+// The nonzero 4-column blocks of block j's 8 rows (one walk of its value stream): for row r,
+// wl[r][i] = the block's four int8 weights, ol[r][i] = its x4 line offset in bytes (kb << line_shift),
+// cnt[r] of them. Per 64 columns, from the mask m alone (scalar BMI2):
 //   nz = one bit per nonzero nibble of m (pext of the nibble-OR), mc = m's bits inside those
 //   nibbles, compacted (pext by their spread) -> one vpexpandb of the values by mc writes the
 //   nonzero blocks back to back; the line offsets come from a 256-entry table per mask byte.
-// wl, ol need 16 spare entries (full-width stores).
-// mk, cur: the row's masks and values in row order (BlockRows).
-int64_t row_blocks(const Ctx& c, const uint64_t* mk, const int8_t* cur, int line_shift, int32_t* wl, int32_t* ol) {
+// wl[r], ol[r] need 16 spare entries (full-width stores).
+void block_blocks(const Ctx& c, int64_t j, int line_shift, int32_t* const wl[8], int32_t* const ol[8], int64_t cnt[8]) {
+  const uint64_t* mk = c.w.masks + j * c.Kw * 8;
+  const int8_t* cur = static_cast<const int8_t*>(c.w.values) + c.w.boffsets[j];
   const BlkLut& lut = blk_lut();
   constexpr uint64_t kNib = 0x1111111111111111ull;
-  int64_t cnt = 0;
-  for (int64_t b = 0; b < c.Kw; ++b) {
-    const uint64_t m = mk[b];
-    uint64_t t = m | (m >> 1);
-    t |= t >> 2;
-    const uint32_t nz = static_cast<uint32_t>(_pext_u64(t, kNib));
-    const uint64_t mc = _pext_u64(m, _pdep_u64(nz, kNib) * 0xF);
-    _mm512_storeu_si512(wl + cnt, _mm512_maskz_expand_epi8(mc, load_unfolded(cur)));
-    cur += _mm_popcnt_u64(m);
+  for (int r = 0; r < 8; ++r) cnt[r] = 0;
+  for (int64_t b = 0; b < c.Kw; ++b, mk += 8) {
     const __m256i base0 = _mm256_set1_epi32(static_cast<int>(b * 16)), base1 = _mm256_set1_epi32(static_cast<int>(b * 16 + 8));
-    const uint32_t lo = nz & 0xff, hi = nz >> 8;
-    const __m256i o0 = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(lut.idx[lo])), base0);
-    const __m256i o1 = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(lut.idx[hi])), base1);
-    const int64_t plo = _mm_popcnt_u32(lo);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ol + cnt), _mm256_slli_epi32(o0, line_shift));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ol + cnt + plo), _mm256_slli_epi32(o1, line_shift));
-    cnt += plo + _mm_popcnt_u32(hi);
+    for (int r = 0; r < 8; ++r) {
+      const uint64_t m = mk[r];
+      uint64_t t = m | (m >> 1);
+      t |= t >> 2;
+      const uint32_t nz = static_cast<uint32_t>(_pext_u64(t, kNib));
+      const uint64_t mc = _pext_u64(m, _pdep_u64(nz, kNib) * 0xF);
+      _mm512_storeu_si512(wl[r] + cnt[r], _mm512_maskz_expand_epi8(mc, load_unfolded(cur)));
+      cur += _mm_popcnt_u64(m);
+      const uint32_t lo = nz & 0xff, hi = nz >> 8;
+      const __m256i o0 = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(lut.idx[lo])), base0);
+      const __m256i o1 = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(lut.idx[hi])), base1);
+      const int64_t plo = _mm_popcnt_u32(lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ol[r] + cnt[r]), _mm256_slli_epi32(o0, line_shift));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ol[r] + cnt[r] + plo), _mm256_slli_epi32(o1, line_shift));
+      cnt[r] += plo + _mm_popcnt_u32(hi);
+    }
   }
-  return cnt;
 }
 
 template <int W>
@@ -306,7 +311,8 @@ __attribute__((noinline)) void s8_blk_row(const uint8_t* x4, const int32_t* wl, 
   V::store(out, V::add(V::add(a0, a1), V::add(a2, a3)));
 }
 
-int64_t row_indices(const Ctx& c, const uint64_t* mk, int32_t* idx);
+template <int ES>
+void block_indices(const Ctx& c, int64_t j, int32_t* const idx[8], uint8_t* const vals[8], int64_t cnt[8]);
 
 // ---------------------------------------------------------------- int8 values, nonzero broadcast
 // x transposed to xT8[k][m] (u8 = q + 128, W rows of x per tile). Four nonzeros (k0..k3, w0..w3)
@@ -455,22 +461,31 @@ __attribute__((noinline)) void f32_nz_row(const Ctx& c, const float* xT, int64_t
   }
 }
 
-// The row's nonzero columns (mk: its masks in row order), in order: vpcompressd of the column numbers per 16 mask bits
-// (register form + a full store: idx has 16 spare entries), no data-dependent branches.
-int64_t row_indices(const Ctx& c, const uint64_t* mk, int32_t* idx) {
-  int64_t cnt = 0;
-  const __m512i step = _mm512_set1_epi32(16);
-  __m512i col = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t b = 0; b < c.Kw; ++b) {
-    const uint64_t m = mk[b];
-    for (int j = 0; j < 4; ++j) {
-      const __mmask16 h = static_cast<__mmask16>(m >> (16 * j));
-      _mm512_storeu_si512(idx + cnt, _mm512_maskz_compress_epi32(h, col));
-      cnt += _mm_popcnt_u32(h);
-      col = _mm512_add_epi32(col, step);
+// The nonzero columns of block j's 8 rows, in order, and their values (ES bytes each), from one
+// walk of the block's stream: idx[r][i] / vals[r] (cnt[r] of each) for row r. Columns: vpcompressd
+// of the column numbers per 16 mask bits (register form + a full store: idx[r] has 16 spare
+// entries). Values: unmasked 64-byte moves (vals[r] has 64 spare bytes; a move's tail is
+// overwritten by the row's next one). No data-dependent branches but the move count.
+template <int ES>
+void block_indices(const Ctx& c, int64_t j, int32_t* const idx[8], uint8_t* const vals[8], int64_t cnt[8]) {
+  const uint64_t* mk = c.w.masks + j * c.Kw * 8;
+  const uint8_t* cur = static_cast<const uint8_t*>(c.w.values) + c.w.boffsets[j] * ES;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int r = 0; r < 8; ++r) cnt[r] = 0;
+  for (int64_t b = 0; b < c.Kw; ++b, mk += 8)
+    for (int r = 0; r < 8; ++r) {
+      const uint64_t m = mk[r];
+      const int64_t bytes = static_cast<int64_t>(_mm_popcnt_u64(m)) * ES;
+      for (int64_t o = 0; o < bytes; o += 64)
+        _mm512_storeu_si512(vals[r] + cnt[r] * ES + o, _mm512_loadu_si512(cur + o));
+      cur += bytes;
+      for (int q = 0; q < 4; ++q) {
+        const __mmask16 h = static_cast<__mmask16>(m >> (16 * q));
+        const __m512i col = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(b * 64 + 16 * q)));
+        _mm512_storeu_si512(idx[r] + cnt[r], _mm512_maskz_compress_epi32(h, col));
+        cnt[r] += _mm_popcnt_u32(h);
+      }
     }
-  }
-  return cnt;
 }
 
 // Path choice by a cost model fitted on Zen 4 (single thread, K = 2048, N = 8192; times per
@@ -561,20 +576,20 @@ void f32_linear(const SparseLinearArgs& a) {
     }
   }
   for_row_chunks(a, c.w.boffsets, Kw * 16, [&](int64_t n0, int64_t n1) {
-    std::vector<int32_t> idx(static_cast<size_t>(Kp) + 16);
-    BlockRows br;
+    RowLists L(Kp + 16, Kp * 4 + 64);  // per row: column list, fp32 values
     for (int64_t n = n0; n < n1; ++n) {
-      if (n % 8 == 0) br.load(c.w, Kw, 4, n / 8);
-      const int64_t cnt = row_indices(c, br.rows(n % 8), idx.data());
-      const float* v = br.vals<float>(n % 8);
+      if (n % 8 == 0) block_indices<4>(c, n / 8, L.p, L.v, L.cnt);
+      const int32_t* idx = L.p[n % 8];
+      const float* v = reinterpret_cast<const float*>(L.v[n % 8]);
+      const int64_t cnt = L.cnt[n % 8];
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t m0 = t * 64, rows = std::min<int64_t>(64, M - m0);
         const float* T = xT + t * Kp * 64;
         switch ((rows + 15) / 16) {
-          case 1: f32_nz_row<1>(c, T, n, m0, rows, idx.data(), v, cnt); break;
-          case 2: f32_nz_row<2>(c, T, n, m0, rows, idx.data(), v, cnt); break;
-          case 3: f32_nz_row<3>(c, T, n, m0, rows, idx.data(), v, cnt); break;
-          default: f32_nz_row<4>(c, T, n, m0, rows, idx.data(), v, cnt); break;
+          case 1: f32_nz_row<1>(c, T, n, m0, rows, idx, v, cnt); break;
+          case 2: f32_nz_row<2>(c, T, n, m0, rows, idx, v, cnt); break;
+          case 3: f32_nz_row<3>(c, T, n, m0, rows, idx, v, cnt); break;
+          default: f32_nz_row<4>(c, T, n, m0, rows, idx, v, cnt); break;
         }
       }
     }
@@ -734,21 +749,19 @@ void s8_blocks(const SparseLinearArgs& a, const Ctx& c) {
     }
   }
   for_row_chunks(a, c.w.boffsets, Kw * 16, [&](int64_t n0, int64_t n1) {
-    std::vector<int32_t> wl(static_cast<size_t>(KB) + 16), ol(static_cast<size_t>(KB) + 16);
-    BlockRows br;
+    RowLists L(KB + 16, 0);  // per row: its nonzero 4-blocks' weights (p) and x4 line offsets (q)
     // int32 outputs of 16 weight rows for every x tile: [tile][16 rows][16 lanes]
     std::vector<int32_t> accv(static_cast<size_t>(tiles * 256 + 16));
     int32_t(*acc)[16] = reinterpret_cast<int32_t(*)[16]>((reinterpret_cast<uintptr_t>(accv.data()) + 63) & ~uintptr_t(63));
     for (int64_t g = n0; g < n1; g += 16) {
       const int64_t nr = std::min<int64_t>(16, n1 - g);
       for (int64_t r = 0; r < nr; ++r) {
-        const int64_t n = g + r;
-        if (n % 8 == 0) br.load(c.w, c.Kw, 1, n / 8);
-        const int64_t cnt = row_blocks(c, br.rows(n % 8), br.vals<int8_t>(n % 8), W == 8 ? 5 : 6, wl.data(), ol.data());
+        const int64_t n = g + r, i = n % 8;
+        if (i == 0) block_blocks(c, n / 8, W == 8 ? 5 : 6, L.p, L.q, L.cnt);
         for (int64_t t = 0; t < tiles; ++t) {
           const uint8_t* T = x4 + t * KB * line;
-          if (W == 8) s8_blk_row<8>(T, wl.data(), ol.data(), cnt, acc[t * 16 + r]);
-          else s8_blk_row<16>(T, wl.data(), ol.data(), cnt, acc[t * 16 + r]);
+          if (W == 8) s8_blk_row<8>(T, L.p[i], L.q[i], L.cnt[i], acc[t * 16 + r]);
+          else s8_blk_row<16>(T, L.p[i], L.q[i], L.cnt[i], acc[t * 16 + r]);
         }
       }
       for (int64_t t = 0; t < tiles; ++t)
@@ -809,24 +822,22 @@ void s8_linear(const SparseLinearArgs& a) {
     for (int64_t k = 0; k < K; ++k) T[k * TW] = src[k];
   }
   for_row_chunks(a, c.w.boffsets, 32, [&](int64_t n0, int64_t n1) {
-    std::vector<int32_t> idx(static_cast<size_t>(Kp) + 16), w4(static_cast<size_t>(Kp / 4) + 1);
-    BlockRows br;
+    RowLists L(Kp + 16, Kp + 64);  // per row: column list, int8 values (read as int32 groups of 4)
     for (int64_t n = n0; n < n1; ++n) {
-      if (n % 8 == 0) br.load(c.w, Kw, 1, n / 8);
-      const int64_t cnt = row_indices(c, br.rows(n % 8), idx.data());
-      const int64_t groups = (cnt + 3) / 4;
-      const int8_t* v = br.vals<int8_t>(n % 8);
-      int8_t* wb = reinterpret_cast<int8_t*>(w4.data());
-      std::memcpy(wb, v, static_cast<size_t>(cnt));
-      for (int64_t i = cnt; i < groups * 4; ++i) {
-        idx[static_cast<size_t>(i)] = 0;
+      if (n % 8 == 0) block_indices<1>(c, n / 8, L.p, L.v, L.cnt);
+      int32_t* idx = L.p[n % 8];
+      int8_t* wb = reinterpret_cast<int8_t*>(L.v[n % 8]);
+      const int64_t cnt = L.cnt[n % 8], groups = (cnt + 3) / 4;
+      for (int64_t i = cnt; i < groups * 4; ++i) {  // pad to whole groups: column 0, weight 0
+        idx[i] = 0;
         wb[i] = 0;
       }
+      const int32_t* w4 = reinterpret_cast<const int32_t*>(wb);
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t m0 = t * TW, rows = std::min<int64_t>(TW, M - m0);
         const uint8_t* T = xT + t * K * TW;
-        if (narrow) s8_nz_row<X>(c, T, n, m0, rows, idx.data(), w4.data(), groups);
-        else s8_nz_row<Z>(c, T, n, m0, rows, idx.data(), w4.data(), groups);
+        if (narrow) s8_nz_row<X>(c, T, n, m0, rows, idx, w4, groups);
+        else s8_nz_row<Z>(c, T, n, m0, rows, idx, w4, groups);
       }
     }
   });
