@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "slmkern/bitmask.h"
@@ -91,14 +92,18 @@ void s8_linear(const SparseLinearArgs& a) {
         const uint8_t* mb = reinterpret_cast<const uint8_t*>(w.masks + (n / 8) * Kw * 8);
         const int8_t* cur = vals + w.boffsets[n / 8];
         for (int64_t b = 0; b < Kw; ++b)
-          for (int r = 0; r < 8; ++r)
-            for (int64_t g = 0; g < 8; ++g) {
-              const uint8_t bm = mb[(b * 8 + r) * 8 + g];
+          for (int r = 0; r < 8; ++r) {
+            uint64_t m;
+            std::memcpy(&m, mb + (b * 8 + r) * 8, 8);
+            int8_t* dst = tb8 + r * Kp + b * 64;
+            for (int g = 0; g < 8; ++g, m >>= 8) {
+              const unsigned bm = static_cast<unsigned>(m & 0xff);
               const __m128i v = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cur)),
-                                                 _mm_cvtsi64_si128(static_cast<long long>(tb.shuf[bm])));
-              _mm_storel_epi64(reinterpret_cast<__m128i*>(tb8 + r * Kp + b * 64 + g * 8), v);
+                                                 _mm_loadl_epi64(reinterpret_cast<const __m128i*>(tb.shuf + bm)));
+              _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + g * 8), v);
               cur += tb.pop[bm];
             }
+          }
       }
       const int8_t* t = tb8 + (n % 8) * Kp;
       for (int64_t m = 0; m < M; ++m) {
@@ -134,36 +139,58 @@ void f32_linear(const SparseLinearArgs& a) {
   const Tables& tb = tables();
   const float* vals = static_cast<const float*>(w.values);
   const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  // A block's 8 rows are decompressed kCW words (64 kCW columns) at a time: the 8 x 64 kCW fp32
+  // staging (16 KB) stays in L1 next to x; each (row, x row) keeps its two fma chains across
+  // chunks, so the sum runs over k in the same order as a whole-row dot.
+  constexpr int64_t kCW = 8;
   for_row_chunks(a, w.boffsets, Kw * 128, [&](int64_t n0, int64_t n1) {
-    std::vector<float> tv(static_cast<size_t>(8 * Kp) + 16);  // the block's 8 dense rows
+    std::vector<float> tv(static_cast<size_t>(8 * kCW * 64) + 16);
     float* tb8 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tv.data()) + 31) & ~uintptr_t(31));
-    for (int64_t n = n0; n < n1; ++n) {
-      if (n == n0 || n % 8 == 0) {
-        const uint8_t* mb = reinterpret_cast<const uint8_t*>(w.masks + (n / 8) * Kw * 8);
-        const float* cur = vals + w.boffsets[n / 8];
-        for (int64_t b = 0; b < Kw; ++b)
-          for (int r = 0; r < 8; ++r)
-            for (int64_t g = 0; g < 8; ++g) {
-              const uint8_t bm = mb[(b * 8 + r) * 8 + g];
+    std::vector<float> accf(static_cast<size_t>(16 * M * 8 + 8));  // [row r][x row m][2] x 8 lanes
+    float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(accf.data()) + 31) & ~uintptr_t(31));
+    for (int64_t j = n0 / 8; 8 * j < n1; ++j) {
+      const uint8_t* mb = reinterpret_cast<const uint8_t*>(w.masks + j * Kw * 8);
+      const float* cur = vals + w.boffsets[j];
+      const int rows = static_cast<int>(std::min<int64_t>(8, n1 - 8 * j));
+      std::fill(acc, acc + 16 * M * 8, 0.f);
+      for (int64_t b0 = 0; b0 < Kw; b0 += kCW) {
+        const int64_t nw = std::min(kCW, Kw - b0);
+        for (int64_t b = 0; b < nw; ++b)
+          for (int r = 0; r < 8; ++r) {
+            uint64_t m;
+            std::memcpy(&m, mb + ((b0 + b) * 8 + r) * 8, 8);
+            for (int64_t g = 0; g < 8; ++g, m >>= 8) {
+              const unsigned bm = static_cast<unsigned>(m & 0xff);
               const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(tb.perm[bm]));
               const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bm), bits), bits);
               const __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(cur), idx);
-              _mm256_store_ps(tb8 + r * Kp + b * 64 + g * 8, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
+              _mm256_store_ps(tb8 + r * kCW * 64 + b * 64 + g * 8, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
               cur += tb.pop[bm];
             }
-      }
-      const float* t = tb8 + (n % 8) * Kp;
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xf.data() + m * Kp;
-        __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
-        for (int64_t k = 0; k < Kp; k += 16) {
-          c0 = _mm256_fmadd_ps(_mm256_load_ps(t + k), _mm256_loadu_ps(xr + k), c0);
-          c1 = _mm256_fmadd_ps(_mm256_load_ps(t + k + 8), _mm256_loadu_ps(xr + k + 8), c1);
+          }
+        for (int r = 0; r < rows; ++r) {
+          const float* t = tb8 + r * kCW * 64;
+          for (int64_t m = 0; m < M; ++m) {
+            const float* xr = xf.data() + m * Kp + b0 * 64;
+            float* ac = acc + (r * M + m) * 16;
+            __m256 c0 = _mm256_load_ps(ac), c1 = _mm256_load_ps(ac + 8);
+            for (int64_t k = 0; k < nw * 64; k += 16) {
+              c0 = _mm256_fmadd_ps(_mm256_load_ps(t + k), _mm256_loadu_ps(xr + k), c0);
+              c1 = _mm256_fmadd_ps(_mm256_load_ps(t + k + 8), _mm256_loadu_ps(xr + k + 8), c1);
+            }
+            _mm256_store_ps(ac, c0);
+            _mm256_store_ps(ac + 8, c1);
+          }
         }
-        float y = hsum_ps(_mm256_add_ps(c0, c1));
-        if (a.bias) y = y + a.bias[n];
-        store_from_f32(a.y, a.dtype, m * a.ldy + n, y);
       }
+      for (int r = 0; r < rows; ++r)
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t n = 8 * j + r;
+          const float* ac = acc + (r * M + m) * 16;
+          float y = hsum_ps(_mm256_add_ps(_mm256_load_ps(ac), _mm256_load_ps(ac + 8)));
+          if (a.bias) y = y + a.bias[n];
+          store_from_f32(a.y, a.dtype, m * a.ldy + n, y);
+        }
     }
   });
 }
