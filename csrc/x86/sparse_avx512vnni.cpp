@@ -502,22 +502,23 @@ inline bool f32_broadcast_wins(int64_t M, double d) {
   }
   return bc < 1.5 + 0.63 * static_cast<double>(M);
 }
-// int8 values: the four paths' costs in ns per 64-column mask word of the weight (N * Kw words),
-// single thread, fitted on Zen 4 (K = 2048, N = 8192; K = 384 for the per-row terms e / Kw),
-// d = nnz / (N K), M x rows:
-//   1 expand      0.1 + 7 d + 0.78 M                      (one vpexpandb per word per 2-4 x rows)
+// int8 values: the four paths' relative costs per 64-column mask word of the weight (N * Kw words;
+// x 131 = us at (K, N) = (2048, 8192) on two threads), fitted on Zen 4 at K = 2048 (session 4, the
+// interleaved layout: forced paths, sparsity 50-95%, M = 2-64, two threads, rotated weights; the
+// per-row terms e / Kw from K = 384, session 3), d = nnz / (N K), M x rows:
+//   1 expand      0.2 + 5 d + 0.6 M                       (one vpexpandb per word per 1-4 x rows)
 //   2 broadcast   M <= 16: 6.5 + 36 d + 20 / Kw; else ceil(M/64) (12 + 52 d + 86 / Kw)
-//   3 dense       2.8 + 4.4 d + max(2.3, 0.4 + 0.29 M)    (expansion + the w8a8 GEMM)
-//   4 4-blocks    1.85 + 1.5 f + T (1.4 + 10.5 f + 20 / Kw), f = 1 - (1-d)^4 (nonzero 4-blocks),
+//   3 dense       5.5 + 6 d + 0.3 M                       (expansion + the w8a8 GEMM)
+//   4 4-blocks    2.2 + 0.5 f + T (11.5 f + 20 / Kw), f = 1 - (1-d)^4 (nonzero 4-blocks),
 //                                                          T = 1 (M <= 8) or ceil(M/16) x tiles
 int s8_pick_path(int64_t M, double d, int64_t Kw) {
   const double m = static_cast<double>(M), f = 1.0 - std::pow(1.0 - d, 4), kw = static_cast<double>(Kw);
-  const double c1 = 0.1 + 7.0 * d + 0.78 * m;
+  const double c1 = 0.2 + 5.0 * d + 0.6 * m;
   const double c2 = M <= 16 ? 6.5 + 36.0 * d + 20.0 / kw
                             : static_cast<double>(ceil_div(M, 64)) * (12.0 + 52.0 * d + 86.0 / kw);
-  const double c3 = 2.8 + 4.4 * d + std::max(2.3, 0.4 + 0.29 * m);
+  const double c3 = 5.5 + 6.0 * d + 0.3 * m;
   const double T = M <= 8 ? 1.0 : static_cast<double>(ceil_div(M, 16));
-  const double c4 = 1.85 + 1.5 * f + T * (1.4 + 10.5 * f + 20.0 / kw);
+  const double c4 = 2.2 + 0.5 * f + T * (11.5 * f + 20.0 / kw);
   int best = 1;
   double cb = c1;
   if (c2 < cb) { best = 2; cb = c2; }
