@@ -18,16 +18,15 @@ from slmkern.nn._base import PackedLinearBase
 FORMATS = ("2:4", "unstructured", "dense")
 VALUES = ("float", "int8", "int4")
 
-# format="auto": the lowest sparsity at which the unstructured (bitmask) kernel beats the dense
-# kernel of the same value type on this project's reference CPU (2-core Zen 4), from the
-# crossover tables in benchmarks/NOTES.md ("sparse_linear crossover", session 2 for float values;
-# "Unstructured int8 CPU kernel, session 3" for int8 values). The module cannot know the batch
-# size it will see. float values: at least as fast as dense F.linear at M = 1 AND M = 16.
-# int8 values (against our dense w8a8_linear): the sparsity from which M = 1 (decode, the
-# bandwidth-bound case sparsity is for) is >= 1.4x dense; large M (>= 48: the kernel expands to
-# dense tiles and runs the w8a8 GEMM) then stays within ~15% of dense at any sparsity, while
-# M = 16 is slower than dense below ~95% sparsity (0.5-0.8x: the kernel's weak spot, documented
-# there). Below the threshold "auto" keeps the layer dense (and logs why).
+# format="auto": the sparsity from which the unstructured (bitmask) kernel replaces the dense kernel
+# of the same value type on this project's reference CPU (2-core Zen 4). The module cannot know the
+# batch size it will see, so the thresholds weigh decode (M = 1, bandwidth-bound: what sparsity is
+# for) against prefill. Crossover table: benchmarks/NOTES.md, "Session 4" (the interleaved layout):
+# float values vs dense F.linear: M = 1 and M = 16 win from 30% (2.3x, 1.1x), but large M needs
+# more: at 50-60% M = 128 runs 1.1-1.5x and M = 512 0.7-0.8x; at 70% M = 128 runs 1.9x.
+# int8 values vs our dense w8a8_linear: M = 1 wins from ~50% (1.5x; 75%: 2.4x), but M = 16 stays at
+# 0.5-0.7x below 90% and M = 128 at ~0.85x, so "auto" switches only where decode gains >= 2.4x (75%).
+# Below the threshold "auto" keeps the layer dense (and logs why).
 AUTO_UNSTRUCTURED_MIN_SPARSITY = {"float": 0.70, "int8": 0.75}
 
 
