@@ -63,6 +63,25 @@ void for_row_chunks(const SparseLinearArgs& a, const int64_t* boffsets, int64_t 
   });
 }
 
+// Every row of W in row order, chunked over the threads: f(n, masks of row n (Kw words), its values
+// (esize bytes each)), each block de-interleaved once (sparse_block_rows).
+template <class F>
+void for_each_row(const SparseLinearArgs& a, const SparsePacked& w, int64_t Kw, int esize, F&& f) {
+  for_row_chunks(a, w.boffsets, Kw * 8, [&](int64_t n0, int64_t n1) {
+    std::vector<uint64_t> mk(static_cast<size_t>(8 * Kw));
+    std::vector<uint8_t> vb;
+    int64_t voff[9];
+    for (int64_t n = n0; n < n1; ++n) {
+      if (n == n0 || n % 8 == 0) {
+        const int64_t j = n / 8;
+        vb.resize(static_cast<size_t>(esize * (w.boffsets[j + 1] - w.boffsets[j]) + 64));
+        sparse_block_rows(w, Kw, j, esize, mk.data(), vb.data(), voff);
+      }
+      f(n, mk.data() + (n % 8) * Kw, vb.data() + voff[n % 8] * esize);
+    }
+  });
+}
+
 }  // namespace
 
 void sparse_linear_ref(const SparseLinearArgs& a) {
@@ -72,54 +91,32 @@ void sparse_linear_ref(const SparseLinearArgs& a) {
     std::vector<int8_t> qx(static_cast<size_t>(M * K));
     std::vector<float> sx(static_cast<size_t>(M));
     quantize_rows_s8_ref(a.x, a.dtype, M, K, a.ldx, qx.data(), K, sx.data());
-    for_row_chunks(a, w.boffsets, Kw * 8, [&](int64_t n0, int64_t n1) {
-      std::vector<uint64_t> mk(static_cast<size_t>(8 * Kw));
-      std::vector<uint8_t> vb;
-      int64_t voff[9];
-      for (int64_t n = n0; n < n1; ++n) {
-        if (n == n0 || n % 8 == 0) {
-          const int64_t j = n / 8;
-          vb.resize(static_cast<size_t>(w.boffsets[j + 1] - w.boffsets[j] + 64));
-          sparse_block_rows(w, Kw, j, 1, mk.data(), vb.data(), voff);
-        }
-        const uint64_t* rm = mk.data() + (n % 8) * Kw;
-        const int8_t* v = reinterpret_cast<const int8_t*>(vb.data()) + voff[n % 8];
-        for (int64_t m = 0; m < M; ++m) {
-          int64_t c = 0;
-          int32_t acc = 0;
-          for (int64_t k = 0; k < K; ++k)
-            if ((rm[k / 64] >> (k % 64)) & 1) acc += int32_t(qx[m * K + k]) * int32_t(v[c++]);
-          const float s = sx[m] * a.scales[n];
-          float y = static_cast<float>(acc) * s;
-          if (a.bias) y = y + a.bias[n];
-          store_from_f32(a.y, a.dtype, m * a.ldy + n, y);
-        }
+    for_each_row(a, w, Kw, 1, [&](int64_t n, const uint64_t* rm, const uint8_t* vbytes) {
+      const int8_t* v = reinterpret_cast<const int8_t*>(vbytes);
+      for (int64_t m = 0; m < M; ++m) {
+        int64_t c = 0;
+        int32_t acc = 0;
+        for (int64_t k = 0; k < K; ++k)
+          if ((rm[k / 64] >> (k % 64)) & 1) acc += int32_t(qx[m * K + k]) * int32_t(v[c++]);
+        const float s = sx[m] * a.scales[n];
+        float y = static_cast<float>(acc) * s;
+        if (a.bias) y = y + a.bias[n];
+        store_from_f32(a.y, a.dtype, m * a.ldy + n, y);
       }
     });
     return;
   }
-  for_row_chunks(a, w.boffsets, Kw * 8, [&](int64_t n0, int64_t n1) {
-    std::vector<uint64_t> mk(static_cast<size_t>(8 * Kw));
-    std::vector<uint8_t> vb;
-    int64_t voff[9];
-    for (int64_t n = n0; n < n1; ++n) {
-      if (n == n0 || n % 8 == 0) {
-        const int64_t j = n / 8;
-        vb.resize(static_cast<size_t>(4 * (w.boffsets[j + 1] - w.boffsets[j]) + 64));
-        sparse_block_rows(w, Kw, j, 4, mk.data(), vb.data(), voff);
+  for_each_row(a, w, Kw, 4, [&](int64_t n, const uint64_t* rm, const uint8_t* vbytes) {
+    const float* v = reinterpret_cast<const float*>(vbytes);
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t c = 0;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float wk = ((rm[k / 64] >> (k % 64)) & 1) ? v[c++] : 0.f;
+        acc = acc + load_as_f32(a.x, a.dtype, m * a.ldx + k) * wk;
       }
-      const uint64_t* rm = mk.data() + (n % 8) * Kw;
-      const float* v = reinterpret_cast<const float*>(vb.data()) + voff[n % 8];
-      for (int64_t m = 0; m < M; ++m) {
-        int64_t c = 0;
-        float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) {
-          const float wk = ((rm[k / 64] >> (k % 64)) & 1) ? v[c++] : 0.f;
-          acc = acc + load_as_f32(a.x, a.dtype, m * a.ldx + k) * wk;
-        }
-        if (a.bias) acc = acc + a.bias[n];
-        store_from_f32(a.y, a.dtype, m * a.ldy + n, acc);
-      }
+      if (a.bias) acc = acc + a.bias[n];
+      store_from_f32(a.y, a.dtype, m * a.ldy + n, acc);
     }
   });
 }
