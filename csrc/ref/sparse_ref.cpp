@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "slmkern/bitmask.h"
-#include "slmkern/threadpool.h"
 
 namespace slmkern {
 
@@ -52,27 +51,16 @@ void sparse_pack(const uint8_t* bitmask, const int64_t* row_offsets, const void*
 
 namespace {
 
-// Balanced chunks of whole 8-row blocks: 4 per thread, claimed dynamically.
-template <class F>
-void for_row_chunks(const SparseLinearArgs& a, const int64_t* boffsets, int64_t per_block, F&& f) {
-  const int64_t parts = a.n_threads <= 1 ? 1 : 4 * static_cast<int64_t>(a.n_threads);
-  parallel_for(parts, a.n_threads, [&](int64_t p) {
-    int64_t r0, r1;
-    sparse_part_rows(boffsets, a.N, per_block, p, parts, &r0, &r1);
-    if (r0 < r1) f(r0, r1);
-  });
-}
-
 // Every row of W in row order, chunked over the threads: f(n, masks of row n (Kw words), its values
 // (esize bytes each)), each block de-interleaved once (sparse_block_rows).
 template <class F>
 void for_each_row(const SparseLinearArgs& a, const SparsePacked& w, int64_t Kw, int esize, F&& f) {
-  for_row_chunks(a, w.boffsets, Kw * 8, [&](int64_t n0, int64_t n1) {
+  sparse_for_row_chunks(a, w.boffsets, Kw * 8, [&](int64_t n0, int64_t n1) {
     std::vector<uint64_t> mk(static_cast<size_t>(8 * Kw));
     std::vector<uint8_t> vb;
     int64_t voff[9];
     for (int64_t n = n0; n < n1; ++n) {
-      if (n == n0 || n % 8 == 0) {
+      if (n % 8 == 0) {  // chunks start at a block
         const int64_t j = n / 8;
         vb.resize(static_cast<size_t>(esize * (w.boffsets[j + 1] - w.boffsets[j]) + 64));
         sparse_block_rows(w, Kw, j, esize, mk.data(), vb.data(), voff);

@@ -17,7 +17,6 @@
 #include <vector>
 
 #include "slmkern/bitmask.h"
-#include "slmkern/threadpool.h"
 
 namespace slmkern {
 namespace {
@@ -47,17 +46,6 @@ const Tables& tables() {
   return t;
 }
 
-// Balanced chunks of whole 8-row blocks: 4 per thread, claimed dynamically.
-template <class F>
-void for_row_chunks(const SparseLinearArgs& a, const int64_t* boffsets, int64_t per_block, F&& f) {
-  const int64_t parts = a.n_threads <= 1 ? 1 : 4 * static_cast<int64_t>(a.n_threads);
-  parallel_for(parts, a.n_threads, [&](int64_t p) {
-    int64_t r0, r1;
-    sparse_part_rows(boffsets, a.N, per_block, p, parts, &r0, &r1);
-    if (r0 < r1) f(r0, r1);
-  });
-}
-
 inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -83,12 +71,12 @@ void s8_linear(const SparseLinearArgs& a) {
   for (size_t i = 0; i < qx.size(); ++i) qabs[i] = static_cast<uint8_t>(qx[i] < 0 ? -qx[i] : qx[i]);
   const Tables& tb = tables();
   const int8_t* vals = static_cast<const int8_t*>(w.values);
-  for_row_chunks(a, w.boffsets, Kw * 64, [&](int64_t n0, int64_t n1) {
+  sparse_for_row_chunks(a, w.boffsets, Kw * 64, [&](int64_t n0, int64_t n1) {
     std::vector<int8_t> tv(static_cast<size_t>(8 * Kp) + 32);  // the block's 8 dense rows
     int8_t* tb8 = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(tv.data()) + 31) & ~uintptr_t(31));
     const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t n = n0; n < n1; ++n) {
-      if (n == n0 || n % 8 == 0) {
+      if (n % 8 == 0) {  // chunks start at a block
         const uint8_t* mb = reinterpret_cast<const uint8_t*>(w.masks + (n / 8) * Kw * 8);
         const int8_t* cur = vals + w.boffsets[n / 8];
         for (int64_t b = 0; b < Kw; ++b)
@@ -143,7 +131,7 @@ void f32_linear(const SparseLinearArgs& a) {
   // staging (16 KB) stays in L1 next to x; each (row, x row) keeps its two fma chains across
   // chunks, so the sum runs over k in the same order as a whole-row dot.
   constexpr int64_t kCW = 8;
-  for_row_chunks(a, w.boffsets, Kw * 128, [&](int64_t n0, int64_t n1) {
+  sparse_for_row_chunks(a, w.boffsets, Kw * 128, [&](int64_t n0, int64_t n1) {
     std::vector<float> tv(static_cast<size_t>(8 * kCW * 64) + 16);
     float* tb8 = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tv.data()) + 31) & ~uintptr_t(31));
     std::vector<float> accf(static_cast<size_t>(16 * M * 8 + 8));  // [row r][x row m][2] x 8 lanes

@@ -41,18 +41,6 @@ SLMK_INLINE __m512i load_unfolded(const void* p) {
 thread_local ScratchBuf tl_sparse_scratch;
 thread_local ScratchBuf tl_sparse_xt;
 
-// Balanced chunks of whole 8-row blocks (cost = nnz + per_block per block), 4 per thread claimed
-// dynamically: f(r0, r1) gets rows [r0, r1), r0 a multiple of 8.
-template <class F>
-void for_row_chunks(const SparseLinearArgs& a, const int64_t* boffsets, int64_t per_block, F&& f) {
-  const int64_t parts = a.n_threads <= 1 ? 1 : 4 * static_cast<int64_t>(a.n_threads);
-  parallel_for(parts, a.n_threads, [&](int64_t p) {
-    int64_t r0, r1;
-    sparse_part_rows(boffsets, a.N, per_block, p, parts, &r0, &r1);
-    if (r0 < r1) f(r0, r1);
-  });
-}
-
 // Per-thread lists for the 8 rows of a block (block_blocks / block_indices fill them): p[r] and
 // q[r] hold `na` int32 each, v[r] `nv` bytes; every list starts 64-byte aligned.
 struct RowLists {
@@ -558,7 +546,7 @@ void f32_linear(const SparseLinearArgs& a) {
   }
   c.xf = xf;
   if (!broadcast) {
-    for_row_chunks(a, c.w.boffsets, Kw * 32, [&](int64_t n0, int64_t n1) {
+    sparse_for_row_chunks(a, c.w.boffsets, Kw * 32, [&](int64_t n0, int64_t n1) {
       for (int64_t j = n0 / 8; 8 * j < n1; ++j) {
         int64_t m = 0;
         for (; m + 2 <= M; m += 2) f32_block8<2>(c, j, m);
@@ -576,7 +564,7 @@ void f32_linear(const SparseLinearArgs& a) {
       for (int64_t k = 0; k < K; ++k) T[k * 64 + r] = src[k];
     }
   }
-  for_row_chunks(a, c.w.boffsets, Kw * 16, [&](int64_t n0, int64_t n1) {
+  sparse_for_row_chunks(a, c.w.boffsets, Kw * 16, [&](int64_t n0, int64_t n1) {
     RowLists L(Kp + 16, Kp * 4 + 64);  // per row: column list, fp32 values
     for (int64_t n = n0; n < n1; ++n) {
       if (n % 8 == 0) block_indices<4>(c, n / 8, L.p, L.v, L.cnt);
@@ -596,7 +584,7 @@ void f32_linear(const SparseLinearArgs& a) {
     }
   });
   for (int64_t m : bad)
-    for_row_chunks(a, c.w.boffsets, Kw * 32, [&](int64_t n0, int64_t n1) {
+    sparse_for_row_chunks(a, c.w.boffsets, Kw * 32, [&](int64_t n0, int64_t n1) {
       for (int64_t j = n0 / 8; 8 * j < n1; ++j) f32_block8<1>(c, j, m);
     });
 }
@@ -749,7 +737,7 @@ void s8_blocks(const SparseLinearArgs& a, const Ctx& c) {
       }
     }
   }
-  for_row_chunks(a, c.w.boffsets, Kw * 16, [&](int64_t n0, int64_t n1) {
+  sparse_for_row_chunks(a, c.w.boffsets, Kw * 16, [&](int64_t n0, int64_t n1) {
     RowLists L(KB + 16, 0);  // per row: its nonzero 4-blocks' weights (p) and x4 line offsets (q)
     // int32 outputs of 16 weight rows for every x tile: [tile][16 rows][16 lanes]
     std::vector<int32_t> accv(static_cast<size_t>(tiles * 256 + 16));
@@ -800,7 +788,7 @@ void s8_linear(const SparseLinearArgs& a) {
   const bool narrow = M <= 16;
   const int64_t TW = narrow ? 16 : 64, tiles = ceil_div(M, TW);
   if (path == 1) {
-    for_row_chunks(a, c.w.boffsets, Kw * 64, [&](int64_t n0, int64_t n1) {
+    sparse_for_row_chunks(a, c.w.boffsets, Kw * 64, [&](int64_t n0, int64_t n1) {
       for (int64_t j = n0 / 8; 8 * j < n1; ++j) {
         if (M == 1) {
           s8_block8<1>(c, j, 0);
@@ -822,7 +810,7 @@ void s8_linear(const SparseLinearArgs& a) {
     const uint8_t* src = xq + m * Kp;
     for (int64_t k = 0; k < K; ++k) T[k * TW] = src[k];
   }
-  for_row_chunks(a, c.w.boffsets, 32, [&](int64_t n0, int64_t n1) {
+  sparse_for_row_chunks(a, c.w.boffsets, 32, [&](int64_t n0, int64_t n1) {
     RowLists L(Kp + 16, Kp + 64);  // per row: column list, int8 values (read as int32 groups of 4)
     for (int64_t n = n0; n < n1; ++n) {
       if (n % 8 == 0) block_indices<1>(c, n / 8, L.p, L.v, L.cnt);

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "slmkern/common.h"
+#include "slmkern/threadpool.h"
 
 namespace slmkern {
 
@@ -28,7 +29,8 @@ namespace slmkern {
 // Why interleaved: an M = 1 kernel walks one block with ONE value cursor and one mask line per
 // word (two sequential streams), instead of 8 row cursors and 8 mask streams; on Zen 4 that is
 // ~15% less time at 90% sparsity (benchmarks/NOTES.md, session 4). Row-at-a-time consumers
-// (large-M paths, the reference) de-interleave a block with sparse_block_rows().
+// walk a block once and build per-row lists (the AVX-512 large-M paths) or de-interleave it with
+// sparse_block_rows() (the reference).
 // ---------------------------------------------------------------------------
 enum class SparseValues : int { f32 = 0, s8 = 1 };
 
@@ -135,14 +137,18 @@ static inline int64_t sparse_split_row(const int64_t* offsets, int64_t N, int64_
   return lo;
 }
 
-// Rows [r0, r1) of part p of `parts`: whole blocks, balanced by nnz + per_block per block.
-static inline void sparse_part_rows(const int64_t* boffsets, int64_t N, int64_t per_block, int64_t p, int64_t parts,
-                                    int64_t* r0, int64_t* r1) {
-  const int64_t Nb = sparse_blocks(N);
-  const int64_t b0 = sparse_split_row(boffsets, Nb, per_block, p, parts);
-  const int64_t b1 = sparse_split_row(boffsets, Nb, per_block, p + 1, parts);
-  *r0 = 8 * b0 < N ? 8 * b0 : N;
-  *r1 = 8 * b1 < N ? 8 * b1 : N;
+// f(r0, r1) for balanced chunks of whole 8-row blocks (cost = nnz + per_block per block; r0 a
+// multiple of 8), 4 per thread, claimed dynamically (every sparse_linear variant splits rows this way).
+template <class F>
+void sparse_for_row_chunks(const SparseLinearArgs& a, const int64_t* boffsets, int64_t per_block, F&& f) {
+  const int64_t parts = a.n_threads <= 1 ? 1 : 4 * static_cast<int64_t>(a.n_threads);
+  const int64_t Nb = sparse_blocks(a.N);
+  parallel_for(parts, a.n_threads, [&](int64_t p) {
+    const int64_t b0 = sparse_split_row(boffsets, Nb, per_block, p, parts);
+    const int64_t b1 = sparse_split_row(boffsets, Nb, per_block, p + 1, parts);
+    const int64_t r0 = 8 * b0 < a.N ? 8 * b0 : a.N, r1 = 8 * b1 < a.N ? 8 * b1 : a.N;
+    if (r0 < r1) f(r0, r1);
+  });
 }
 
 void sparse_linear_ref(const SparseLinearArgs& a);
