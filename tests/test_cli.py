@@ -20,7 +20,7 @@ IMPL_NAMES = {"slmkern", "slmkern_w8a8", "torch_fp32", "torch_fbgemm_int8", "tor
 
 def test_info_names_the_ops_via_python_m():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-m", "slmkern.cli", "info"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-P", "-m", "slmkern.cli", "info"], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "w8a8_linear" in out.stdout and "w8a16_linear" in out.stdout
@@ -169,7 +169,7 @@ def test_compress_then_eval_reproduces_in_a_fresh_process(tiny_hf_dir, tmp_path,
     assert a["disk_mb"] > 0 and a["latency_ms_b1"] > 0 and a["peak_rss_mb"] > 0
     there = tmp_path / "there.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "slmkern.cli", "eval", "--model", str(out), "--json", str(there),
+    proc = subprocess.run([sys.executable, "-P", "-m", "slmkern.cli", "eval", "--model", str(out), "--json", str(there),
                            "--reps", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     b = json.loads(there.read_text())

@@ -1,6 +1,7 @@
 """The package imports its extension and its Triton kernels after `pip install .` and `pip install -e .`."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -50,3 +51,35 @@ def test_regular_install_into_a_fresh_target(tmp_path):
     got = run_probe(tmp_path, extra_path=str(target))
     assert Path(got["file"]).resolve().is_relative_to(target.resolve())
     assert Path(got["kernels"]).resolve().is_relative_to(target.resolve())
+
+
+# Our top-level kernels/ folder is installed as slmkern.kernels. Run from the repo root it must never
+# be importable as a top-level `kernels`: transformers 5.x imports Hugging Face's `kernels` package,
+# and ours would shadow it (the Makefile runs every Python with -P; pytest uses importlib mode).
+SHADOW_PROBE = ("import importlib.util, json, slmkern.kernels; spec = importlib.util.find_spec('kernels'); "
+                "print(json.dumps({'kernels': spec and spec.origin, 'ours': slmkern.kernels.__file__}))")
+
+
+def test_top_level_kernels_is_never_our_folder_from_the_repo_root():
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    out = subprocess.run([sys.executable, "-P", "-c", SHADOW_PROBE], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    ours = Path(got["ours"]).resolve().parent  # slmkern.kernels still imports: editable or regular install
+    assert ours == ROOT / "kernels" or ours.parts[-2:] == ("slmkern", "kernels"), ours
+    here = importlib.util.find_spec("kernels")  # this pytest process (importlib mode)
+    for origin in (got["kernels"], here and here.origin):
+        if origin is None:  # HF kernels not installed (transformers 4.x): nothing may stand in for it
+            continue
+        assert not Path(origin).resolve().is_relative_to(ROOT), f"`import kernels` resolves to {origin}"
+        assert "site-packages" in Path(origin).parts, origin
+
+
+def test_hf_kernels_resolves_to_site_packages_when_transformers_needs_it():
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x does not import Hugging Face's kernels package")
+    import kernels
+    assert not Path(kernels.__file__).resolve().is_relative_to(ROOT), kernels.__file__
+    from kernels import CUDAProperties  # noqa: F401  (what transformers' hub_kernels imports; ours has none)
