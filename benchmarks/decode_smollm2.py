@@ -5,8 +5,8 @@ per step, prompt "The history of the city", 64 new tokens). Variants are built i
 (data-free: dense, W8A8, int4 RTN g64 with or without a quantized head) or loaded from
 slmkern checkpoints (``--ckpt NAME=DIR``, e.g. the GPTQ models written by ``slmkern compress``).
 
-    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python benchmarks/decode_smollm2.py --runs 2 --reps 3
-    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python benchmarks/decode_smollm2.py --profile --variants dense,int4_rtn_head8
+    OMP_WAIT_POLICY=PASSIVE python -P -m slmkern.benchmarks.decode_smollm2 --runs 2 --reps 3
+    OMP_WAIT_POLICY=PASSIVE python -P -m slmkern.benchmarks.decode_smollm2 --profile --variants dense,int4_rtn_head8
 
 --profile: one warm decode step per variant timed per module class with perf_counter hooks
 (slmkern linears, fp32 nn.Linear, lm_head, attention, MLP glue, norms, rotary, the rest =
