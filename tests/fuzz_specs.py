@@ -261,7 +261,11 @@ def _w4a16_bound(x, w, s, z, g, b):
     point of the row's amax, so an element far below amax is off by up to amax * 2^-23 and
     the error is <~ 2^-23 * amax * sum_k |W[n, k]| -- larger than 1e-5 * sum |x||W| when the
     output is dominated by a tiny x element (found by this fuzzer: K=2, x = [-0.44, 0.0012],
-    W row = [0, -0.044])."""
+    W row = [0, -0.044]).
+    With zero points the engine computes s * sum(u x) - s*z * sum(x) in fp32 (w4_engine.h), so its
+    rounding scales with the two terms, not with their difference |W| = |s (u - z)|: a row whose
+    codes all equal its zero point (W = 0, exact result 0) still gets a few fp32 ulps of the terms
+    (found by the nightly fuzzer: K=2, per-channel u8 zeros, W row = [0, 0], y = 1.4e-7)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K).double()
     Wabs = int4_spec.dequantize(w, s, z, g, torch.float64).abs()
@@ -269,7 +273,13 @@ def _w4a16_bound(x, w, s, z, g, b):
     if b is not None:
         mag = mag + b.double().abs()
     fixed_point = 2.0 ** -22 * x2.abs().amax(-1, keepdim=True) * Wabs.sum(-1) if x2.shape[0] else 0
-    return 2e-5 * mag + fixed_point
+    zero_point = 0
+    if z is not None:
+        gs = K if g == -1 else g
+        su = (int4_spec.unpack_codes(w).double() * s.double().repeat_interleave(gs, dim=1)).abs()
+        sz = (z.double() * s.double()).abs().repeat_interleave(gs, dim=1)
+        zero_point = 2.0 ** -22 * (x2.abs() @ (su + sz).T)
+    return 2e-5 * mag + fixed_point + zero_point
 
 
 def _w4a8_bound(x, w, s, z, g, b):

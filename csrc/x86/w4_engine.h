@@ -26,6 +26,8 @@
 // or, with zero points,
 //   B  = sum_d 256^(D-1-d) * acc_d,  AS = sum_k X (or asum)
 //   y += s * B - sz * AS
+// (fp32 rounding then scales with |s*B| + |sz*AS|, not with their difference: a row whose
+// codes all equal its zero point gets a few ulps of those terms, never exactly 0.)
 // and finally y = rowscale * y + bias.
 //
 // Work split: tasks = (chunk of tiles) x (chunk of row blocks); a task walks its
