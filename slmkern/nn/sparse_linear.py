@@ -292,6 +292,12 @@ class SparseLinear(PackedLinearBase):
         if self.value_kind == "int8":
             return torch.ops.slmkern.w8a8_linear(x, self.weight, self.scales, self.bias, self.w_packed)
         b = self.bias.to(x.dtype) if self.bias is not None else None
+        if x.dtype != torch.float32 and not x.is_contiguous():
+            # Reduced-precision F.linear on a row-strided x returned NaN on an AMX/AVX512-BF16 Xeon
+            # when the gap between rows held NaN (nightly fuzz, bf16, K=97, row stride 102): the
+            # oneDNN bf16 GEMM evidently reads past K into the gap (odd K padded to VNNI pairs) and
+            # multiplies it by zero padding. A contiguous copy keeps the gap out of its reach.
+            x = x.contiguous()
         return F.linear(x, self.weight.to(x.dtype), b)
 
     # ------------------------------------------------------------------ introspection
