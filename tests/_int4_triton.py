@@ -169,12 +169,6 @@ def facts(p):
 
 
 def ptx_probe_env() -> dict:
-    from pathlib import Path
-
-    import slmkern
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the worst case for exactness: contraction allowed
-    root = str(Path(slmkern.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    return env
+    from _child_env import child_env
+    # TRITON_DEFAULT_FP_FUSION=1: the worst case for exactness (contraction allowed)
+    return child_env(drop=("TRITON_INTERPRET",), TRITON_DEFAULT_FP_FUSION="1")

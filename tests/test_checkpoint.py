@@ -3,12 +3,12 @@ and clear errors for truncated or tampered files (nothing is unpickled)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _child_env import child_env
 import torch
 from torch import nn
 
@@ -41,13 +41,13 @@ def test_round_trip_exact_in_a_fresh_process(tmp_path):
 import torch
 from safetensors.torch import load_file, save_file
 from slmkern.checkpoint import load
-from tests._tiny import MLP
+from _tiny import MLP
 m = load({str(tmp_path / 'ck')!r}, MLP(seed=123))   # a different random skeleton: every weight must come from disk
 x = load_file({str(tmp_path / 'x.safetensors')!r})["x"]
 print(type(m.fc1).__name__, type(m.fc2).__name__, type(m.fc3).__name__)
 save_file({{"y": m(x).detach()}}, {str(tmp_path / 'y.safetensors')!r})
 """
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env(ROOT / "tests")
     out = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

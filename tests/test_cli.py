@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
+from _child_env import child_env
 
 from slmkern import cli
 
@@ -19,7 +19,7 @@ IMPL_NAMES = {"slmkern", "slmkern_w8a8", "torch_fp32", "torch_fbgemm_int8", "tor
 
 
 def test_info_names_the_ops_via_python_m():
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     out = subprocess.run([sys.executable, "-P", "-m", "slmkern.cli", "info"], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -168,7 +168,7 @@ def test_compress_then_eval_reproduces_in_a_fresh_process(tiny_hf_dir, tmp_path,
     assert a["kind"] == "classifier" and a["n"] == 2000 and 0 <= a["accuracy"] <= 1
     assert a["disk_mb"] > 0 and a["latency_ms_b1"] > 0 and a["peak_rss_mb"] > 0
     there = tmp_path / "there.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     proc = subprocess.run([sys.executable, "-P", "-m", "slmkern.cli", "eval", "--model", str(out), "--json", str(there),
                            "--reps", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

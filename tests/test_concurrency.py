@@ -12,13 +12,13 @@ Repetitions: a few in `make test` ("ci" profile), 100 under HYPOTHESIS_PROFILE=n
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+from _child_env import child_env
 import torch
 from torch import nn
 
@@ -164,9 +164,7 @@ def test_first_calls_of_a_fresh_process_from_8_threads():
     """Lazy dispatch, thread pool and scratch initialisation race-free: in a new process (where
     nothing is initialised), 8 threads make the first kernel calls at once."""
     tests_dir = str(Path(__file__).resolve().parent)
-    pkg_root = str(Path(slmkern.__file__).resolve().parent.parent)   # the slmkern this session imported
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    env = child_env()   # the slmkern this session imported
     for _ in range(FRESH_PROCESS_REPS):
         r = subprocess.run([sys.executable, "-c", FRESH_PROCESS, tests_dir], env=env, capture_output=True,
                            text=True, timeout=300)

@@ -7,12 +7,11 @@ torch.ops.slmkern schemas and kernels the program calls.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from _child_env import child_env
 import torch
 from hypothesis import assume, given, settings
 from torch import nn
@@ -159,8 +158,7 @@ def test_export_save_load_run(model_name, tmp_path):
     if model_name not in FRESH_PROCESS_MODELS:   # the mixed models' fresh processes cover every kind
         return
     torch.save({"x": xs, "y": ys}, tmp_path / "io.pt")
-    pkg_root = str(Path(slmkern.__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
+    env = child_env()
     r = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(path), str(tmp_path / "io.pt")], env=env,
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and f"ok {len(xs)}" in r.stdout, f"rc={r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _child_env import child_env
 import torch
 
 import slmkern
@@ -188,10 +189,7 @@ def _have_ptxas() -> bool:
                     reason="needs triton with its NVIDIA backend (ptxas)")
 def test_w8a16_kernels_compile_for_hopper():
     """sm_90 PTX: bf16 tensor-core wgmma for 16-bit x, tf32 wgmma (tf32x3) for fp32 x."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(slmkern.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env = child_env(drop=("TRITON_INTERPRET",), TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"))
     res = subprocess.run([sys.executable, "-c", _PTX_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     facts = json.loads(res.stdout.strip().splitlines()[-1])
