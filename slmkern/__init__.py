@@ -9,6 +9,7 @@ from slmkern.api import (CompressReport, Recipe, SwapReport, compress, load, par
                          sparsify_)
 from slmkern.config import Int4Config, Int8Config, SparseConfig
 from slmkern._info import info
+from slmkern.generate import GenerateResult, generate
 
-__all__ = ["CompressReport", "Int4Config", "Int8Config", "Recipe", "SparseConfig", "SwapReport", "compress", "info",
-           "load", "parse_recipe", "quantize_", "save", "sparsify_", "__version__"]
+__all__ = ["CompressReport", "GenerateResult", "Int4Config", "Int8Config", "Recipe", "SparseConfig", "SwapReport",
+           "compress", "generate", "info", "load", "parse_recipe", "quantize_", "save", "sparsify_", "__version__"]
