@@ -391,7 +391,7 @@ def _generate_compiled(runner: _DecodeRunner, model, ids, max_new_tokens: int, e
 def generate(model, tokenizer=None, prompt: str | torch.Tensor | None = None, max_new_tokens: int = 64, *,
              compile: bool = True, stop_at_eos: bool = True, cache_len: int | None = None,
              backend: str | Callable = "inductor", exact: bool = True) -> GenerateResult:
-    """Greedy decoding, batch 1: ``model.generate(ids, max_new_tokens=..., do_sample=False)``'s tokens, faster.
+    """Greedy decoding, batch 1: ``model.generate(ids, max_new_tokens=..., do_sample=False)``'s tokens, decode step compiled.
 
     model: a Hugging Face causal LM (slmkern-compressed or not). prompt: a str (encoded with ``tokenizer``)
     or input ids [1, T]. compile=False runs HF's eager generate (the baseline, same result type).
