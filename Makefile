@@ -70,10 +70,28 @@ sanitize: $(STAMP)
 
 # Benchmark peers (llama.cpp via llama-cpp-python, ONNX Runtime), locked in requirements/peers.txt and
 # installed on top of .venv; then the model-level benchmark against them.
+# llama-cpp-python is an sdist: pip compiles llama.cpp (minutes on 2 cores) with --no-build-isolation, so its
+# pinned build backend (scikit-build-core) goes in first. llama.cpp's default GGML_NATIVE=ON build crashed
+# (SIGSEGV at ldtilecfg, its AMX path) on an AMX Xeon, so it is built with GGML_NATIVE=OFF, AMX off, and
+# every x86 ISA option below switched ON exactly when /proc/cpuinfo lists all the flags it needs
+# (option=flag[,flag...]). The flags are logged to .venv/peers.log; the benchmark records
+# llama_print_system_info(). --no-cache-dir: pip would otherwise reuse a wheel built with other flags.
 PEERS_STAMP := $(VENV)/.peers-installed
+GGML_ISA := GGML_SSE42=sse4_2 GGML_AVX=avx GGML_AVX2=avx2 GGML_FMA=fma GGML_F16C=f16c GGML_BMI2=bmi2 \
+            GGML_AVX_VNNI=avx_vnni GGML_AVX512=avx512f,avx512cd,avx512vl,avx512dq,avx512bw \
+            GGML_AVX512_VBMI=avx512_vbmi GGML_AVX512_VNNI=avx512_vnni GGML_AVX512_BF16=avx512_bf16
+PIP_PEERS := $(VPY) -m pip install -q --no-deps --no-build-isolation --no-cache-dir --disable-pip-version-check
 $(PEERS_STAMP): $(STAMP) requirements/peers.txt
 	@echo "installing requirements/peers.txt into $(VENV) (llama-cpp-python builds from source: minutes)" >&2
-	@$(VPY) -m pip install -q --no-deps --disable-pip-version-check -r requirements/peers.txt > $(VENV)/peers.log 2>&1 || \
+	@cpu=" $$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "; \
+	args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"; \
+	for opt in $(GGML_ISA); do \
+	  on=ON; for f in $$(echo "$${opt#*=}" | tr , ' '); do case "$$cpu" in *" $$f "*) ;; *) on=OFF ;; esac; done; \
+	  args="$$args -D$${opt%%=*}=$$on"; \
+	done; \
+	echo "llama.cpp CMAKE_ARGS=$$args" | tee $(VENV)/peers.log >&2; \
+	{ $(PIP_PEERS) $$(grep -E '^(scikit-build-core|pathspec)==' requirements/peers.txt) && \
+	  CMAKE_ARGS="$$args" $(PIP_PEERS) -r requirements/peers.txt; } >> $(VENV)/peers.log 2>&1 || \
 	  { echo "error: pip could not install requirements/peers.txt (see $(VENV)/peers.log)" >&2; exit 1; }
 	@touch $@
 bench-peers: install $(PEERS_STAMP)

@@ -154,9 +154,21 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help='write {"meta": {...}, "rows": [...]} to FILE')
     p.add_argument("--quick", action="store_true",
                    help="short smoke run: first default shape only unless --shape, few reps, small rotation")
+    p.add_argument("--e2e", action="store_true",
+                   help="model level instead: SmolLM2 decode and MiniLM forward against HF, llama.cpp and ONNX "
+                        "Runtime (benchmarks/bench_e2e.py; takes --json, --quick, --reps; peers: make bench-peers)")
 
     def run(args) -> int:
         import torch
+
+        if args.e2e:
+            given = [f"--{k}" for k in ("op", "shape", "m", "dtype") if getattr(args, k)]
+            given += ["--device"] if args.device != "cpu" else []
+            if given:
+                raise CLIError(f"--e2e takes only --json, --quick and --reps, not {', '.join(given)}")
+            load_benchmarks()
+            from slmkern.benchmarks import bench_e2e
+            return bench_e2e.main([], quick=args.quick, reps=args.reps, json_path=args.json)
 
         bm = load_benchmarks()
         from slmkern.benchmarks import engine, report
