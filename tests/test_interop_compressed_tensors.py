@@ -295,7 +295,9 @@ def test_model_saved_by_slmkern_loads_in_transformers(tmp_path):
     through ModelCompressor above.)"""
     model, _ = _quantized_bert(True)
     ct.save_compressed(model, tmp_path)
-    loaded = transformers.AutoModel.from_pretrained(str(tmp_path)).eval()
+    # fp32 said explicitly: transformers 4.x's compressed-tensors quantizer decompresses into fp16 by default
+    fp32 = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+    loaded = transformers.AutoModel.from_pretrained(str(tmp_path), **fp32).eval()
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y_hf = loaded(input_ids=ids).last_hidden_state                  # first forward decompresses
