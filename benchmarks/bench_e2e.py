@@ -12,13 +12,16 @@ decode_tok_s = 64 / decode time. HF impls get ``logits_to_keep=1`` in prefill, a
 does, so the head runs on one row as in llama.cpp.
 
     hf_fp32                 transformers eager fp32 (sdpa attention), DynamicCache, our loop
-    slmkern_w8a8            recipes/smollm2_w8a8.yaml (W8A8 body, int8 weight-only head), same loop
+    slmkern_w8a8            recipes/smollm2_w8a8.yaml (W8A8 body, int8 weight-only head) through
+                            ``slmkern.generate`` as a user calls it (its default path: the lean decoder,
+                            slmkern.decoder), max_new_tokens=1+64, stop_at_eos=False; prefill/decode times
+                            are the ones it reports (row meta: generate_path says which path ran, and why)
     slmkern_int4            int4 GPTQ g64 W4A8 body + int8 weight-only head (recipes/smollm2_int4_gptq.yaml
-                            with activations: int8); --quick uses RTN g64 instead (row meta "recipe" says so)
-    slmkern_*_compiled      the same checkpoints through ``slmkern.generate`` (static cache, compiled decode
-                            step), max_new_tokens=1+64, stop_at_eos=False; prefill/decode times are the ones
-                            it reports (row meta: generate_path says "compiled" or "eager" and why).
-                            Skipped when slmkern.generate does not exist.
+                            with activations: int8) the same way; --quick uses RTN g64 instead (row meta
+                            "recipe" says so)
+    slmkern_*_compiled      the same checkpoints through ``slmkern.generate(mode="compiled")``: HF's forward
+                            under torch.compile(fullgraph=True) with a preallocated cache.
+                            slmkern_* rows are skipped when slmkern.generate does not exist.
     llamacpp_<type>         llama-cpp-python, ``Llama.eval`` on the same ids, argmax of
                             ``llama_get_logits_ith(ctx, -1)``; logits_all off, n_batch >= prompt.
 
@@ -67,6 +70,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -188,10 +192,10 @@ def peer_missing(workload: str, impl: str) -> str | None:
         missing = [m for m in ("onnxruntime", "onnx") if not _have(m)]
         if missing:
             return f"{impl}: {' and '.join(missing)} not installed; run {INSTALL_PEERS}"
-    if workload == "decoder" and impl.endswith("_compiled"):
+    if workload == "decoder" and impl.startswith("slmkern_"):
         import slmkern
         if not callable(getattr(slmkern, "generate", None)):
-            return f"{impl}: slmkern.generate does not exist in this build (the compiled decode path)"
+            return f"{impl}: slmkern.generate does not exist in this build"
     return None
 
 
@@ -539,11 +543,11 @@ def load(workload: str, impl: str, cfg: E2EConfig, shared: dict | None = None):
             meta["compile"] = "torch.compile(model) (default mode, dynamic=False)"
             model = torch.compile(model, dynamic=False)
         return TorchEncoder(model, meta)
-    if impl.endswith("_compiled"):
-        if "tokenizer" not in shared:
-            shared["tokenizer"] = load_model("smollm2")[1]
-        return GenerateDecoder(slmkern.generate, model, shared["tokenizer"], meta)
-    return HFDecoder(model, meta)
+    if "tokenizer" not in shared:
+        shared["tokenizer"] = load_model("smollm2")[1]
+    mode = "compiled" if impl.endswith("_compiled") else "auto"
+    return GenerateDecoder(functools.partial(slmkern.generate, mode=mode), model, shared["tokenizer"],
+                           dict(meta, generate_mode=mode))
 
 
 def rss_probe(workload: str, impl: str, cfg: E2EConfig) -> dict:

@@ -1,6 +1,14 @@
-"""Greedy generation for Hugging Face causal LMs with a preallocated KV cache and a compiled one-token decode step.
+"""Greedy generation for Hugging Face causal LMs, batch 1: a lean decoder, a compiled decode step, or HF eager.
 
-``slmkern.generate(model, tokenizer, prompt, max_new_tokens)`` runs batch-1 greedy decoding:
+``slmkern.generate(model, tokenizer, prompt, max_new_tokens)`` runs batch-1 greedy decoding on one of three
+paths (``mode``; ``GenerateResult.path`` says which ran):
+
+"lean" (``slmkern.decoder.LeanDecoder``, the default where it applies: Llama / Mistral / Qwen2 layouts with
+full attention over the cache): the model's own weights and modules in a loop written for batch 1, HF's aten
+ops on HF's values (so HF's tokens, bit for bit), q/k/v and gate/up fused into one kernel call each, a KV
+cache allocated once, no HF Python per token. The fastest path on the CPU.
+
+"compiled" (the default for the other supported layouts, e.g. Gemma2 or sliding-window layers):
 
 - the prompt (prefill) runs eagerly, exactly as HF generate runs it (modules' CPU fast path, HF's
   DynamicCache); its keys/values then move into a KV cache allocated once per (model, cache length),
@@ -11,13 +19,15 @@
   shapes it sees in HF eager and one graph serves every length (up to three with sliding-window layers);
 - compiled steps are kept per (model object, cache length, backend, exact) and reused by later calls.
 
+"eager": HF's own ``model.generate``.
+
 exact=True (default) compiles with inductor running every aten op as its eager kernel: the tokens are
 those of ``model.generate(ids, max_new_tokens=..., do_sample=False)``, bit for bit, and the gain is only
 the Python that disappears. exact=False lets inductor fuse (norms, rope, residuals): faster, but its
 last-bit differences can flip a near-tie greedy token (W8A8 quantizes activations, which amplifies
 them), so it is not guaranteed to match HF.
 
-Anything the compiled path does not cover (another architecture, a generation_config that changes greedy
+Anything the lean and compiled paths do not cover (another architecture, a generation_config that changes greedy
 logits, a model off the CPU, a compile error) runs HF's own eager ``generate`` instead, with one log line
 saying why. Sampling and beam search are not offered.
 """
@@ -63,7 +73,7 @@ class GenerateResult:
     run; the EOS token is included, as HF does); ``sequences`` is prompt + new tokens, HF's layout.
     ``prefill_s`` covers the prompt's forward and the first new token, ``decode_s`` the other n - 1
     tokens; compilation is not in either (it happens once, before the prompt runs, in ``compile_s``).
-    ``path`` is "compiled" or "eager"; ``reason`` says why the eager path ran (None when compiled).
+    ``path`` is "lean", "compiled" or "eager"; ``reason`` says why the eager path ran (None otherwise).
     """
 
     tokens: torch.Tensor
@@ -72,7 +82,7 @@ class GenerateResult:
     decode_s: float
     path: str
     reason: str | None = None
-    cache_len: int | None = None        # KV cache length of the compiled path
+    cache_len: int | None = None        # KV cache length of the lean or compiled path
     compile_s: float = 0.0              # spent compiling in this call (0 when a cached graph was reused)
     graphs_compiled: int = 0            # graphs compiled in this call (0 when a cached graph was reused)
     text: str | None = None             # the new tokens decoded, when a tokenizer was given
@@ -269,12 +279,29 @@ def _runner(model: nn.Module, cache_len: int, backend, exact: bool) -> _DecodeRu
 
 
 def clear_compiled(model: nn.Module | None = None) -> None:
-    """Forget the compiled decode steps (and their KV caches) of `model`, or of every model."""
+    """Forget the compiled decode steps and lean decoders (and their KV caches) of `model`, or of every model."""
     with _RUNNERS_LOCK:
         if model is None:
             _RUNNERS.clear()
+            _LEAN.clear()
         else:
             _RUNNERS.pop(model, None)
+            _LEAN.pop(model, None)
+
+
+_LEAN: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _lean_decoder(model: nn.Module, cache_len: int):
+    """The model's LeanDecoder (built once, rebuilt when a module or weight of the model changed) and its lock."""
+    from slmkern.decoder import LeanDecoder
+
+    with _RUNNERS_LOCK:
+        dec, lock = _LEAN.get(model, (None, None))
+        if dec is None or dec.stale(model):
+            dec, lock = LeanDecoder(model, cache_len), threading.Lock()
+            _LEAN[model] = (dec, lock)
+        return dec, lock
 
 
 # ----------------------------------------------------------------------------- checks
@@ -371,6 +398,18 @@ def _generate_eager(model, ids, max_new_tokens: int, stop_at_eos: bool, gen_cfg)
     return seq, t_first - t0, t_end - t_first
 
 
+def _generate_lean(dec, ids, max_new_tokens: int, eos: set[int]) -> tuple:
+    t0 = time.perf_counter()
+    tok = dec.prefill(ids)
+    new = [int(tok)]
+    t1 = time.perf_counter()
+    if max_new_tokens > 1 and new[-1] not in eos:
+        new += dec.decode_many(tok, max_new_tokens - 1, eos)
+    t2 = time.perf_counter()
+    seq = torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1)
+    return seq, t1 - t0, t2 - t1
+
+
 def _generate_compiled(runner: _DecodeRunner, model, ids, max_new_tokens: int, eos: set[int]) -> tuple:
     T = ids.shape[1]
     t0 = time.perf_counter()
@@ -387,21 +426,27 @@ def _generate_compiled(runner: _DecodeRunner, model, ids, max_new_tokens: int, e
     return seq, t1 - t0, t2 - t1
 
 
+MODES = ("auto", "lean", "compiled", "eager")
+
+
 @torch.no_grad()
 def generate(model, tokenizer=None, prompt: str | torch.Tensor | None = None, max_new_tokens: int = 64, *,
-             compile: bool = True, stop_at_eos: bool = True, cache_len: int | None = None,
+             mode: str = "auto", stop_at_eos: bool = True, cache_len: int | None = None,
              backend: str | Callable = "inductor", exact: bool = True) -> GenerateResult:
-    """Greedy decoding, batch 1: ``model.generate(ids, max_new_tokens=..., do_sample=False)``'s tokens, decode step compiled.
+    """Greedy decoding, batch 1: ``model.generate(ids, max_new_tokens=..., do_sample=False)``'s tokens, faster.
 
     model: a Hugging Face causal LM (slmkern-compressed or not). prompt: a str (encoded with ``tokenizer``)
-    or input ids [1, T]. compile=False runs HF's eager generate (the baseline, same result type).
-    stop_at_eos=False always produces max_new_tokens tokens. cache_len: the KV cache length (default:
-    ``cache_bucket(T + max_new_tokens)``). backend: the torch.compile backend for the decode step
-    ("inductor"; "aot_eager" traces the same graph without generating C++; or a backend callable).
-    exact: inductor without fusion, so the tokens are HF's bit for bit (see the module docstring).
-    See the module docstring for what falls back to eager.
+    or input ids [1, T]. mode: "auto" (the lean decoder where it applies, else the compiled step, else HF
+    eager), "lean", "compiled" or "eager" (HF's generate: the baseline, same result type); a path that does
+    not cover the model falls back to HF eager with one log line. stop_at_eos=False always produces
+    max_new_tokens tokens. cache_len: the KV cache length (default: ``cache_bucket(T + max_new_tokens)``).
+    backend: the torch.compile backend of the compiled step ("inductor"; "aot_eager" traces the same graph
+    without generating C++; or a backend callable). exact: inductor without fusion, so the compiled path's
+    tokens are HF's bit for bit (see the module docstring).
     """
     _check_model(model)
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected an int > 0, got {max_new_tokens!r}")
     ids = _prompt_ids(tokenizer, prompt)
@@ -414,11 +459,24 @@ def generate(model, tokenizer=None, prompt: str | torch.Tensor | None = None, ma
                          f"got {cache_len!r}")
     gen_cfg = model.generation_config
     eos = _eos_ids(gen_cfg) if stop_at_eos else set()
+    length = cache_len or cache_bucket(T + max_new_tokens)
 
-    reason = "compile=False" if not compile else _eager_reason(model, gen_cfg)
+    reason = "mode='eager'" if mode == "eager" else _eager_reason(model, gen_cfg)
+    if reason is None and mode in ("auto", "lean"):
+        from slmkern.decoder import unsupported_reason
+
+        lean_reason = unsupported_reason(model, length)
+        if lean_reason is None:
+            dec, lock = _lean_decoder(model, length)
+            with lock:
+                dec.ensure_cache(length)
+                seq, prefill_s, decode_s = _generate_lean(dec, ids, max_new_tokens, eos)
+            return _result(tokenizer, seq, T, prefill_s, decode_s, "lean", None, dec.cache_len, 0.0, 0)
+        if mode == "lean":
+            reason = f"the lean decoder does not cover it: {lean_reason}"
     runner = None
     if reason is None:
-        runner = _runner(model, cache_len or cache_bucket(T + max_new_tokens), backend, exact)
+        runner = _runner(model, length, backend, exact)
         reason = runner.failed
     if reason is None:
         with runner.lock:
@@ -433,7 +491,7 @@ def generate(model, tokenizer=None, prompt: str | torch.Tensor | None = None, ma
             else:
                 return _result(tokenizer, seq, T, prefill_s, decode_s, "compiled", None, runner.cache_len,
                                compile_s, runner.graphs_compiled - before)
-    if reason != "compile=False":
+    if reason != "mode='eager'":
         level = logging.WARNING if reason.startswith("compiling") else logging.INFO
         log_once(f"generate-eager:{type(model).__name__}:{reason}",
                  f"slmkern.generate: eager decoding for {type(model).__name__}: {reason}", level)
@@ -448,4 +506,4 @@ def _result(tokenizer, seq, T, prefill_s, decode_s, path, reason, cache_len, com
                           reason=reason, cache_len=cache_len, compile_s=compile_s, graphs_compiled=graphs, text=text)
 
 
-__all__ = ["GenerateResult", "SUPPORTED_MODEL_TYPES", "cache_bucket", "clear_compiled", "generate"]
+__all__ = ["GenerateResult", "MODES", "SUPPORTED_MODEL_TYPES", "cache_bucket", "clear_compiled", "generate"]

@@ -67,7 +67,8 @@ def test_decoder_rows(e2e):
     quant = copy.deepcopy(dense)
     slmkern.compress(quant, e2e.RECIPES[("decoder", "slmkern_w8a8")], progress=False)
     cfg = e2e.E2EConfig(workloads=("decoder",), prompt_tokens=8, new_tokens=4)
-    runners = {"hf_fp32": e2e.HFDecoder(dense), "slmkern_w8a8": e2e.HFDecoder(quant, {"recipe": "w8a8"})}
+    runners = {"hf_fp32": e2e.HFDecoder(dense),
+               "slmkern_w8a8": e2e.GenerateDecoder(slmkern.generate, quant, None, {"recipe": "w8a8"})}
     rows = e2e.time_decoder(runners, list(range(3, 11)), cfg, rounds=2)
     assert [r["impl"] for r in rows] == ["hf_fp32", "slmkern_w8a8"]
     for r in rows:
@@ -78,7 +79,7 @@ def test_decoder_rows(e2e):
         assert len(r["meta"]["decode_tok_s_rounds"]) == 2
     # 1 token from the prefill + 4 decode steps, all identical to itself
     assert rows[0]["meta"]["same_tokens_as_hf_fp32"] == 5
-    assert rows[1]["meta"]["recipe"] == "w8a8"
+    assert rows[1]["meta"]["recipe"] == "w8a8" and rows[1]["meta"]["generate_path"] == "lean"
 
 
 def test_decoder_greedy_loop_matches_hf_generate(e2e):
@@ -160,7 +161,7 @@ def test_missing_peer_is_skipped_with_what_to_install(e2e, monkeypatch, impl, pa
 
 def test_compiled_decoder_skipped_without_generate(e2e, monkeypatch):
     monkeypatch.delattr(slmkern, "generate", raising=False)
-    for impl in ("slmkern_int4_compiled", "slmkern_w8a8_compiled"):
+    for impl in ("slmkern_int4", "slmkern_int4_compiled", "slmkern_w8a8_compiled"):
         assert "slmkern.generate" in e2e.peer_missing("decoder", impl)
     assert e2e.peer_missing("encoder", "slmkern_w8a8_compiled") is None   # torch.compile, not generate
 

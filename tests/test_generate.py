@@ -88,7 +88,7 @@ def test_smollm2_w8a8_compiled_matches_hf_eager():
     model, tok = load_model("smollm2")
     slmkern.compress(model, [{"quantize": {"algorithm": "int8"}}])
     text = "The history of the city"
-    res = slmkern.generate(model, tok, text, max_new_tokens=24)
+    res = slmkern.generate(model, tok, text, max_new_tokens=24, mode="compiled")
     assert res.path == "compiled", res.reason
     assert torch.equal(res.sequences, hf_greedy(model, tok(text, return_tensors="pt").input_ids, 24))
     assert res.text == tok.decode(res.tokens[0], skip_special_tokens=True)
@@ -106,7 +106,7 @@ def test_layouts_fullgraph_match_hf_eager(family, config):
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     ids = prompt(10)
-    res = slmkern.generate(model, None, ids, max_new_tokens=12, stop_at_eos=False, backend=capture)
+    res = slmkern.generate(model, None, ids, max_new_tokens=12, stop_at_eos=False, backend=capture, mode="compiled")
     assert res.path == "compiled", res.reason
     assert torch.equal(res.sequences, hf_greedy(model, ids, 12))
     # whole-step graphs (fullgraph), with slmkern's linears in them as custom ops: one for every cache length,
@@ -120,20 +120,22 @@ def test_layouts_fullgraph_match_hf_eager(family, config):
 def test_stops_at_eos_like_hf():
     model = tiny("llama")
     ids = prompt(7)
-    full = slmkern.generate(model, None, ids, max_new_tokens=10, stop_at_eos=False, backend="aot_eager").tokens[0]
+    full = slmkern.generate(model, None, ids, max_new_tokens=10, stop_at_eos=False, backend="aot_eager",
+                            mode="compiled").tokens[0]
     eos = int(full[4])
     first = int((full == eos).nonzero()[0])    # the run ends at eos's first appearance
     model.generation_config.eos_token_id = eos
-    res = slmkern.generate(model, None, ids, max_new_tokens=10, backend="aot_eager")
+    res = slmkern.generate(model, None, ids, max_new_tokens=10, backend="aot_eager", mode="compiled")
     assert res.path == "compiled" and res.tokens[0].tolist() == full[:first + 1].tolist()
     assert torch.equal(res.sequences, hf_greedy(model, ids, 10))
 
 
 def test_new_cache_bucket_compiles_once_more():
     model = tiny("llama")
-    a = slmkern.generate(model, None, prompt(10), max_new_tokens=8, backend="aot_eager")
-    b = slmkern.generate(model, None, prompt(60), max_new_tokens=8, backend="aot_eager")   # 68 -> bucket 128
-    c = slmkern.generate(model, None, prompt(70), max_new_tokens=8, backend="aot_eager")
+    a = slmkern.generate(model, None, prompt(10), max_new_tokens=8, backend="aot_eager", mode="compiled")
+    # 68 tokens -> bucket 128
+    b = slmkern.generate(model, None, prompt(60), max_new_tokens=8, backend="aot_eager", mode="compiled")
+    c = slmkern.generate(model, None, prompt(70), max_new_tokens=8, backend="aot_eager", mode="compiled")
     assert (a.cache_len, b.cache_len, c.cache_len) == (64, 128, 128)
     assert (a.graphs_compiled, b.graphs_compiled, c.graphs_compiled) == (1, 1, 0)
 
@@ -170,8 +172,8 @@ def test_compile_failure_falls_back_to_eager(caplog, monkeypatch):
     model = tiny("llama")
     ids = prompt(8)
     with caplog.at_level(logging.INFO, logger="slmkern"):
-        res = slmkern.generate(model, None, ids, max_new_tokens=6, backend="aot_eager")
-        again = slmkern.generate(model, None, ids, max_new_tokens=6, backend="aot_eager")
+        res = slmkern.generate(model, None, ids, max_new_tokens=6, backend="aot_eager", mode="compiled")
+        again = slmkern.generate(model, None, ids, max_new_tokens=6, backend="aot_eager", mode="compiled")
     assert res.path == again.path == "eager" and res.reason.startswith("compiling the decode step failed")
     assert "TypeError" not in res.reason      # it failed where meant to: dynamo refusing the graph break
     assert len(_fallback_lines(caplog)) == 1
@@ -188,11 +190,11 @@ def test_greedy_changing_generation_config_falls_back(caplog):
     assert torch.equal(res.sequences, hf_greedy(model, ids, 6))
 
 
-def test_compile_false_is_hf_eager():
+def test_mode_eager_is_hf_eager():
     model = tiny("llama")
     ids = prompt(8)
-    res = slmkern.generate(model, None, ids, max_new_tokens=6, compile=False)
-    assert (res.path, res.reason) == ("eager", "compile=False")
+    res = slmkern.generate(model, None, ids, max_new_tokens=6, mode="eager")
+    assert (res.path, res.reason) == ("eager", "mode='eager'")
     assert torch.equal(res.sequences, hf_greedy(model, ids, 6))
 
 

@@ -251,7 +251,8 @@ class LinearPlan:
         b = refs[-1]
         return b is None or b._version == self.bias_version
 
-    def __call__(self, x: torch.Tensor):
+    def __call__(self, x: torch.Tensor, threads: int = 0):
+        """y for x, or None; threads: the kernel's thread count (0: torch.get_num_threads())."""
         if self.fn is None or type(x) is not torch.Tensor or not x.is_cpu:
             return None
         code = DTYPE_CODE.get(x.dtype)
@@ -267,14 +268,14 @@ class LinearPlan:
             M = x.numel() // K
             y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype, device="cpu")
             if M > 0:
-                self.fn(x.data_ptr(), code, M, K, N, K, *self.mid, y.data_ptr(), N, torch.get_num_threads())
+                self.fn(x.data_ptr(), code, M, K, N, K, *self.mid, y.data_ptr(), N, threads or torch.get_num_threads())
             return y
         x2 = ops.as_rows(x, K)
         M = x2.shape[0]
         y = torch.empty((M, N), dtype=x.dtype, device="cpu")
         if M > 0:
             self.fn(x2.data_ptr(), code, M, K, N, max(x2.stride(0), K), *self.mid, y.data_ptr(), N,
-                    torch.get_num_threads())
+                    threads or torch.get_num_threads())
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 

@@ -1,0 +1,312 @@
+"""A lean batch-1 forward for Llama-family Hugging Face decoders: HF's arithmetic without HF's Python.
+
+``LeanDecoder(model, cache_len)`` runs the prompt and then one token at a time through the model's own
+weights and modules, in a loop written for batch 1 (``slmkern.generate`` uses it by default):
+
+- the same aten ops on the same values as HF eager (RMSNorm's pow/mean/rsqrt, rotary embedding from the
+  model's own ``rotary_emb``, ``scaled_dot_product_attention`` with HF's arguments, SiLU * up, residual adds),
+  so the logits are HF's bit for bit (``tests/test_decoder.py`` checks it against HF on every supported
+  layout, quantized and not);
+- fewer, larger kernel calls: q/k/v and gate/up, when they are slmkern linears of one format sharing their
+  input, become one packed weight and one kernel call each (the fused copy lives here, not in the model:
+  checkpoints keep per-layer tensors). The kernels compute every output column on its own, so the fused
+  call gives the separate calls' bits (tested);
+- a KV cache allocated once per cache length; attention reads its filled part, as HF's DynamicCache hands it;
+- no module calls, hooks, masks, cache objects or output dataclasses per token: about 30 aten ops and 4
+  kernel calls per layer.
+
+What it covers: ``model_type`` llama / mistral / qwen2 in fp32, bf16 or fp16 on the CPU, every layer full
+attention over the cache (a sliding window at least as long as the cache is full attention), SiLU MLP, sdpa
+attention. ``unsupported_reason(model, cache_len)`` says why anything else is not covered; the caller then
+takes another path. Built on transformers 5's layouts; a model whose modules do not look as expected is
+refused, not guessed at.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+# ----------------------------------------------------------------------------- what is covered
+def unsupported_reason(model, cache_len: int) -> str | None:
+    """Why LeanDecoder cannot run `model` with a cache of `cache_len` exactly as HF does (None: it can)."""
+    cfg = model.config.get_text_config(decoder=True)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {mt!r} is not one the lean decoder covers {SUPPORTED_MODEL_TYPES}"
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return f"attention implementation {model.config._attn_implementation!r} (the lean decoder runs 'sdpa')"
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} (the lean decoder runs 'silu')"
+    kinds = set(getattr(cfg, "layer_types", None) or ("full_attention",))
+    window = getattr(cfg, "sliding_window", None)
+    if kinds != {"full_attention"} and not (window is not None and window >= cache_len):
+        return f"layer_types {sorted(kinds)} with sliding_window {window} < cache length {cache_len}"
+    if mt == "mistral" and window is not None and window < cache_len:
+        return f"sliding_window {window} < cache length {cache_len}"
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(model, "lm_head") or not hasattr(inner, "rotary_emb"):
+        return f"{type(model).__name__} does not have HF's model.layers / lm_head / rotary_emb layout"
+    if len(layers) != cfg.num_hidden_layers:
+        return f"{len(layers)} layers but num_hidden_layers={cfg.num_hidden_layers}"
+    if type(inner.embed_tokens) is not nn.Embedding:
+        return f"embed_tokens is a {type(inner.embed_tokens).__name__}, not nn.Embedding"
+    norms = [inner.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    for n in norms:
+        if not type(n).__name__.endswith("RMSNorm") or not hasattr(n, "variance_epsilon"):
+            return f"norm {type(n).__name__} is not HF's RMSNorm"
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not isinstance(getattr(attn, name, None), nn.Module):
+                return f"self_attn.{name} is missing"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if not isinstance(getattr(mlp, name, None), nn.Module):
+                return f"mlp.{name} is missing"
+        if getattr(attn, "sliding_window", None) is not None and attn.sliding_window < cache_len:
+            return f"a layer's sliding_window {attn.sliding_window} < cache length {cache_len}"
+    devices = {t.device.type for t in model.parameters()} | {t.device.type for t in model.buffers()}
+    if devices != {"cpu"}:
+        return f"model is on {sorted(devices)}; the lean decoder is CPU only"
+    dt = inner.embed_tokens.weight.dtype
+    if dt not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"embedding dtype {dt}"
+    return None
+
+
+# ----------------------------------------------------------------------------- fused linears
+def _int4_key(m):
+    return ("int4", m.in_features, m.group_size, m.symmetric, m.activations, m.bias is not None,
+            None if m.bias is None else m.bias.dtype)
+
+
+def _int8_key(m):
+    return ("int8", m.in_features, m.activations, m.bias is not None, None if m.bias is None else m.bias.dtype)
+
+
+def _fused_module(mods: list[nn.Module]) -> nn.Module | None:
+    """One slmkern linear whose output is the outputs of `mods` side by side (same input), or None."""
+    from slmkern.nn import Int4Linear, Int8Linear
+
+    if len(mods) < 2:
+        return None
+    first = mods[0]
+    if all(type(m) is Int4Linear for m in mods) and len({_int4_key(m) for m in mods}) == 1:
+        cat = lambda name: torch.cat([getattr(m, name) for m in mods])  # noqa: E731
+        fused = Int4Linear(first.in_features, sum(m.out_features for m in mods), first.bias is not None,
+                           first.group_size, first.symmetric, first.activations,
+                           dtype=first.bias.dtype if first.bias is not None else torch.float32)
+        tensors = {"weight": cat("weight"), "weight_scale": cat("weight_scale")}
+        if not first.symmetric:
+            tensors["weight_zero"] = cat("weight_zero")
+    elif all(type(m) is Int8Linear for m in mods) and len({_int8_key(m) for m in mods}) == 1:
+        cat = lambda name: torch.cat([getattr(m, name) for m in mods])  # noqa: E731
+        fused = Int8Linear(first.in_features, sum(m.out_features for m in mods), first.bias is not None,
+                           first.activations,
+                           dtype=first.bias.dtype if first.bias is not None else torch.float32)
+        tensors = {"weight": cat("weight"), "weight_scale": cat("weight_scale")}
+    else:
+        return None
+    if first.bias is not None:
+        tensors["bias"] = cat("bias")
+    fused.load_state_dict(tensors)     # the post-load hook packs the fused weight for the CPU kernels
+    return fused
+
+
+class _Linears:
+    """Linears sharing one input, called as one: ``(x, threads) -> tuple of outputs``. One kernel call when they
+    are slmkern linears of one format (fused into one packed weight when there are several); otherwise each
+    module is called as it is. ``planned``: every output comes from a slmkern kernel call."""
+
+    __slots__ = ("mods", "fused", "plan", "sizes", "single")
+
+    def __init__(self, mods: list[nn.Module], fuse: bool = True) -> None:
+        self.mods = mods
+        self.sizes = [m.out_features if hasattr(m, "out_features") else m.weight.shape[0] for m in mods]
+        self.single = len(mods) == 1
+        self.fused = _fused_module(mods) if fuse and not self.single else None
+        src = self.fused if self.fused is not None else mods[0] if self.single else None
+        plan = src._direct_plan() if src is not None and hasattr(src, "_direct_plan") \
+            and src._buffers.get("w_packed") is not None else None
+        self.plan = plan if plan is not None and plan.fn is not None else None
+
+    @property
+    def planned(self) -> bool:
+        return self.plan is not None
+
+    def __call__(self, x: torch.Tensor, threads: int = 0):
+        if self.plan is not None:
+            y = self.plan(x, threads)
+            if y is not None:
+                return y if self.single else y.split(self.sizes, -1)
+        if self.single:
+            return self.mods[0](x)
+        return tuple(m(x) for m in self.mods)
+
+
+def _refs(mods) -> tuple:
+    """Identity and version of every tensor the modules hold: a fused copy is valid while these stay."""
+    return tuple((id(m), tuple((id(t), t._version) for t in list(m.parameters()) + list(m.buffers())))
+                 for m in mods)
+
+
+def _model_refs(model) -> tuple:
+    inner = model.model
+    mods = [inner.embed_tokens, model.lm_head, inner.norm, inner.rotary_emb]
+    for layer in inner.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        mods += [layer.input_layernorm, layer.post_attention_layernorm, at.q_proj, at.k_proj, at.v_proj, at.o_proj,
+                 mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    return (len(inner.layers), _refs(mods))
+
+
+# ----------------------------------------------------------------------------- the decoder
+def _rms_norm(norm: nn.Module):
+    w, eps = norm.weight, norm.variance_epsilon
+
+    def f(h: torch.Tensor) -> torch.Tensor:   # HF's RMSNorm, op for op
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        var = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(var + eps)
+        return w * h.to(dtype)
+
+    return f
+
+
+class LeanDecoder:
+    """Batch-1 prompt + decode for one model with a KV cache of ``cache_len`` positions (see module docstring).
+
+    ``prefill(ids [1, T]) -> next token [1, 1]`` starts a sequence; ``decode(token [1, 1]) -> next token``
+    appends one. ``logits(ids)`` (prefill's logits of the last position) is there for tests.
+    """
+
+    def __init__(self, model: nn.Module, cache_len: int, fuse: bool = True) -> None:
+        reason = unsupported_reason(model, cache_len)
+        if reason is not None:
+            raise ValueError(f"model: {reason}")
+        cfg = model.config.get_text_config(decoder=True)
+        inner = model.model
+        self.cache_len, self.fuse = cache_len, fuse
+        self.embed, self.rotary, self.lm_head = inner.embed_tokens, inner.rotary_emb, model.lm_head
+        self.final_norm = _rms_norm(inner.norm)
+        a0 = inner.layers[0].self_attn
+        self.H, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, a0.head_dim
+        self.scaling = a0.scaling
+        self.gqa = {"enable_gqa": True} if self.H != self.Hkv else {}
+        self.layers = []
+        for layer in inner.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            if at.head_dim != self.D or at.scaling != self.scaling:
+                raise ValueError("model: layers differ in head_dim or scaling")
+            self.layers.append((_rms_norm(layer.input_layernorm), _Linears([at.q_proj, at.k_proj, at.v_proj], fuse),
+                                _Linears([at.o_proj]), _rms_norm(layer.post_attention_layernorm),
+                                _Linears([mlp.gate_proj, mlp.up_proj], fuse), _Linears([mlp.down_proj])))
+        self.head = _Linears([self.lm_head])
+        # Every linear a slmkern kernel call: the kernels get the threads (their own pool) and aten's small
+        # ops run on the caller alone, so two pools never take turns waking each other (see decode()).
+        self.all_planned = self.head.planned and all(L[i].planned for L in self.layers for i in (1, 2, 4, 5))
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.cache_len = 0
+        self.ensure_cache(cache_len)
+        self.n = 0           # tokens in the cache
+        self._refs = _model_refs(model)
+
+    def ensure_cache(self, cache_len: int) -> None:
+        """A KV cache of at least cache_len positions (reallocated, empty, when it is shorter)."""
+        if cache_len <= self.cache_len:
+            return
+        shape = (1, self.Hkv, cache_len, self.D)
+        dt = self.embed.weight.dtype
+        with torch.inference_mode():
+            self.k = [torch.zeros(shape, dtype=dt) for _ in self.layers]
+            self.v = [torch.zeros(shape, dtype=dt) for _ in self.layers]
+        self.cache_len, self.n = cache_len, 0
+
+    def stale(self, model: nn.Module) -> bool:
+        """Has any module or weight of `model` been replaced or edited since this decoder was built from it?"""
+        return _model_refs(model) != self._refs
+
+    # one forward over ids [1, M] at positions [n, n + M); returns the last position's logits [1, V]
+    def _forward(self, ids: torch.Tensor, threads: int = 0) -> torch.Tensor:
+        start, M = self.n, ids.shape[1]
+        end = start + M
+        if end > self.cache_len:
+            raise ValueError(f"ids: {end} tokens do not fit the KV cache of {self.cache_len}")
+        H, Hkv, D = self.H, self.Hkv, self.D
+        h = F.embedding(ids, self.embed.weight, self.embed.padding_idx)
+        pos = torch.arange(start, end).unsqueeze(0)
+        cos, sin = self.rotary(h, pos)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = D // 2
+        causal = M > 1
+        for i, (norm1, qkv, o_proj, norm2, gate_up, down) in enumerate(self.layers):
+            r = h
+            x = norm1(h)
+            q, k, v = qkv(x, threads)
+            q = q.view(1, M, H, D).transpose(1, 2)
+            k = k.view(1, M, Hkv, D).transpose(1, 2)
+            v = v.view(1, M, Hkv, D).transpose(1, 2)
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+            kc, vc = self.k[i], self.v[i]
+            kc[:, :, start:end].copy_(k)
+            vc[:, :, start:end].copy_(v)
+            if start:   # HF: the cache's filled part
+                k, v = kc[:, :, :end], vc[:, :, :end]
+            # else HF: a prompt from an empty cache attends to its own fresh states
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=self.scaling, is_causal=causal,
+                                               **self.gqa)
+            a = a.transpose(1, 2).contiguous().reshape(1, M, -1).contiguous()
+            h = r + o_proj(a, threads)
+            r = h
+            g, u = gate_up(norm2(h), threads)
+            h = r + down(F.silu(g) * u, threads)
+        self.n = end
+        h = self.final_norm(h)
+        return self.head(h[:, -1:, :], threads)[:, -1]
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the last prompt position, from an empty cache."""
+        with torch.inference_mode():
+            self.n = 0
+            return self._forward(ids)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Start a sequence: the prompt [1, T] from an empty cache; returns the greedy next token [1, 1]."""
+        with torch.inference_mode():
+            self.n = 0
+            return self._forward(ids).argmax(-1, keepdim=True)
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """Append `token` [1, 1]; returns the greedy next token [1, 1]."""
+        with torch.inference_mode():
+            return self._forward(token).argmax(-1, keepdim=True)
+
+    def decode_many(self, token: torch.Tensor, steps: int, stop: set[int] = frozenset()) -> list[int]:
+        """Greedy tokens after `token` for up to `steps` steps (ending after a token in `stop`).
+
+        With every linear a slmkern kernel, the kernels run on torch.get_num_threads() threads of slmkern's
+        pool and aten's ops (a few us each at batch 1) on this thread alone for the loop's duration: torch's
+        OpenMP pool and slmkern's never wake each other up, and OMP_WAIT_POLICY stops mattering."""
+        threads = torch.get_num_threads()
+        out: list[int] = []
+        single = self.all_planned and threads > 1
+        with torch.inference_mode():
+            if single:
+                torch.set_num_threads(1)
+            try:
+                for _ in range(steps):
+                    token = self._forward(token, threads).argmax(-1, keepdim=True)
+                    out.append(int(token))
+                    if out[-1] in stop:
+                        break
+            finally:
+                if single:
+                    torch.set_num_threads(threads)
+        return out
