@@ -14,6 +14,9 @@ using namespace slmkern;
 
 namespace slmkern {
 uint64_t stream_read(const uint8_t* p, int64_t bytes, int n_threads);
+void rope_qkv_f32(const float* qkv, int64_t ld_qkv, int64_t M, int64_t H, int64_t Hkv, int64_t D,
+                  const float* cos, const float* sin, float* q_out, float* k_cache, float* v_cache,
+                  int64_t cache_head_stride, int64_t pos);
 }
 
 namespace {
@@ -184,6 +187,18 @@ PYBIND11_MODULE(_C, m) {
     c.fn(a);
   });
   // ------------------------------------------------------------------ end 2:4 sparse
+
+  // slmkern.decoder: rotary embedding of q and k + KV-cache write, fp32 (csrc/decoder.cpp). Pointers and
+  // sizes are the decoder's own buffers, checked once when it is built.
+  m.def("rope_qkv_f32", [](uintptr_t qkv, int64_t ld_qkv, int64_t M, int64_t H, int64_t Hkv, int64_t D,
+                           uintptr_t cos, uintptr_t sin, uintptr_t q_out, uintptr_t k_cache, uintptr_t v_cache,
+                           int64_t cache_head_stride, int64_t pos) {
+    if (M <= 0 || H <= 0 || Hkv <= 0 || D <= 0 || D % 2 || ld_qkv < (H + 2 * Hkv) * D || pos < 0 ||
+        cache_head_stride < (pos + M) * D)
+      throw std::invalid_argument("rope_qkv_f32: bad sizes");
+    rope_qkv_f32(ptr<const float>(qkv), ld_qkv, M, H, Hkv, D, ptr<const float>(cos), ptr<const float>(sin),
+                 ptr<float>(q_out), ptr<float>(k_cache), ptr<float>(v_cache), cache_head_stride, pos);
+  });
 
   m.def("stream_read", [](uintptr_t p, int64_t bytes, int n_threads) {
     py::gil_scoped_release nogil;

@@ -138,6 +138,10 @@ class _Linears:
     def planned(self) -> bool:
         return self.plan is not None
 
+    def raw(self, x: torch.Tensor, threads: int = 0) -> torch.Tensor | None:
+        """The fused kernel's whole output [..., sum of sizes], or None (not one kernel call, or x not taken)."""
+        return self.plan(x, threads) if self.plan is not None else None
+
     def __call__(self, x: torch.Tensor, threads: int = 0):
         if self.plan is not None:
             y = self.plan(x, threads)
@@ -152,6 +156,10 @@ def _refs(mods) -> tuple:
     """Identity and version of every tensor the modules hold: a fused copy is valid while these stay."""
     return tuple((id(m), tuple((id(t), t._version) for t in list(m.parameters()) + list(m.buffers())))
                  for m in mods)
+
+
+def dt_is_f32(inner) -> bool:
+    return inner.embed_tokens.weight.dtype == torch.float32
 
 
 def _model_refs(model) -> tuple:
@@ -207,6 +215,10 @@ class LeanDecoder:
                                 _Linears([at.o_proj]), _rms_norm(layer.post_attention_layernorm),
                                 _Linears([mlp.gate_proj, mlp.up_proj], fuse), _Linears([mlp.down_proj])))
         self.head = _Linears([self.lm_head])
+        # decode steps in fp32 with one q/k/v kernel call: rope + cache write in one C++ call (csrc/decoder.cpp)
+        from slmkern._backends import cpu as cpu_backend
+        self._C = cpu_backend._C if cpu_backend.has_cpp() else None
+        self.fast_rope = self._C is not None and dt_is_f32(inner) and all(L[1].planned for L in self.layers)
         # Every linear a slmkern kernel call: the kernels get the threads (their own pool) and aten's small
         # ops run on the caller alone, so two pools never take turns waking each other (see decode()).
         self.all_planned = self.head.planned and all(L[i].planned for L in self.layers for i in (1, 2, 4, 5))
@@ -245,21 +257,32 @@ class LeanDecoder:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         half = D // 2
         causal = M > 1
+        fast = self.fast_rope and start > 0
+        if fast:
+            cos, sin = cos.contiguous(), sin.contiguous()
+            L = self.cache_len
         for i, (norm1, qkv, o_proj, norm2, gate_up, down) in enumerate(self.layers):
             r = h
             x = norm1(h)
-            q, k, v = qkv(x, threads)
-            q = q.view(1, M, H, D).transpose(1, 2)
-            k = k.view(1, M, Hkv, D).transpose(1, 2)
-            v = v.view(1, M, Hkv, D).transpose(1, 2)
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
             kc, vc = self.k[i], self.v[i]
-            kc[:, :, start:end].copy_(k)
-            vc[:, :, start:end].copy_(v)
-            if start:   # HF: the cache's filled part
+            y = qkv.raw(x, threads) if fast else None
+            if y is not None:
+                q = torch.empty((1, H, M, D))
+                self._C.rope_qkv_f32(y.data_ptr(), y.shape[-1], M, H, Hkv, D, cos.data_ptr(), sin.data_ptr(),
+                                     q.data_ptr(), kc.data_ptr(), vc.data_ptr(), L * D, start)
                 k, v = kc[:, :, :end], vc[:, :, :end]
-            # else HF: a prompt from an empty cache attends to its own fresh states
+            else:
+                q, k, v = qkv(x, threads)
+                q = q.view(1, M, H, D).transpose(1, 2)
+                k = k.view(1, M, Hkv, D).transpose(1, 2)
+                v = v.view(1, M, Hkv, D).transpose(1, 2)
+                q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+                k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+                kc[:, :, start:end].copy_(k)
+                vc[:, :, start:end].copy_(v)
+                if start:   # HF: the cache's filled part
+                    k, v = kc[:, :, :end], vc[:, :, :end]
+                # else HF: a prompt from an empty cache attends to its own fresh states
             a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=self.scaling, is_causal=causal,
                                                **self.gqa)
             a = a.transpose(1, 2).contiguous().reshape(1, M, -1).contiguous()

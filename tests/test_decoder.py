@@ -67,6 +67,7 @@ def test_logits_are_hf_eager_bit_for_bit(family, fmt):
         assert all(layer[1].fused is not None and layer[4].fused is not None for layer in dec.layers)
         assert all(layer[i].planned for layer in dec.layers for i in (1, 2, 4, 5))
         assert dec.all_planned == isinstance(model.lm_head, (Int8Linear, Int4Linear))
+        assert dec.fast_rope       # decode steps take the C++ rope + cache write (csrc/decoder.cpp)
     with torch.inference_mode():
         assert torch.equal(dec.logits(ids), ref[0])
         for step in range(6):
