@@ -8,6 +8,7 @@
 #include "slmkern/int4.h"
 #include "slmkern/bitmask.h"
 #include "slmkern/sparse24.h"
+#include "slmkern/threadpool.h"
 
 namespace py = pybind11;
 using namespace slmkern;
@@ -199,6 +200,11 @@ PYBIND11_MODULE(_C, m) {
     rope_qkv_f32(ptr<const float>(qkv), ld_qkv, M, H, Hkv, D, ptr<const float>(cos), ptr<const float>(sin),
                  ptr<float>(q_out), ptr<float>(k_cache), ptr<float>(v_cache), cache_head_stride, pos);
   });
+
+  m.def("set_pool_keep_warm", [](bool on) {
+    py::gil_scoped_release nogil;
+    set_pool_keep_warm(on);
+  }, py::arg("on"), "pool helpers spin between jobs (on) or sleep after a short spin (off, the default)");
 
   m.def("stream_read", [](uintptr_t p, int64_t bytes, int n_threads) {
     py::gil_scoped_release nogil;

@@ -23,6 +23,8 @@ namespace {
 
 constexpr int kSpinIters = 4000;
 
+std::atomic<bool> g_keep_warm{false};  // set_pool_keep_warm: helpers spin instead of sleeping between jobs
+
 class Pool {
  public:
   ~Pool() {
@@ -93,7 +95,8 @@ class Pool {
   void worker(int id, uint64_t seen) {
     for (;;) {
       uint64_t st = state_.load(std::memory_order_acquire);
-      for (int spins = 0; (st >> 8) == seen && spins < kSpinIters; ++spins) {
+      for (int spins = 0; (st >> 8) == seen && (spins < kSpinIters || g_keep_warm.load(std::memory_order_relaxed));
+           ++spins) {
         cpu_relax();
         st = state_.load(std::memory_order_acquire);
       }
@@ -144,6 +147,13 @@ Pool& pool() {
 }
 
 }  // namespace
+
+void set_pool_keep_warm(bool on) {
+  g_keep_warm.store(on, std::memory_order_relaxed);
+  if (!on) return;
+  // Wake sleeping helpers now (an empty job), so the first kernel call of the warm stretch finds them spinning.
+  pool().run(1, 1, [](int64_t) {});   // a job with no helpers: sleepers wake, see it, and spin
+}
 
 void parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_t)>& fn) {
   if (n_tasks <= 0) return;

@@ -316,13 +316,17 @@ class LeanDecoder:
 
         With every linear a slmkern kernel, the kernels run on torch.get_num_threads() threads of slmkern's
         pool and aten's ops (a few us each at batch 1) on this thread alone for the loop's duration: torch's
-        OpenMP pool and slmkern's never wake each other up, and OMP_WAIT_POLICY stops mattering."""
+        OpenMP pool and slmkern's never wake each other up, and OMP_WAIT_POLICY stops mattering. For the loop's
+        duration slmkern's helper threads spin between kernel calls instead of sleeping (the cores are this
+        loop's), so no call waits for a helper to wake up."""
         threads = torch.get_num_threads()
         out: list[int] = []
         single = self.all_planned and threads > 1
         with torch.inference_mode():
             if single:
                 torch.set_num_threads(1)
+                if self._C is not None:
+                    self._C.set_pool_keep_warm(True)
             try:
                 for _ in range(steps):
                     token = self._forward(token, threads).argmax(-1, keepdim=True)
@@ -332,4 +336,6 @@ class LeanDecoder:
             finally:
                 if single:
                     torch.set_num_threads(threads)
+                    if self._C is not None:
+                        self._C.set_pool_keep_warm(False)
         return out

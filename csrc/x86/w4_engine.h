@@ -357,7 +357,7 @@ inline void recompute_rows_fp32(const Int4LinearArgs& a, const Int4Layout& W, co
 inline int useful_threads(const Int4LinearArgs& a, const Int4Layout& W, int D) {
   const double dots = static_cast<double>(a.M) * D * W.NT * kInt4NB * (W.G * W.gp) / 64.0;  // vpdpbusd
   const double cycles = dots + static_cast<double>(W.total) / 16.0;  // + streaming the weights once
-  return cycles < 2e4 ? 1 : std::max(1, a.n_threads);
+  return cycles < 1e4 ? 1 : std::max(1, a.n_threads);
 }
 
 template <class V, int D, int RM_MAX>

@@ -13,6 +13,11 @@ namespace slmkern {
 // Safe to call from several threads at once: concurrent calls are serialised.
 void parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_t)>& fn);
 
+// While on, the pool's helper threads spin between jobs instead of going to sleep after a few tens of
+// microseconds: for a stretch of many small calls separated by other work (a decode loop whose other
+// work runs on one thread), so every call finds its helpers awake. Off (the default) outside such stretches.
+void set_pool_keep_warm(bool on);
+
 // Static split of [0, n) into n_threads contiguous chunks, fn(begin, end) each.
 void parallel_chunks(int64_t n, int n_threads, int64_t align,
                      const std::function<void(int64_t, int64_t)>& fn);
