@@ -357,6 +357,8 @@ def _eval(sub: argparse._SubParsersAction) -> None:
                           "SmolLM2 decode, session 3)",
                           file=sys.stderr)
                 res.update(ev.decode_tokens_per_s(model, tok, new_tokens=args.decode_tokens, reps=args.reps))
+                print(f"decode path: {res['decode_path']} (slmkern.generate; 'lean' is the fast batch-1 decoder)",
+                      file=sys.stderr)
             else:
                 from slmkern.data import rotten_tomatoes
                 test = rotten_tomatoes(seed=0)[:EVAL_TEST_SIZE]

@@ -148,19 +148,30 @@ def median_ms(fn, reps: int = 10, warmup: int = 1) -> float:
 
 @torch.inference_mode()
 def decode_tokens_per_s(model, tokenizer, prompt: str = "The history of the city", new_tokens: int = 64,
-                        reps: int = 3) -> dict:
+                        reps: int = 3, mode: str = "auto") -> dict:
     """Greedy decoding with the KV cache, one token per step (batch 1): median tokens/s over reps.
 
     Prefill is timed separately; the generated text is returned so runs can be compared.
     Also returned: every rep's rate (``decode_tokens_per_s_reps``, to show the spread on a shared
-    machine) and the median step time (``decode_ms_per_token``). The loop is plain HF eager
-    (``model(input_ids=..., past_key_values=..., use_cache=True)``) for every model, dense or not.
+    machine), the median step time (``decode_ms_per_token``) and ``decode_path``: which loop ran.
+    A Hugging Face causal LM decodes through ``slmkern.generate(mode=mode)`` (by default its fastest path
+    that gives HF's tokens: "lean", "compiled" or "eager"); mode="hf", or a model that is not an HF causal
+    LM, runs the plain HF eager loop (``model(input_ids=..., past_key_values=..., use_cache=True)``).
     """
     import statistics
     import time
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     rates, prefill, text = [], [], ""
+    use_generate = mode != "hf" and _is_hf_causal_lm(model)
+    path = "hf"
     for _ in range(reps + 1):                   # first run warms up
+        if use_generate:
+            from slmkern.generate import generate
+            res = generate(model, None, ids, max_new_tokens=new_tokens, mode=mode, stop_at_eos=False)
+            rates.append(res.decode_tok_s)
+            prefill.append(res.prefill_s * 1e3)
+            text, path = tokenizer.decode(res.tokens[0]), res.path
+            continue
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
@@ -177,4 +188,14 @@ def decode_tokens_per_s(model, tokenizer, prompt: str = "The history of the city
     rate = statistics.median(rates[1:])
     return {"decode_tokens_per_s": rate, "decode_ms_per_token": 1e3 / rate,
             "decode_tokens_per_s_reps": [round(r, 2) for r in rates[1:]],
-            "prefill_ms": statistics.median(prefill[1:]), "new_tokens": new_tokens, "text": text}
+            "prefill_ms": statistics.median(prefill[1:]), "new_tokens": new_tokens, "text": text,
+            "decode_path": path}
+
+
+def _is_hf_causal_lm(model) -> bool:
+    try:
+        from transformers import GenerationMixin, PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin) and model.can_generate() \
+        and not getattr(model.config, "is_encoder_decoder", False)

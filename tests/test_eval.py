@@ -82,6 +82,19 @@ def test_decode_loop_counts_tokens():
     r = ev.decode_tokens_per_s(_Uniform(5), _Tok(5), "a bb ccc", new_tokens=4, reps=3)
     assert len(r["decode_tokens_per_s_reps"]) == 3 and all(v > 0 for v in r["decode_tokens_per_s_reps"])
     assert r["decode_ms_per_token"] == pytest.approx(1e3 / r["decode_tokens_per_s"])
+    assert r["decode_path"] == "hf"                                # not an HF causal LM: the plain loop
+
+
+def test_decode_of_an_hf_causal_lm_takes_slmkern_generate():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    fast = ev.decode_tokens_per_s(model, _Tok(64), "a bb ccc", new_tokens=5, reps=1)
+    plain = ev.decode_tokens_per_s(model, _Tok(64), "a bb ccc", new_tokens=5, reps=1, mode="hf")
+    assert (fast["decode_path"], plain["decode_path"]) == ("lean", "hf")
+    assert fast["text"] == plain["text"] and fast["decode_tokens_per_s"] > 0     # the same greedy tokens
 
 
 def test_sizes(tmp_path):
