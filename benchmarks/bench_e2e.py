@@ -544,7 +544,8 @@ def load(workload: str, impl: str, cfg: E2EConfig, shared: dict | None = None):
             model = torch.compile(model, dynamic=False)
         return TorchEncoder(model, meta)
     if "tokenizer" not in shared:
-        shared["tokenizer"] = load_model("smollm2")[1]
+        from slmkern.models import load_tokenizer
+        shared["tokenizer"] = load_tokenizer(MODELS[workload])
     mode = "compiled" if impl.endswith("_compiled") else "auto"
     return GenerateDecoder(functools.partial(slmkern.generate, mode=mode), model, shared["tokenizer"],
                            dict(meta, generate_mode=mode))

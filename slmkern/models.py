@@ -34,6 +34,14 @@ def model_path(name: str) -> tuple[Path, str | None]:
     return p, None
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of an offline model (as load_model returns it), without building the model."""
+    from transformers import AutoTokenizer
+
+    path, gguf = model_path(name)
+    return AutoTokenizer.from_pretrained(str(path), **({"gguf_file": gguf} if gguf else {}))
+
+
 def load_model(name: str, kind: str = "auto"):
     """Return (model in eval mode, tokenizer). kind: auto | encoder | causal-lm."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
