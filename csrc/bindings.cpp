@@ -18,6 +18,8 @@ uint64_t stream_read(const uint8_t* p, int64_t bytes, int n_threads);
 void rope_qkv_f32(const float* qkv, int64_t ld_qkv, int64_t M, int64_t H, int64_t Hkv, int64_t D,
                   const float* cos, const float* sin, float* q_out, float* k_cache, float* v_cache,
                   int64_t cache_head_stride, int64_t pos);
+void add_rms_norm_f32(const float* a, const float* b, int64_t n, const float* w, float eps, float* h_out,
+                      float* x_out, int lanes);
 }
 
 namespace {
@@ -201,6 +203,13 @@ PYBIND11_MODULE(_C, m) {
                  ptr<float>(q_out), ptr<float>(k_cache), ptr<float>(v_cache), cache_head_stride, pos);
   });
 
+  m.def("add_rms_norm_f32", [](uintptr_t a, uintptr_t b, int64_t n, uintptr_t w, float eps, uintptr_t h_out,
+                               uintptr_t x_out, int lanes) {
+    if (n <= 0 || n > (int64_t{1} << 24) || (lanes != 8 && lanes != 16))
+      throw std::invalid_argument("add_rms_norm_f32: bad sizes");
+    add_rms_norm_f32(ptr<const float>(a), b ? ptr<const float>(b) : nullptr, n, ptr<const float>(w), eps,
+                     h_out ? ptr<float>(h_out) : nullptr, ptr<float>(x_out), lanes);
+  });
   m.def("set_pool_keep_warm", [](bool on) {
     py::gil_scoped_release nogil;
     set_pool_keep_warm(on);

@@ -158,6 +158,39 @@ def _refs(mods) -> tuple:
                  for m in mods)
 
 
+def _aten_add_rms_norm(a, b, w, eps):
+    """HF's residual add + RMSNorm in fp32, op for op (the reference the C++ version must equal)."""
+    h = a + b if b is not None else a
+    var = h.pow(2).mean(-1, keepdim=True)
+    return h, w * (h * torch.rsqrt(var + eps))
+
+
+def norm_lanes(C, n: int, w: torch.Tensor, eps: float) -> int | None:
+    """The vector width (8 or 16 floats) with which csrc/decoder.cpp's add_rms_norm_f32 gives the aten ops'
+    bits for rows of n, or None when neither does (this torch sums differently): checked on random rows of
+    several magnitudes, with and without the residual add."""
+    if C is None or not hasattr(C, "add_rms_norm_f32"):
+        return None
+    cap = torch.backends.cpu.get_cpu_capability()
+    gen = torch.Generator().manual_seed(n)
+    rows = [torch.randn(n, generator=gen) * s for s in (1e-3, 0.1, 1.0, 30.0, 1e3) for _ in range(4)]
+    w = w.detach().float().contiguous()
+    for lanes in ((16, 8) if "512" in cap else (8, 16)):
+        ok = True
+        for i, a in enumerate(rows):
+            b = rows[(i + 7) % len(rows)] if i % 2 else None
+            h_ref, x_ref = _aten_add_rms_norm(a.view(1, 1, n), None if b is None else b.view(1, 1, n), w, eps)
+            h, x = torch.empty(n), torch.empty(n)
+            C.add_rms_norm_f32(a.data_ptr(), 0 if b is None else b.data_ptr(), n, w.data_ptr(), eps, h.data_ptr(),
+                               x.data_ptr(), lanes)
+            if not (torch.equal(h, h_ref.view(n)) and torch.equal(x, x_ref.view(n))):
+                ok = False
+                break
+        if ok:
+            return lanes
+    return None
+
+
 def dt_is_f32(inner) -> bool:
     return inner.embed_tokens.weight.dtype == torch.float32
 
@@ -219,6 +252,15 @@ class LeanDecoder:
         from slmkern._backends import cpu as cpu_backend
         self._C = cpu_backend._C if cpu_backend.has_cpp() else None
         self.fast_rope = self._C is not None and dt_is_f32(inner) and all(L[1].planned for L in self.layers)
+        # decode steps in fp32: residual add + RMSNorm in one C++ call, where it gives aten's bits on this torch
+        norms = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in inner.layers]
+        self.norm_params = [(n1.weight, float(n1.variance_epsilon), n2.weight, float(n2.variance_epsilon))
+                            for n1, n2 in norms]
+        self.final_params = (inner.norm.weight, float(inner.norm.variance_epsilon))
+        all_w = [t for p in self.norm_params for t in (p[0], p[2])] + [self.final_params[0]]
+        self.lanes = None
+        if self.fast_rope and all(t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 1 for t in all_w):
+            self.lanes = norm_lanes(self._C, cfg.hidden_size, inner.norm.weight, float(inner.norm.variance_epsilon))
         # Every linear a slmkern kernel call: the kernels get the threads (their own pool) and aten's small
         # ops run on the caller alone, so two pools never take turns waking each other (see decode()).
         self.all_planned = self.head.planned and all(L[i].planned for L in self.layers for i in (1, 2, 4, 5))
@@ -260,6 +302,8 @@ class LeanDecoder:
         fast = self.fast_rope and start > 0
         if fast:
             cos, sin = cos.contiguous(), sin.contiguous()
+            if M == 1 and self.lanes is not None:
+                return self._decode_fused(h, cos, sin, start, threads)
             L = self.cache_len
         for i, (norm1, qkv, o_proj, norm2, gate_up, down) in enumerate(self.layers):
             r = h
@@ -293,6 +337,34 @@ class LeanDecoder:
         self.n = end
         h = self.final_norm(h)
         return self.head(h[:, -1:, :], threads)[:, -1]
+
+    def _decode_fused(self, h: torch.Tensor, cos, sin, start: int, threads: int) -> torch.Tensor:
+        """One fp32 decode step with the C++ rope/cache write and residual add + RMSNorm (same bits as above)."""
+        C, H, Hkv, D, L, lanes = self._C, self.H, self.Hkv, self.D, self.cache_len, self.lanes
+        end = start + 1
+        n = h.shape[-1]
+        x = torch.empty_like(h)
+        hp, xp = h.data_ptr(), x.data_ptr()      # h: the residual stream, updated in place
+        w1, e1 = self.norm_params[0][0], self.norm_params[0][1]
+        C.add_rms_norm_f32(hp, 0, n, w1.data_ptr(), e1, hp, xp, lanes)
+        last = len(self.layers) - 1
+        for i, (_, qkv, o_proj, _, gate_up, down) in enumerate(self.layers):
+            kc, vc = self.k[i], self.v[i]
+            y = qkv.raw(x, threads)
+            q = torch.empty((1, H, 1, D))
+            C.rope_qkv_f32(y.data_ptr(), y.shape[-1], 1, H, Hkv, D, cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
+                           kc.data_ptr(), vc.data_ptr(), L * D, start)
+            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], dropout_p=0.0, scale=self.scaling,
+                                               **self.gqa)
+            o = o_proj(a.view(1, 1, H * D), threads)
+            _, _, w2, e2 = self.norm_params[i]
+            C.add_rms_norm_f32(hp, o.data_ptr(), n, w2.data_ptr(), e2, hp, xp, lanes)
+            g, u = gate_up(x, threads)
+            d = down(F.silu(g) * u, threads)
+            wn, en = self.final_params if i == last else self.norm_params[i + 1][:2]
+            C.add_rms_norm_f32(hp, d.data_ptr(), n, wn.data_ptr(), en, hp, xp, lanes)
+        self.n = end
+        return self.head(x, threads)[:, -1]
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits of the last prompt position, from an empty cache."""

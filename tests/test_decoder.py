@@ -68,6 +68,7 @@ def test_logits_are_hf_eager_bit_for_bit(family, fmt):
         assert all(layer[i].planned for layer in dec.layers for i in (1, 2, 4, 5))
         assert dec.all_planned == isinstance(model.lm_head, (Int8Linear, Int4Linear))
         assert dec.fast_rope       # decode steps take the C++ rope + cache write (csrc/decoder.cpp)
+        assert dec.lanes in (8, 16)  # ... and the C++ residual add + RMSNorm (it matches this torch's sum)
     with torch.inference_mode():
         assert torch.equal(dec.logits(ids), ref[0])
         for step in range(6):
@@ -118,6 +119,29 @@ def test_fused_kernel_call_gives_each_linears_bits(kind, M):
     with torch.inference_mode():
         for got, mod in zip(fused(x), mods):
             assert torch.equal(got, mod(x))
+
+
+@pytest.mark.parametrize("n", [16, 64, 96, 576, 577, 1000, 2048, 4099])
+def test_cpp_add_rms_norm_is_atens_sum_order(n):
+    """csrc/decoder.cpp's residual add + RMSNorm replays aten's float sum (vector lanes, 4 accumulators, a
+    cascade every 16 steps, tails): bit for bit at every model width, on rows norm_lanes never saw. (Rows
+    shorter than a vector take another aten kernel: norm_lanes says None there and the decoder keeps aten.)"""
+    from slmkern._backends import cpu
+    from slmkern.decoder import _aten_add_rms_norm, norm_lanes
+
+    if not cpu.has_cpp():
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(100 + n)
+    w = torch.randn(n, generator=gen)
+    lanes = norm_lanes(cpu._C, n, w, 1e-6)
+    assert lanes == (16 if "512" in torch.backends.cpu.get_cpu_capability() else 8)
+    for scale in (1e-4, 1.0, 1e4):
+        a, b = torch.randn(n, generator=gen) * scale, torch.randn(n, generator=gen)
+        h_ref, x_ref = _aten_add_rms_norm(a.view(1, 1, n), b.view(1, 1, n), w, 1e-6)
+        h, x = a.clone(), torch.empty(n)
+        cpu._C.add_rms_norm_f32(h.data_ptr(), b.data_ptr(), n, w.data_ptr(), 1e-6, h.data_ptr(), x.data_ptr(),
+                                lanes)   # the residual updated in place, as the decoder runs it
+        assert torch.equal(h, h_ref.view(n)) and torch.equal(x, x_ref.view(n))
 
 
 def test_mixed_formats_are_not_fused_but_still_right():
