@@ -12,8 +12,12 @@ weights and modules, in a loop written for batch 1 (``slmkern.generate`` uses it
   checkpoints keep per-layer tensors). The kernels compute every output column on its own, so the fused
   call gives the separate calls' bits (tested);
 - a KV cache allocated once per cache length; attention reads its filled part, as HF's DynamicCache hands it;
-- no module calls, hooks, masks, cache objects or output dataclasses per token: about 30 aten ops and 4
-  kernel calls per layer.
+- no module calls, hooks, masks, cache objects or output dataclasses per token. In fp32 a decode step per
+  layer is 4 kernel calls, sdpa, SiLU * up and three C++ calls (csrc/decoder.cpp): rotary embedding + KV-cache
+  write, and the residual add + RMSNorm twice. The norm replays aten's float summation order; the decoder checks
+  it against the aten ops when it is built and keeps the aten ops where they differ (``norm_lanes``);
+- torch's aten ops run on the calling thread alone during the decode loop and slmkern's kernels on its own
+  pool, whose helpers spin between calls (``decode_many``): one pool per core, no OpenMP wake-ups.
 
 What it covers: ``model_type`` llama / mistral / qwen2 in fp32, bf16 or fp16 on the CPU, every layer full
 attention over the cache (a sliding window at least as long as the cache is full attention), SiLU MLP, sdpa
