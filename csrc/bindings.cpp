@@ -18,6 +18,7 @@ uint64_t stream_read(const uint8_t* p, int64_t bytes, int n_threads);
 void rope_qkv_f32(const float* qkv, int64_t ld_qkv, int64_t M, int64_t H, int64_t Hkv, int64_t D,
                   const float* cos, const float* sin, float* q_out, float* k_cache, float* v_cache,
                   int64_t cache_head_stride, int64_t pos);
+extern int64_t g_w8a8_row_chunk;
 void add_rms_norm_f32(const float* a, const float* b, int64_t n, const float* w, float eps, float* h_out,
                       float* x_out, int lanes);
 }
@@ -210,6 +211,8 @@ PYBIND11_MODULE(_C, m) {
     add_rms_norm_f32(ptr<const float>(a), b ? ptr<const float>(b) : nullptr, n, ptr<const float>(w), eps,
                      h_out ? ptr<float>(h_out) : nullptr, ptr<float>(x_out), lanes);
   });
+  m.def("_set_w8a8_row_chunk", [](int64_t rows) { g_w8a8_row_chunk = rows < 0 ? 0 : rows; },
+        "AVX2 w8a8 GEMM: rows per L2 chunk (0: none); a tuning knob for benchmarks");
   m.def("set_pool_keep_warm", [](bool on) {
     py::gil_scoped_release nogil;
     set_pool_keep_warm(on);

@@ -73,6 +73,22 @@ def test_larger_shapes_match_reference(cpu_isa, M):
         assert torch.equal(op(x, w, s, b, prepack_cpu(w)), reference.w8a8_linear(x, w, s, b))
 
 
+@pytest.mark.parametrize("M", [257, 300])
+def test_large_m_row_chunks_match_reference(cpu_isa, M):
+    """M >= 256 takes the AVX2 GEMM's L2 row chunks and 16-tile tasks: every chunk size (0 = none, a ragged
+    7, the default 64) gives the reference's bits, across chunk, row-block and tile-group tails."""
+    K, N = 200, 16 * 18 + 5
+    x = torch.randn(M, K)
+    w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
+    wp, ref = prepack_cpu(w), reference.w8a8_linear(x, w, s, b)
+    try:
+        for chunk in (0, 7, 64):
+            cpu_backend._C._set_w8a8_row_chunk(chunk)
+            assert torch.equal(op(x, w, s, b, wp), ref), chunk
+    finally:
+        cpu_backend._C._set_w8a8_row_chunk(64)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bitwise_equal_to_cpp_reference(cpu_isa, dtype):
     """Same bits as the scalar C++ spec, NaN payloads included."""
