@@ -58,7 +58,8 @@ fuzz: install
 SAN_DIR := build/asan
 SAN_TESTS := test_w8a8.py test_w8a16.py test_w4a16.py test_w4a8.py test_formats.py test_formats_int4.py \
              test_nn.py test_nn_int4.py test_fuzz.py test_concurrency.py \
-             test_sparse.py test_sparse24.py test_formats_bitmask.py test_formats_sparse24.py test_nn_sparse.py
+             test_sparse.py test_sparse24.py test_formats_bitmask.py test_formats_sparse24.py test_nn_sparse.py \
+             test_decoder.py
 sanitize: $(STAMP)
 	rm -rf $(SAN_DIR)/lib
 	SLMKERN_SANITIZE=address,undefined SLMKERN_BUILD_TYPE=Debug \
