@@ -265,9 +265,11 @@ class LeanDecoder:
         self.lanes = None
         if self.fast_rope and all(t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 1 for t in all_w):
             self.lanes = norm_lanes(self._C, cfg.hidden_size, inner.norm.weight, float(inner.norm.variance_epsilon))
-        # Every linear a slmkern kernel call: the kernels get the threads (their own pool) and aten's small
-        # ops run on the caller alone, so two pools never take turns waking each other (see decode()).
-        self.all_planned = self.head.planned and all(L[i].planned for L in self.layers for i in (1, 2, 4, 5))
+        # Every linear of the layers a slmkern kernel call: the kernels get the threads (their own pool) and aten's
+        # small ops run on the caller alone, so two pools never take turns waking each other (decode_many). A
+        # float head (nn.Linear) gets torch's threads back for its one call.
+        self.body_planned = all(L[i].planned for L in self.layers for i in (1, 2, 4, 5))
+        self.all_planned = self.head.planned and self.body_planned
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.cache_len = 0
@@ -340,7 +342,7 @@ class LeanDecoder:
             h = r + down(F.silu(g) * u, threads)
         self.n = end
         h = self.final_norm(h)
-        return self.head(h[:, -1:, :], threads)[:, -1]
+        return self._head(h[:, -1:, :], threads)[:, -1]
 
     def _decode_fused(self, h: torch.Tensor, cos, sin, start: int, threads: int) -> torch.Tensor:
         """One fp32 decode step with the C++ rope/cache write and residual add + RMSNorm (same bits as above)."""
@@ -368,7 +370,23 @@ class LeanDecoder:
             wn, en = self.final_params if i == last else self.norm_params[i + 1][:2]
             C.add_rms_norm_f32(hp, d.data_ptr(), n, wn.data_ptr(), en, hp, xp, lanes)
         self.n = end
-        return self.head(x, threads)[:, -1]
+        return self._head(x, threads)[:, -1]
+
+    def _head(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        """The output head. Inside decode_many's one-thread stretch a head that is not a slmkern kernel (a float
+        nn.Linear: one large GEMV) runs with torch's threads, slmkern's helpers off the cores meanwhile."""
+        if self.head.planned or not threads or torch.get_num_threads() >= threads:
+            return self.head(x, threads)
+        warm = self._C is not None
+        torch.set_num_threads(threads)
+        if warm:
+            self._C.set_pool_keep_warm(False)
+        try:
+            return self.head(x, threads)
+        finally:
+            torch.set_num_threads(1)
+            if warm:
+                self._C.set_pool_keep_warm(True)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits of the last prompt position, from an empty cache."""
@@ -390,14 +408,14 @@ class LeanDecoder:
     def decode_many(self, token: torch.Tensor, steps: int, stop: set[int] = frozenset()) -> list[int]:
         """Greedy tokens after `token` for up to `steps` steps (ending after a token in `stop`).
 
-        With every linear a slmkern kernel, the kernels run on torch.get_num_threads() threads of slmkern's
+        With every linear of the layers a slmkern kernel, the kernels run on torch.get_num_threads() threads of slmkern's
         pool and aten's ops (a few us each at batch 1) on this thread alone for the loop's duration: torch's
         OpenMP pool and slmkern's never wake each other up, and OMP_WAIT_POLICY stops mattering. For the loop's
         duration slmkern's helper threads spin between kernel calls instead of sleeping (the cores are this
         loop's), so no call waits for a helper to wake up."""
         threads = torch.get_num_threads()
         out: list[int] = []
-        single = self.all_planned and threads > 1
+        single = self.body_planned and threads > 1
         with torch.inference_mode():
             if single:
                 torch.set_num_threads(1)

@@ -197,6 +197,23 @@ def test_threads_restored_and_used(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_float_head_gets_torchs_threads_back(monkeypatch):
+    model = tiny("llama", CONFIGS["w8a8"])       # lm_head stays a float nn.Linear
+    dec = LeanDecoder(model, 64)
+    assert dec.body_planned and not dec.all_planned
+    seen, real = [], model.lm_head.forward
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: (seen.append(torch.get_num_threads()), real(x))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ids = prompt(6)
+        toks = dec.decode_many(dec.prefill(ids), 4)
+        assert torch.get_num_threads() == 2 and seen == [2] * 5          # prefill + 4 steps, all on 2 threads
+        assert [int(dec.logits(ids).argmax())] + toks[:3] == hf_greedy(model, ids, 4)[0, 6:].tolist()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_edited_model_is_seen(caplog):
     model = tiny("llama", CONFIGS["w8a8"])
     ids = prompt(8)
