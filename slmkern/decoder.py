@@ -27,6 +27,8 @@ refused, not guessed at.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,42 +85,22 @@ def unsupported_reason(model, cache_len: int) -> str | None:
 
 
 # ----------------------------------------------------------------------------- fused linears
-def _int4_key(m):
-    return ("int4", m.in_features, m.group_size, m.symmetric, m.activations, m.bias is not None,
-            None if m.bias is None else m.bias.dtype)
-
-
-def _int8_key(m):
-    return ("int8", m.in_features, m.activations, m.bias is not None, None if m.bias is None else m.bias.dtype)
-
-
 def _fused_module(mods: list[nn.Module]) -> nn.Module | None:
-    """One slmkern linear whose output is the outputs of `mods` side by side (same input), or None."""
+    """One slmkern linear whose output is the outputs of `mods` side by side (same input), or None: mods must be
+    Int4Linear or Int8Linear of one class and one configuration but for out_features. Built from their
+    canonical tensors stacked along N, through the checkpoint loader's own from_canonical."""
     from slmkern.nn import Int4Linear, Int8Linear
 
-    if len(mods) < 2:
-        return None
     first = mods[0]
-    if all(type(m) is Int4Linear for m in mods) and len({_int4_key(m) for m in mods}) == 1:
-        cat = lambda name: torch.cat([getattr(m, name) for m in mods])  # noqa: E731
-        fused = Int4Linear(first.in_features, sum(m.out_features for m in mods), first.bias is not None,
-                           first.group_size, first.symmetric, first.activations,
-                           dtype=first.bias.dtype if first.bias is not None else torch.float32)
-        tensors = {"weight": cat("weight"), "weight_scale": cat("weight_scale")}
-        if not first.symmetric:
-            tensors["weight_zero"] = cat("weight_zero")
-    elif all(type(m) is Int8Linear for m in mods) and len({_int8_key(m) for m in mods}) == 1:
-        cat = lambda name: torch.cat([getattr(m, name) for m in mods])  # noqa: E731
-        fused = Int8Linear(first.in_features, sum(m.out_features for m in mods), first.bias is not None,
-                           first.activations,
-                           dtype=first.bias.dtype if first.bias is not None else torch.float32)
-        tensors = {"weight": cat("weight"), "weight_scale": cat("weight_scale")}
-    else:
+    if len(mods) < 2 or type(first) not in (Int4Linear, Int8Linear) or any(type(m) is not type(first) for m in mods):
         return None
-    if first.bias is not None:
-        tensors["bias"] = cat("bias")
-    fused.load_state_dict(tensors)     # the post-load hook packs the fused weight for the CPU kernels
-    return fused
+    configs = [dict(m.slmkern_config(), out_features=None) for m in mods]
+    if any(c != configs[0] for c in configs):
+        return None
+    parts = [m.canonical_tensors() for m in mods]
+    tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    config = dict(first.slmkern_config(), out_features=sum(m.out_features for m in mods))
+    return type(first).from_canonical(tensors, config)   # packs the fused weight for the CPU kernels
 
 
 class _Linears:
@@ -162,11 +144,19 @@ def _refs(mods) -> tuple:
                  for m in mods)
 
 
-def _aten_add_rms_norm(a, b, w, eps):
-    """HF's residual add + RMSNorm in fp32, op for op (the reference the C++ version must equal)."""
-    h = a + b if b is not None else a
+def hf_rms_norm(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm (LlamaRMSNorm.forward), op for op: the aten ops the decoder runs and the C++ one must equal."""
+    dtype = h.dtype
+    h = h.to(torch.float32)
     var = h.pow(2).mean(-1, keepdim=True)
-    return h, w * (h * torch.rsqrt(var + eps))
+    h = h * torch.rsqrt(var + eps)
+    return w * h.to(dtype)
+
+
+def _aten_add_rms_norm(a, b, w, eps):
+    """HF's residual add + RMSNorm: (h, norm(h))."""
+    h = a + b if b is not None else a
+    return h, hf_rms_norm(h, w, eps)
 
 
 def norm_lanes(C, n: int, w: torch.Tensor, eps: float) -> int | None:
@@ -195,10 +185,6 @@ def norm_lanes(C, n: int, w: torch.Tensor, eps: float) -> int | None:
     return None
 
 
-def dt_is_f32(inner) -> bool:
-    return inner.embed_tokens.weight.dtype == torch.float32
-
-
 def _model_refs(model) -> tuple:
     inner = model.model
     mods = [inner.embed_tokens, model.lm_head, inner.norm, inner.rotary_emb]
@@ -210,17 +196,9 @@ def _model_refs(model) -> tuple:
 
 
 # ----------------------------------------------------------------------------- the decoder
-def _rms_norm(norm: nn.Module):
-    w, eps = norm.weight, norm.variance_epsilon
-
-    def f(h: torch.Tensor) -> torch.Tensor:   # HF's RMSNorm, op for op
-        dtype = h.dtype
-        h = h.to(torch.float32)
-        var = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(var + eps)
-        return w * h.to(dtype)
-
-    return f
+def _rms_norm(norm: nn.Module) -> functools.partial:
+    """norm(h) as HF computes it; its keywords (w, eps) are what the C++ norm reads on decode steps."""
+    return functools.partial(hf_rms_norm, w=norm.weight, eps=float(norm.variance_epsilon))
 
 
 class LeanDecoder:
@@ -236,7 +214,6 @@ class LeanDecoder:
             raise ValueError(f"model: {reason}")
         cfg = model.config.get_text_config(decoder=True)
         inner = model.model
-        self.cache_len, self.fuse = cache_len, fuse
         self.embed, self.rotary, self.lm_head = inner.embed_tokens, inner.rotary_emb, model.lm_head
         self.final_norm = _rms_norm(inner.norm)
         a0 = inner.layers[0].self_attn
@@ -255,15 +232,14 @@ class LeanDecoder:
         # decode steps in fp32 with one q/k/v kernel call: rope + cache write in one C++ call (csrc/decoder.cpp)
         from slmkern._backends import cpu as cpu_backend
         self._C = cpu_backend._C if cpu_backend.has_cpp() else None
-        self.fast_rope = self._C is not None and dt_is_f32(inner) and all(L[1].planned for L in self.layers)
+        self.fast_rope = self._C is not None and inner.embed_tokens.weight.dtype == torch.float32 \
+            and all(L[1].planned for L in self.layers)
         # decode steps in fp32: residual add + RMSNorm in one C++ call, where it gives aten's bits on this torch
-        norms = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in inner.layers]
-        self.norm_params = [(n1.weight, float(n1.variance_epsilon), n2.weight, float(n2.variance_epsilon))
-                            for n1, n2 in norms]
-        self.final_params = (inner.norm.weight, float(inner.norm.variance_epsilon))
-        all_w = [t for p in self.norm_params for t in (p[0], p[2])] + [self.final_params[0]]
+        norms = [self.final_norm] + [n for L in self.layers for n in (L[0], L[3])]
+        self._next_norms = [L[0].keywords for L in self.layers[1:]] + [self.final_norm.keywords]  # after layer i
         self.lanes = None
-        if self.fast_rope and all(t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 1 for t in all_w):
+        if self.fast_rope and all(n.keywords["w"].dtype == torch.float32 and n.keywords["w"].is_contiguous()
+                                  and n.keywords["w"].dim() == 1 for n in norms):
             self.lanes = norm_lanes(self._C, cfg.hidden_size, inner.norm.weight, float(inner.norm.variance_epsilon))
         # Every linear of the layers a slmkern kernel call: the kernels get the threads (their own pool) and aten's
         # small ops run on the caller alone, so two pools never take turns waking each other (decode_many). A
@@ -351,10 +327,10 @@ class LeanDecoder:
         n = h.shape[-1]
         x = torch.empty_like(h)
         hp, xp = h.data_ptr(), x.data_ptr()      # h: the residual stream, updated in place
-        w1, e1 = self.norm_params[0][0], self.norm_params[0][1]
-        C.add_rms_norm_f32(hp, 0, n, w1.data_ptr(), e1, hp, xp, lanes)
-        last = len(self.layers) - 1
-        for i, (_, qkv, o_proj, _, gate_up, down) in enumerate(self.layers):
+        nxt = self._next_norms
+        first = self.layers[0][0].keywords
+        C.add_rms_norm_f32(hp, 0, n, first["w"].data_ptr(), first["eps"], hp, xp, lanes)
+        for i, (_, qkv, o_proj, norm2, gate_up, down) in enumerate(self.layers):
             kc, vc = self.k[i], self.v[i]
             y = qkv.raw(x, threads)
             q = torch.empty((1, H, 1, D))
@@ -363,12 +339,12 @@ class LeanDecoder:
             a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], dropout_p=0.0, scale=self.scaling,
                                                **self.gqa)
             o = o_proj(a.view(1, 1, H * D), threads)
-            _, _, w2, e2 = self.norm_params[i]
-            C.add_rms_norm_f32(hp, o.data_ptr(), n, w2.data_ptr(), e2, hp, xp, lanes)
+            p2 = norm2.keywords
+            C.add_rms_norm_f32(hp, o.data_ptr(), n, p2["w"].data_ptr(), p2["eps"], hp, xp, lanes)
             g, u = gate_up(x, threads)
             d = down(F.silu(g) * u, threads)
-            wn, en = self.final_params if i == last else self.norm_params[i + 1][:2]
-            C.add_rms_norm_f32(hp, d.data_ptr(), n, wn.data_ptr(), en, hp, xp, lanes)
+            pn = nxt[i]
+            C.add_rms_norm_f32(hp, d.data_ptr(), n, pn["w"].data_ptr(), pn["eps"], hp, xp, lanes)
         self.n = end
         return self._head(x, threads)[:, -1]
 
@@ -408,8 +384,8 @@ class LeanDecoder:
     def decode_many(self, token: torch.Tensor, steps: int, stop: set[int] = frozenset()) -> list[int]:
         """Greedy tokens after `token` for up to `steps` steps (ending after a token in `stop`).
 
-        With every linear of the layers a slmkern kernel, the kernels run on torch.get_num_threads() threads of slmkern's
-        pool and aten's ops (a few us each at batch 1) on this thread alone for the loop's duration: torch's
+        With every linear of the layers a slmkern kernel, the kernels run on torch.get_num_threads() threads of
+        slmkern's pool and aten's ops (a few us each at batch 1) on this thread alone for the loop's duration: torch's
         OpenMP pool and slmkern's never wake each other up, and OMP_WAIT_POLICY stops mattering. For the loop's
         duration slmkern's helper threads spin between kernel calls instead of sleeping (the cores are this
         loop's), so no call waits for a helper to wake up."""

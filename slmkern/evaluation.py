@@ -193,9 +193,10 @@ def decode_tokens_per_s(model, tokenizer, prompt: str = "The history of the city
 
 
 def _is_hf_causal_lm(model) -> bool:
+    """Would slmkern.generate take this model (its own check, no second copy of it)?"""
+    from slmkern.generate import _check_model
     try:
-        from transformers import GenerationMixin, PreTrainedModel
-    except ImportError:
+        _check_model(model)
+    except TypeError:
         return False
-    return isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin) and model.can_generate() \
-        and not getattr(model.config, "is_encoder_decoder", False)
+    return True

@@ -268,7 +268,8 @@ class LinearPlan:
             M = x.numel() // K
             y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype, device="cpu")
             if M > 0:
-                self.fn(x.data_ptr(), code, M, K, N, K, *self.mid, y.data_ptr(), N, threads or torch.get_num_threads())
+                self.fn(x.data_ptr(), code, M, K, N, K, *self.mid, y.data_ptr(), N,
+                        threads or torch.get_num_threads())
             return y
         x2 = ops.as_rows(x, K)
         M = x2.shape[0]
