@@ -14,8 +14,8 @@
   each target layer with its Hessian, one stage at a time, and only runs the next
   stage's pass once the caller has handled (e.g. rewritten) the previous stage.
 * :func:`blockwise_hessians` / :func:`layerwise_hessians`: the same, block by block in a
-  stack of transformer blocks (block inputs cached once, each block replayed alone, its
-  compressed output feeding the next block); layers outside the stack (an output head)
+  stack of transformer blocks (every block's own arguments captured in one real pass, each
+  block replayed alone, its compressed output feeding the next block); layers outside the stack (an output head)
   stage by stage over the whole model, before or after it. Used by GPTQ and SparseGPT.
 * :class:`InputNormCollector`: one pass, hooks on every target layer, accumulating the
   per-input-column sum of squares (Wanda's ``||X_j||_2^2``).
@@ -324,24 +324,39 @@ def _strip_cache(kwargs: dict) -> dict:
     return kw
 
 
-def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Any], device: torch.device
-                          ) -> list[Call] | None:
-    calls: list[Call] = []
+def _capture_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[Any], device: torch.device
+                         ) -> list[list[Call]] | None:
+    """Every block's own call, per calibration batch, as one real forward pass makes it.
 
-    def hook(mod, args, kwargs):
-        calls.append(Call(tuple(args), _strip_cache(kwargs)))
-        raise StopForward
+    ``calls[b][i]`` is block b's call on batch i with cache arguments dropped. Blocks may
+    differ in more than their weights (sliding-window vs full attention masks, per-layer
+    RoPE tables, ...), so each block keeps its own arguments; only block 0 keeps its hidden
+    state, the later blocks' hidden-state slot is None until the replay fills it with the
+    previous (compressed) block's output. The pass stops at the last block's input. None
+    when a block does not run exactly once per batch (then the stack cannot be replayed).
+    """
+    n = len(blocks)
+    calls: list[list[Call]] = [[] for _ in range(n)]
 
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    def make_hook(b: int):
+        def hook(mod, args, kwargs):
+            call = Call(tuple(args), _strip_cache(kwargs))
+            calls[b].append(call if b == 0 else _with_hidden(call, None))
+            if b == n - 1:
+                raise StopForward
+            return None
+        return hook
+
+    handles = [blk.register_forward_pre_hook(make_hook(b), with_kwargs=True) for b, blk in enumerate(blocks)]
     try:
         with torch.no_grad():
-            for batch in batches:
-                n = len(calls)
+            for i, batch in enumerate(batches):
                 run_model(model, batch, device)
-                if len(calls) != n + 1:
+                if any(len(c) != i + 1 for c in calls):
                     return None
     finally:
-        h.remove()
+        for h in handles:
+            h.remove()
     return calls
 
 
@@ -350,14 +365,23 @@ def _hidden(call: Call) -> torch.Tensor | None:
     return x if isinstance(x, torch.Tensor) else None
 
 
-def _next_call(call: Call, out: Any) -> Call | None:
+def _with_hidden(call: Call, x: torch.Tensor | None) -> Call:
+    """``call`` with its hidden-state argument (first positional, else ``hidden_states=``) replaced by x."""
+    if call.args:
+        return Call((x,) + tuple(call.args[1:]), call.kwargs)
+    return Call((), {**call.kwargs, "hidden_states": x})
+
+
+def _next_call(call: Call, out: Any, template: Call) -> Call | None:
+    """The next block's call: its own captured ``template`` fed with ``out``, the output of the block that
+    ran ``call`` (None when that output does not look like the hidden state it was given)."""
     y = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
     x = _hidden(call)
     if not isinstance(y, torch.Tensor) or x is None or y.shape != x.shape:
         return None
-    if call.args:
-        return Call((y,) + tuple(call.args[1:]), call.kwargs)
-    return Call((), {**call.kwargs, "hidden_states": y})
+    if not template.args and "hidden_states" not in template.kwargs:
+        return None
+    return _with_hidden(template, y)
 
 
 def blockwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any],
@@ -365,17 +389,21 @@ def blockwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches:
                        ) -> Iterator[tuple[str, nn.Module, HessianAccumulator | None]] | None:
     """Like :func:`stagewise_hessians`, but O(#blocks) model work instead of O(#stages * depth).
 
-    When every target lies in one nn.ModuleList of blocks (a transformer's layers), the
-    inputs of block 0 are captured once per calibration batch (cache arguments dropped,
-    ``use_cache=False``), each block is then calibrated stage by stage by replaying only
-    that block on its cached inputs, and, once the caller has processed all its layers,
-    the (compressed) block is run once to produce the next block's inputs. Yields
+    When every target lies in one nn.ModuleList of blocks (a transformer's layers), one
+    real forward pass per calibration batch captures every block's own arguments (cache
+    arguments dropped, ``use_cache=False``): block 0's hidden states, and each block's
+    masks, position tables and other arguments, which differ between layers in models
+    that mix sliding-window and full attention or use per-layer RoPE bases. Each block is
+    then calibrated stage by stage by replaying only that block on its inputs, and, once
+    the caller has processed all its layers, the (compressed) block is run once to produce
+    the hidden states of the next block, which gets them with its own arguments. Yields
     ``(fqn, module, HessianAccumulator)``, and ``(fqn, module, None)`` for a layer of a
     block that never ran. Returns None (use :func:`stagewise_hessians`) when the model
     does not have that shape: no such list holding *every* target, or a block whose input
     cannot be replayed. ``stages``: a list each calibrated stage's fqns are appended to.
     Memory: the cached block inputs (one hidden-state tensor per calibration batch, plus
-    the batch's shared kwargs such as masks and rotary tables) and one stage's Hessians.
+    every block's kwargs such as masks and rotary tables, mostly tensors the blocks share)
+    and one stage's Hessians.
     """
     found = find_block_list(model, targets)
     if found is None:
@@ -389,11 +417,12 @@ def blockwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches:
         if not idx.isdigit():
             return None
         block_of.setdefault(int(idx), {})[fqn] = targets[fqn]
-    calls = _capture_block_inputs(model, blocks[0], batches, device)
-    if calls is None or any(_hidden(c) is None for c in calls):
+    own = _capture_block_calls(model, blocks, batches, device)
+    if own is None or any(_hidden(c) is None for c in own[0]):
         return None
+    calls = own[0]
     with torch.no_grad():   # dry run: can block 0's output feed block 1?
-        if _next_call(calls[0], blocks[0](*calls[0].args, **calls[0].kwargs)) is None:
+        if _next_call(calls[0], blocks[0](*calls[0].args, **calls[0].kwargs), own[1][0]) is None:
             return None
 
     def gen():
@@ -409,8 +438,8 @@ def blockwise_hessians(model: nn.Module, targets: dict[str, nn.Module], batches:
             if b + 1 < len(blocks) and any(k > b for k in block_of):
                 nxt = []
                 with torch.no_grad():
-                    for c in calls:
-                        n = _next_call(c, block(*c.args, **c.kwargs))
+                    for c, template in zip(calls, own[b + 1]):
+                        n = _next_call(c, block(*c.args, **c.kwargs), template)
                         if n is None:
                             raise RuntimeError(f"{name}.{b}: block output does not look like its hidden-state "
                                                "input; cannot chain blocks")
