@@ -55,7 +55,8 @@ class Int4Config(_ConfigMixin):
     group_size: 32, 64, 128 or -1 (per-channel). symmetric: no zero points.
     activations: "float" (W4A16) or "int8" (W4A8, dynamic per-token activations).
     method: "rtn" (clip "minmax" | "mse"), "hqq" (data-free refinement) or "gptq"
-    (needs calibration data; act_order, percdamp, block_size are its options).
+    (needs calibration data; act_order, percdamp, block_size are its options; its clip may also
+    be "hmse": the clipping search weighted by each input column's calibration energy diag(H)).
     skip_names: module-name suffixes never converted (an output head dominates a small model's size
     and its error; it stays dense unless listed elsewhere).
     """
@@ -77,8 +78,8 @@ class Int4Config(_ConfigMixin):
             raise ValueError(f"activations: expected 'float' or 'int8', got {self.activations!r}")
         if self.method not in ("rtn", "hqq", "gptq"):
             raise ValueError(f"method: expected 'rtn', 'hqq' or 'gptq', got {self.method!r}")
-        if self.clip not in ("minmax", "mse"):
-            raise ValueError(f"clip: expected 'minmax' or 'mse', got {self.clip!r}")
+        if self.clip not in ("minmax", "mse", "hmse"):
+            raise ValueError(f"clip: expected 'minmax', 'mse' or 'hmse', got {self.clip!r}")
         if not (0 <= self.percdamp <= 1):
             raise ValueError(f"percdamp: expected a fraction in [0, 1], got {self.percdamp!r}")
         object.__setattr__(self, "skip_names", tuple(self.skip_names))

@@ -391,3 +391,56 @@ def test_gptq_block_driver_quantized_block_output_feeds_the_next_block():
     # expected H of layers.1.q: block 1's input in the model whose block 0 is quantized (as it is now)
     torch.testing.assert_close(seen["layers.1.q"], _q1_hessian(model, calib), rtol=1e-4, atol=1e-5)
     assert float((seen["layers.1.q"] - _q1_hessian(ref, calib)).abs().max()) > 1e-4  # not the float model's
+
+
+# ----------------------------------------------------------------------------- issue 17: hmse clipping, act-order
+@pytest.mark.parametrize("g", [32, 64, -1])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_hmse_clip_never_worse_than_minmax_or_mse_in_weighted_error(g, symmetric):
+    N, K = 32, 256
+    w = heavy_tailed(N, K)
+    gs = K if g == -1 else g
+    cw = torch.rand(K).pow(4) * 100 + 1e-3       # very uneven column importance
+    mm = rtn.rtn_quantize(w, g, symmetric)
+    mc = rtn.rtn_quantize(w, g, symmetric, clip="mse")
+    hc = rtn.rtn_quantize(w, g, symmetric, clip="hmse", col_weight=cw)
+    assert_canonical(hc, N, K, g, symmetric)
+    e = {k: rtn.group_sq_error(w, q.scales, q.zeros, gs, cw) for k, q in (("mm", mm), ("mc", mc), ("hc", hc))}
+    assert bool((e["hc"] <= e["mm"]).all()) and bool((e["hc"] <= e["mc"]).all())   # per group
+    assert float(e["hc"].sum()) < float(e["mc"].sum())      # and it does choose differently
+
+
+def test_hmse_clip_needs_and_checks_col_weight():
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="col_weight"):
+        rtn.rtn_quantize(w, 32, clip="hmse")
+    with pytest.raises(ValueError, match="col_weight"):
+        rtn.rtn_quantize(w, 32, clip="hmse", col_weight=torch.ones(63))
+    with pytest.raises(ValueError, match="col_weight"):
+        rtn.rtn_quantize(w, 32, clip="hmse", col_weight=-torch.ones(64))
+
+
+def test_gptq_hmse_clip_is_canonical_and_beats_rtn():
+    N, K, g = 48, 256, 64
+    X = correlated_inputs(1024, K) * torch.linspace(0.2, 4.0, K)
+    w = torch.randn(N, K) * 0.05
+    q, st = gptq.gptq_quantize(w, hessian(X), g, clip="hmse")
+    assert_canonical(q, N, K, g, False)
+    assert out_err(X, w, q) < 0.85 * out_err(X, w, rtn.rtn_quantize(w, g, False))
+
+
+def test_gptq_act_order_beats_natural_order_with_a_few_hot_input_columns():
+    # the usual LLM case act-order is for: a few input channels carry most of the energy and sit
+    # late in natural order; processing them first lets the other columns absorb their error
+    N, K, g = 64, 256, 64
+    torch.manual_seed(0)
+    X = correlated_inputs(2048, K)
+    hot = torch.arange(K - 12, K)
+    X[:, hot] *= 20.0
+    w = torch.randn(N, K) * 0.05
+    H = hessian(X)
+    errs = {}
+    for ao in (False, True):
+        q, st = gptq.gptq_quantize(w, H, g, act_order=ao, clip="minmax")
+        errs[ao] = out_err(X, w, q)
+    assert errs[True] < 0.8 * errs[False]

@@ -54,9 +54,11 @@ class GPTQStats:
     seconds: float = 0.0
 
 
-def _params(w: torch.Tensor, g: int, symmetric: bool, clip: str):
+def _params(w: torch.Tensor, g: int, symmetric: bool, clip: str, col_weight: torch.Tensor | None = None):
     if clip == "mse":
         return rtn.mse_clip_params(w, g, symmetric)
+    if clip == "hmse":  # weighted by diag(H): each column's share of the output error
+        return rtn.mse_clip_params(w, g, symmetric, col_weight=col_weight)
     return int4.minmax_params(w, g, symmetric)
 
 
@@ -91,8 +93,10 @@ def _rel_output_err(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float
     return num / den if den > 0 else float("nan")
 
 
-def _rtn(W: torch.Tensor, g: int, symmetric: bool, clip: str) -> int4.Int4Weight:
-    return rtn.rtn_quantize(W, g, symmetric, clip=clip)
+def _rtn(W: torch.Tensor, g: int, symmetric: bool, clip: str, col_weight=None) -> int4.Int4Weight:
+    if clip == "hmse" and col_weight is None:
+        clip = "mse"
+    return rtn.rtn_quantize(W, g, symmetric, clip=clip, col_weight=col_weight if clip == "hmse" else None)
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 128, symmetric: bool = False,
@@ -101,7 +105,8 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 128, symme
                   ) -> tuple[int4.Int4Weight, GPTQStats]:
     """w [N, K] float, H [K, K] (2/n X^T X) -> (Int4Weight, GPTQStats).
 
-    clip: how group parameters are chosen, "minmax" or "mse" (clipping search).
+    clip: how group parameters are chosen, "minmax", "mse" (clipping search on the weight
+    error) or "hmse" (the same search, each column's error weighted by diag(H)).
     Defaults (act-order with static groups, MSE clipping) measured best on
     all-MiniLM-L6-v2 (benchmarks/accuracy_int4_minilm.py); neither costs anything at
     inference, the output format is the same.
@@ -132,7 +137,8 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 128, symme
     def fallback(why: str):
         logger.warning("gptq: %s: %s; using RTN for this layer", name, why)
         stats.fallback = why
-        return finish(_rtn(W0, g, symmetric, clip))
+        dh = torch.nan_to_num(torch.diagonal(H0)).clamp_min(0)
+        return finish(_rtn(W0, g, symmetric, clip, dh))
 
     Hw = H0.clone()
     dead = torch.diagonal(Hw) == 0
@@ -158,8 +164,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 128, symme
     W = W0[:, perm].clone()
     codes = torch.empty(N, K, dtype=torch.uint8, device=W0.device)
     G = K // g
+    dH = torch.diagonal(H0).clamp_min(0)
     if act_order:  # static groups from the original weights, natural order
-        scales, zeros = _params(W0, g, symmetric, clip)
+        scales, zeros = _params(W0, g, symmetric, clip, dH)
     else:
         scales = torch.empty(N, G, dtype=torch.float32, device=W0.device)
         zeros = None if symmetric else torch.empty(N, G, dtype=torch.uint8, device=W0.device)
@@ -178,7 +185,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 128, symme
                 gi = col_group[col]
                 if not act_order and col % g == 0:
                     src = W[:, col:col + g] if i == 0 else W1[:, i:i + g]
-                    s_g, z_g = _params(src, g, symmetric, clip)
+                    s_g, z_g = _params(src, g, symmetric, clip, dH[perm_list[col]:perm_list[col] + g])
                     scales[:, gi] = s_g[:, 0]
                     if zeros is not None:
                         zeros[:, gi] = z_g[:, 0]
@@ -290,7 +297,7 @@ def gptq_quantize_model(model: nn.Module, calibration: Any, group_size: int = 12
             if bar is not None:
                 bar.set_postfix_str(fqn, refresh=False)
             if acc is None or acc.n == 0:
-                q = rtn.rtn_quantize(mod.weight, group_size, symmetric, clip=clip)
+                q = rtn.rtn_quantize(mod.weight, group_size, symmetric, clip="mse" if clip == "hmse" else clip)
                 if acc is None:
                     st = GPTQStats(fallback="never called during calibration; RTN")
                     logger.log(logging.INFO, "gptq: %s never ran on the calibration data; quantized by RTN", fqn)
