@@ -139,7 +139,17 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
             new = Int4Linear.from_linear(mod, cfg.group_size, cfg.symmetric, cfg.activations, cfg.method, cfg.clip)
         _set_submodule(model, fqn, new)
         report.swapped.append((fqn, new.extra_repr()))
+        _note_untied(model, fqn, mod.weight, report)
     return report
+
+
+def _note_untied(model: nn.Module, fqn: str, weight, report: SwapReport) -> None:
+    """A replaced Linear whose weight other modules still hold (a tied lm_head): say so, with the bytes
+    (the same rule and note as compress(), slmkern.recipes.untied_note)."""
+    from slmkern.recipes import tied_holders, untied_note
+    holders = tied_holders(model, weight)
+    if holders:
+        report.notes.append(untied_note(model, fqn, weight, holders))
 
 
 def sparsify_(model: nn.Module, config: SparseConfig | None = None, filter_fn: FilterFn | None = None, *,
@@ -188,6 +198,7 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None, filter_fn: F
         _set_submodule(model, fqn, new)
         desc = new.extra_repr() + (f" (auto: {why})" if why else "")
         report.swapped.append((fqn, desc))
+        _note_untied(model, fqn, mod.weight, report)
     return report
 
 

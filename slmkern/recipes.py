@@ -299,18 +299,50 @@ def _select(model: nn.Module, recipe: Recipe) -> dict[str, nn.Linear]:
     return sel
 
 
-def _untie(model: nn.Module, layers: dict[str, nn.Linear]) -> None:
-    """Give selected Linear layers their own weight when it is shared (tied lm_head / embeddings)."""
-    counts: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            counts[id(p)] = counts.get(id(p), 0) + 1
-    for fqn, m in layers.items():
-        if counts.get(id(m.weight), 0) > 1:
+# ----------------------------------------------------------------------------- tied weights
+# One rule, here and in quantize_: a Linear whose weight is shared (a tied lm_head and the input
+# embedding) stays tied while it stays a float nn.Linear. Only a layer that is compressed gets its
+# own weight (compressed in place, or replaced by a packed module); the other holders keep the fp32
+# tensor, and the report says so with the bytes that copy costs.
+def tied_holders(model: nn.Module, weight: torch.Tensor, skip: str = "") -> list[str]:
+    """Names ("module.param") of the parameters of ``model`` that are ``weight`` itself, except ``skip``."""
+    out = []
+    for name, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if p is weight and full != skip:
+                out.append(full)
+    return out
+
+
+def untied_note(model: nn.Module, fqn: str, weight: torch.Tensor, holders: list[str]) -> str:
+    """The report line for a tied layer that was compressed: who keeps the fp32 tensor, and its bytes.
+    Also clears ``config.tie_word_embeddings`` so a save/load round trip does not tie them again."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+        cfg.tie_word_embeddings = False
+    nbytes = weight.numel() * weight.element_size()
+    return (f"{fqn}: weight was tied to {', '.join(holders)}; compressing it untied them, so "
+            f"{holders[0]} keeps its own {str(weight.dtype).replace('torch.', '')} copy "
+            f"({nbytes:,} bytes) next to the compressed {fqn}")
+
+
+def _untie_for_update(layers: dict[str, nn.Linear], shared: dict[str, torch.Tensor]) -> list[str]:
+    """Before a step writes into these layers' weights: give each layer still sharing its weight its own copy."""
+    done = []
+    for f, m in layers.items():
+        if f in shared and m.weight is shared[f]:
             m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
-            cfg = getattr(model, "config", None)
-            if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
-                cfg.tie_word_embeddings = False
+            done.append(f)
+    return done
+
+
+def _retie(layers: dict[str, nn.Linear], shared: dict[str, torch.Tensor], names: list[str]) -> None:
+    """Undo :func:`_untie_for_update` for layers the step left alone (their copy is unchanged)."""
+    for f in names:
+        m = layers[f]
+        if type(m) is nn.Linear and torch.equal(m.weight, shared[f]):
+            m.weight = shared[f]
 
 
 def _check_calibration(model: nn.Module, batches: list, name: str = "calibration") -> None:
@@ -396,7 +428,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
             _need("prune", f"slmkern.algorithms.{s.options['algorithm']}", PRUNE_ALGORITHMS[s.options["algorithm"]])
         if s.kind == "sparsify":
             _need("sparsify", "slmkern.nn", "SparseLinear")
-    _untie(model, selected)
+    shared = {f: m.weight for f, m in selected.items() if tied_holders(model, m.weight, f"{f}.weight")}
     if any(s.kind == "distill" for s in recipe.steps) and teacher is None:
         teacher = copy.deepcopy(model).eval()
     originals = {f: m.weight.detach().float().clone() for f, m in selected.items()}
@@ -414,12 +446,15 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
             fn = _need("prune", f"slmkern.algorithms.{o['algorithm']}", PRUNE_ALGORITHMS[o["algorithm"]])
             names = set(live())
             flt = lambda m, fqn, names=names: fqn in names  # noqa: E731
+            untied = _untie_for_update({f: selected[f] for f in names}, shared)
             if o["algorithm"] == "magnitude":
-                fn(model, o["pattern"], scope=o.get("scope", "layer"), filter_fn=flt)
+                prep = fn(model, o["pattern"], scope=o.get("scope", "layer"), filter_fn=flt)
             else:
-                fn(model, batches, o["pattern"], filter_fn=flt)
+                prep = fn(model, batches, o["pattern"], filter_fn=flt)
+            _retie(selected, shared, [f for f in untied if f not in prep.layers])
             for f in names:
-                masks[f] = selected[f].weight.detach() != 0
+                if f in prep.layers:
+                    masks[f] = selected[f].weight.detach() != 0
             report.notes.append(f"step {i}: prune {o['algorithm']} {o['pattern']} on {len(names)} layer(s)")
         elif step.kind == "quantize":
             o = dict(o)
@@ -433,7 +468,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
                 for p in pats:
                     if not any(_matches(f, p) for f in selected):
                         raise RecipeError(f"recipe step {i} (quantize) {kind}: pattern {p!r} matches no selected layer")
-            _quantize_step(model, cfg, layers, batches, pending, skipped, masks, report, progress)
+            _quantize_step(model, cfg, layers, batches, pending, skipped, masks, report, progress, shared)
             report.notes.append(f"step {i}: quantize {o.get('algorithm')} -> {len(pending)} layer(s) pending")
         elif step.kind == "distill":
             from slmkern.algorithms.distill import distill
@@ -478,6 +513,14 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
     for f, m in model.named_modules():
         if type(m) is nn.Linear and f not in report.layers:
             report.layers[f] = LayerResult("dense fp32", _module_bytes(m), 0.0, "excluded by recipe ignore/targets")
+    for f, w in shared.items():
+        m = selected[f]
+        if type(m) is nn.Linear and m.weight is w:
+            report.layers[f].note = "; ".join(x for x in (report.layers[f].note, "stays tied (not compressed)") if x)
+            continue
+        holders = tied_holders(model, w, f"{f}.weight")
+        if holders:
+            report.notes.append(untied_note(model, f, w, holders))
     return report
 
 
@@ -513,7 +556,7 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
 
 
 def _quantize_step(model, cfg, layers: dict[str, nn.Linear], batches, pending, skipped, masks, report,
-                   progress: bool) -> None:
+                   progress: bool, shared: dict[str, torch.Tensor]) -> None:
     from slmkern.formats import int4
     from slmkern.formats import int8 as int8_format
     todo: dict[str, nn.Linear] = {}
@@ -532,6 +575,7 @@ def _quantize_step(model, cfg, layers: dict[str, nn.Linear], batches, pending, s
         todo[f] = m
     if not todo:
         return
+    untied = _untie_for_update(todo, shared)   # the grid is written into the weights below
     with torch.no_grad():
         if isinstance(cfg, Int8Config):
             for f, m in todo.items():
@@ -566,3 +610,4 @@ def _quantize_step(model, cfg, layers: dict[str, nn.Linear], batches, pending, s
                 if f in masks:
                     w = w * masks[f]
                 m.weight.copy_(pending[f].fake(w))
+    _retie(todo, shared, [f for f in untied if f not in pending])
