@@ -27,6 +27,22 @@ Dequantization (the value every w4a16 kernel computes with), in fp32::
     are stored with a +8 offset). ``code - z`` is an exact small integer, so the
     only rounding is the one fp32 multiply.
 
+Offset ("min") form, for imported weights whose zero is not an integer (GGUF Q4_1,
+``w = d*q + m``): ``offsets`` float32 ``[N, K/g]`` instead of ``zeros``, and::
+
+        W[n, k] = float(code[n, k]) * scales[n, k // g] + offsets[n, k // g]
+
+    in fp32, one multiply then one add (for an fp16 ``d`` the product is exact, so
+    this is GGUF's own fp32 dequantization bit for bit). An integer zero point cannot
+    hold ``-m/d``, and a float zero point ``zf`` cannot either: ``(code - zf) * s``
+    rounds ``code - zf`` first and misses ``d*q + m`` by an ulp in about 1 group in 10.
+    The CPU packed layout already keeps one additive term per group (``sz``, the
+    kernels compute ``code*s - sz``), so :mod:`slmkern.formats.int4_cpu` stores
+    ``sz = -offsets`` and the kernels run the offset form exactly. At op level (which
+    takes ``zeros``) the same weight is passed as the float zero point
+    :func:`offset_zero_points` ``= -offsets / scales``, which the pure-torch reference
+    and non-CPU kernels evaluate as ``(code - zf) * s``: within an ulp of the weight.
+
 Quantization rounds half to even: ``code = clamp(round(W / s) + z, 0, 15)``. Min/max
 parameters (:func:`minmax_params`, used by :func:`quantize`):
 
@@ -272,6 +288,36 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     codes = _grouped(unpack(packed), g).float()
     w = (codes - zero_tensor(scales, zeros).unsqueeze(-1)) * scales.unsqueeze(-1)
     return w.reshape(N, K).to(dtype)
+
+
+def check_offsets(scales: torch.Tensor, offsets: torch.Tensor, name: str = "offsets") -> None:
+    """Raise unless offsets is a float32 [N, K/g] tensor on scales' device with finite values."""
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.float32:
+        raise TypeError(f"{name}: expected torch.float32 [N, K/g], got {getattr(offsets, 'dtype', type(offsets))}")
+    if tuple(offsets.shape) != tuple(scales.shape):
+        raise ValueError(f"{name}: expected shape {tuple(scales.shape)} (same as scales), got {tuple(offsets.shape)}")
+    if offsets.device != scales.device:
+        raise ValueError(f"{name}: is on {offsets.device} but scales is on {scales.device}")
+    if offsets.numel() and offsets.device.type != "meta" and not bool(torch.isfinite(offsets).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+
+
+def dequantize_offset(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                      group_size: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """packed uint8 [N, K/2], scales f32 [N, K/g], offsets f32 [N, K/g] -> W = code * s + offset [N, K] (fp32)."""
+    N, K, g = check(packed, scales, None, group_size)
+    check_offsets(scales, offsets)
+    codes = _grouped(unpack(packed), g).float()
+    w = codes * scales.unsqueeze(-1) + offsets.unsqueeze(-1)
+    return w.reshape(N, K).to(dtype)
+
+
+def offset_zero_points(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The float zero points (HQQ-style, op level) of an offset-form weight: ``-offsets / scales``
+    (0 where the scale is 0: such a group is ``offsets`` only, which no zero point can express)."""
+    check_offsets(scales, offsets)
+    return torch.where(scales != 0, -offsets / torch.where(scales != 0, scales, torch.ones_like(scales)),
+                       torch.zeros_like(offsets))
 
 
 # ----------------------------------------------------------------------------- export

@@ -12,6 +12,7 @@ to one flat uint8 blob for the C++ kernels (``csrc/include/slmkern/int4.h``)::
             0 past the group's end (k >= (q+1)*g) and for n >= N
         s  fp32[16]  scales[n, q]            (0 for n >= N)
         sz fp32[16]  scales[n, q] * z[n, q]  only when zeros is not None
+                     (-offsets[n, q] for an offset-form weight, see :func:`prepack_cpu`)
 
 Read as 16 dwords, a block holds channel i in dword i: the low nibbles are one
 16-channel x 4-k vpdpbusd operand, the high nibbles the next.
@@ -90,12 +91,37 @@ def pack_reference(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     return torch.cat(parts, dim=2).reshape(-1).contiguous()
 
 
+def _set_offsets(blob: torch.Tensor, N: int, K: int, g: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Overwrite the asymmetric blob's per-group sz with -offsets (kernels: W = u*s - sz = u*s + offset)."""
+    L = layout(N, K, g, True)
+    NT, G, nblk = L["NT"], L["G"], L["nblk"]
+    sz = torch.zeros(NT * NB, G, dtype=torch.float32)
+    sz[:N] = -offsets.detach().cpu().float()
+    grp = blob.view(NT, G, L["group_bytes"])
+    grp[:, :, nblk * 64 + 64:] = sz.reshape(NT, NB, G).permute(0, 2, 1).contiguous().view(torch.uint8).reshape(
+        NT, G, 64)
+    return blob
+
+
 def prepack_cpu(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
-                group_size: int = 128) -> torch.Tensor:
-    """Canonical int4 weight -> CPU packed uint8 blob for the C++ kernels (one-off, at module build)."""
+                group_size: int = 128, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Canonical int4 weight -> CPU packed uint8 blob for the C++ kernels (one-off, at module build).
+
+    offsets (float32 [N, K/g], the offset form ``W = code*s + offset`` of slmkern.formats.int4): the
+    blob's additive term becomes exactly ``-offsets``; zeros must then be the op-level float zero points
+    (slmkern.formats.int4.offset_zero_points), which only select the asymmetric layout.
+    """
     from slmkern._backends import cpu
 
     N, K, g = check_canonical(w, scales, zeros, group_size)
+    if offsets is not None:
+        if zeros is None or zeros.dtype != torch.float32:
+            raise ValueError("zeros: an offset-form weight (offsets given) packs with float32 zero points "
+                             "(slmkern.formats.int4.offset_zero_points), got "
+                             f"{None if zeros is None else zeros.dtype}")
+        from slmkern.formats.int4 import check_offsets
+        check_offsets(scales, offsets)
+        return _set_offsets(prepack_cpu(w, scales, zeros, g), N, K, g, offsets)
     if not cpu.has_cpp():
         return pack_reference(w, scales, zeros, g)
     w = w.detach().cpu().contiguous()

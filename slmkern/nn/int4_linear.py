@@ -22,13 +22,16 @@ class Int4Linear(PackedLinearBase):
     Buffers ``weight`` (uint8 [N, K/2], two codes per byte), ``weight_scale`` (fp32
     [N, K/g]), ``weight_zero`` (uint8 [N, K/g], absent when symmetric) and ``bias``
     go into ``state_dict``; on CPU the module also keeps the kernel's packed layout.
+    offsets=True (imported GGUF Q4_1): ``weight_offset`` (fp32 [N, K/g]) replaces the saved zero
+    points, W = code * s + offset (slmkern.formats.int4, offset form); ``weight_zero`` is then the
+    derived float zero point passed at op level (not saved).
     """
 
-    FP32_BUFFERS = ("weight_scale",)
+    FP32_BUFFERS = ("weight_scale", "weight_offset", "weight_zero")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  symmetric: bool = False, activations: str = "float", device=None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, offsets: bool = False) -> None:
         super().__init__()
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations: expected one of {ACTIVATIONS}, got {activations!r}")
@@ -39,8 +42,15 @@ class Int4Linear(PackedLinearBase):
         self.register_buffer("weight", torch.full((out_features, in_features // 2), 0x88, dtype=torch.uint8,
                                                   device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, G, dtype=torch.float32, device=device))
+        if offsets and symmetric:
+            raise ValueError("offsets: the offset form is asymmetric; pass symmetric=False")
+        self.offsets = offsets
+        self.register_buffer("weight_offset", torch.zeros(out_features, G, dtype=torch.float32, device=device)
+                             if offsets else None)
         self.register_buffer("weight_zero", None if symmetric else
-                             torch.full((out_features, G), 8, dtype=torch.uint8, device=device))
+                             torch.zeros(out_features, G, dtype=torch.float32, device=device) if offsets else
+                             torch.full((out_features, G), 8, dtype=torch.uint8, device=device),
+                             persistent=not offsets)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._init_packing()
         self.prepack()
@@ -87,13 +97,23 @@ class Int4Linear(PackedLinearBase):
 
     def _init_kwargs(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
-                "group_size": self.group_size, "symmetric": self.symmetric, "activations": self.activations}
+                "group_size": self.group_size, "symmetric": self.symmetric, "activations": self.activations,
+                **({"offsets": True} if self.offsets else {})}
+
+    @torch.no_grad()
+    def prepack(self) -> None:
+        if self.offsets:  # the op-level float zero points follow the saved offsets and scales
+            self.weight_zero = int4_format.offset_zero_points(self.weight_scale, self.weight_offset)
+        super().prepack()
 
     def _pack_cpu(self) -> torch.Tensor:
         from slmkern.formats import int4_cpu
-        return int4_cpu.prepack_cpu(self.weight, self.weight_scale, self.weight_zero, self.group_size)
+        return int4_cpu.prepack_cpu(self.weight, self.weight_scale, self.weight_zero, self.group_size,
+                                    offsets=self.weight_offset)
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.offsets:
+            return int4_format.dequantize_offset(self.weight, self.weight_scale, self.weight_offset, self.group_size)
         return int4_format.dequantize(self.weight, self.weight_scale, self.weight_zero, self.group_size)
 
     def _direct_plan(self):
@@ -123,4 +143,5 @@ class Int4Linear(PackedLinearBase):
     def extra_repr(self) -> str:
         op = "w4a16_linear" if self.activations == "float" else "w4a8_linear"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"group_size={self.group_size}, symmetric={self.symmetric}, activations={self.activations}, op={op}")
+                f"group_size={self.group_size}, symmetric={self.symmetric}, activations={self.activations}, op={op}"
+                + (", offsets=True" if self.offsets else ""))
