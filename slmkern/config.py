@@ -57,6 +57,9 @@ class Int4Config(_ConfigMixin):
     method: "rtn" (clip "minmax" | "mse"), "hqq" (data-free refinement) or "gptq"
     (needs calibration data; act_order, percdamp, block_size are its options; its clip may also
     be "hmse": the clipping search weighted by each input column's calibration energy diag(H)).
+    awq: search activation-aware per-input-channel scales on the calibration data and fold them
+    into the previous op (RMSNorm weight, gated MLP up_proj) before quantizing
+    (:mod:`slmkern.algorithms.awq`; needs calibration data, any method); awq_grid: alphas tried.
     skip_names: module-name suffixes never converted (an output head dominates a small model's size
     and its error; it stays dense unless listed elsewhere).
     """
@@ -70,10 +73,16 @@ class Int4Config(_ConfigMixin):
     percdamp: float = 0.01
     block_size: int = 128
     skip_names: tuple[str, ...] = ("lm_head",)
+    awq: bool = False
+    awq_grid: int = 20
 
     def __post_init__(self) -> None:
         if self.group_size not in (32, 64, 128, -1):
             raise ValueError(f"group_size: expected 32, 64, 128 or -1 (per-channel), got {self.group_size!r}")
+        if self.clip == "hmse" and self.method != "gptq":
+            raise ValueError("clip: 'hmse' needs calibration statistics; use it with method='gptq'")
+        if not isinstance(self.awq_grid, int) or self.awq_grid < 1:
+            raise ValueError(f"awq_grid: expected an int >= 1, got {self.awq_grid!r}")
         if self.activations not in ("float", "int8"):
             raise ValueError(f"activations: expected 'float' or 'int8', got {self.activations!r}")
         if self.method not in ("rtn", "hqq", "gptq"):

@@ -393,7 +393,7 @@ def needs_calibration(recipe: Recipe) -> bool:
     for s in recipe.steps:
         if s.kind == "prune" and s.options["algorithm"] in ("wanda", "sparsegpt"):
             return True
-        if s.kind == "quantize" and s.options.get("algorithm") == "gptq":
+        if s.kind == "quantize" and (s.options.get("algorithm") == "gptq" or s.options.get("awq")):
             return True
         if s.kind == "distill":
             return True
@@ -576,6 +576,11 @@ def _quantize_step(model, cfg, layers: dict[str, nn.Linear], batches, pending, s
     if not todo:
         return
     untied = _untie_for_update(todo, shared)   # the grid is written into the weights below
+    if isinstance(cfg, Int4Config) and cfg.awq:  # scales folded into norms / up_proj, function unchanged
+        from slmkern.algorithms.awq import awq_scale_model
+        arep = awq_scale_model(model, batches, cfg.group_size, cfg.symmetric, filter_fn=lambda m, fqn: fqn in todo,
+                               clip=cfg.clip, grid=cfg.awq_grid)
+        report.notes.append(str(arep).splitlines()[0])
     with torch.no_grad():
         if isinstance(cfg, Int8Config):
             for f, m in todo.items():

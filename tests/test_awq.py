@@ -103,3 +103,24 @@ def test_awq_search_never_worse_than_unscaled():
     assert err <= base
     if alpha == 0.0:
         torch.testing.assert_close(s, torch.ones(64))
+
+
+def test_awq_recipe_key_runs_before_the_quantizer_and_needs_calibration():
+    from slmkern.config import Int4Config
+    from slmkern.recipes import compress, needs_calibration, parse_recipe
+
+    recipe = {"steps": [{"quantize": {"algorithm": "rtn", "group_size": 32, "awq": True}}]}
+    assert needs_calibration(parse_recipe(recipe))
+    assert not needs_calibration(parse_recipe({"steps": [{"quantize": {"algorithm": "rtn", "group_size": 32}}]}))
+    with pytest.raises(ValueError, match="calibration"):
+        compress(_tiny_llama(), recipe)
+    m = _tiny_llama()
+    before = {n: mod.weight.detach().clone() for n, mod in m.named_modules() if n.endswith("layernorm")}
+    rep = compress(m, recipe, calibration=_calib(), progress=False)
+    assert any(n.startswith("awq: scaled") for n in rep.notes), rep.notes
+    after = {n: mod.weight.detach() for n, mod in m.named_modules() if n.endswith("layernorm")}
+    assert any(not torch.equal(before[n], after[n]) for n in before)   # scales were folded into norms
+    with pytest.raises(ValueError, match="hmse"):
+        Int4Config(method="rtn", clip="hmse")
+    with pytest.raises(ValueError, match="awq_grid"):
+        Int4Config(awq=True, awq_grid=0)
