@@ -8,8 +8,10 @@ from slmkern import _backends  # noqa: F401  (registers kernels)
 from slmkern.api import (CompressReport, Recipe, SwapReport, compress, load, parse_recipe, quantize_, save,
                          sparsify_)
 from slmkern.config import Int4Config, Int8Config, SparseConfig
+from slmkern.formats.interop.gguf import load_gguf
 from slmkern._info import info
 from slmkern.generate import GenerateResult, generate
 
 __all__ = ["CompressReport", "GenerateResult", "Int4Config", "Int8Config", "Recipe", "SparseConfig", "SwapReport",
-           "compress", "generate", "info", "load", "parse_recipe", "quantize_", "save", "sparsify_", "__version__"]
+           "compress", "generate", "info", "load", "load_gguf", "parse_recipe", "quantize_", "save", "sparsify_",
+           "__version__"]

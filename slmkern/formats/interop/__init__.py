@@ -5,6 +5,8 @@
   ``load_compressed``).
 - ``gptq``: AutoGPTQ / GPTQModel 4-bit checkpoints (v1 "zero minus one" and v2) -> slmkern int4.
 - ``awq``: AutoAWQ GEMM 4-bit checkpoints -> slmkern int4.
+- ``gguf``: llama.cpp GGUF files -> a transformers model with the file's Q4_0/Q4_1 (and exactly
+  representable Q8_0) codes in Int4Linear/Int8Linear, no requantization (``load_gguf``).
 
 Every loader validates before it converts: a bad file, name, shape or index raises
 ``CheckpointError`` (a ValueError) naming what is wrong.
