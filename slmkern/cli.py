@@ -241,7 +241,9 @@ def _compress(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compress", help="apply a recipe (YAML/JSON) to a model and save it",
                        description="Load a model (short name minilm/smollm2, a local Hugging Face path or a slmkern "
                                    "checkpoint), apply the recipe's steps, print the per-layer report, save to --out.")
-    p.add_argument("--model", required=True, help="minilm | smollm2 | local HF path | slmkern checkpoint dir")
+    p.add_argument("--model", required=True, help="minilm | smollm2 | local HF path | slmkern checkpoint dir | "
+                   "file.gguf (Q4_0/Q4_1 Linears imported as Int4Linear without requantization; the recipe "
+                   "then applies to the Linears still float)")
     p.add_argument("--recipe", required=True, help="recipe file (.yaml/.yml/.json)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -284,11 +286,24 @@ def _compress(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_any(name: str, kind: str = "auto"):
-    """(model, tokenizer) from a slmkern checkpoint dir, a short name or a local HF path."""
+    """(model, tokenizer) from a slmkern checkpoint dir, a GGUF file, a short name or a local HF path."""
     from slmkern import checkpoint
     from slmkern.models import load_model
 
     path = Path(name)
+    if path.is_file() and path.suffix == ".gguf":
+        # a GGUF file: the file's own Q4_0/Q4_1 codes in Int4Linear (no requantization), see load_gguf
+        from slmkern.formats.interop.gguf import load_gguf
+        from slmkern.models import load_tokenizer
+
+        if kind == "encoder":
+            raise CLIError(f"--model {name!r}: a GGUF file loads as a causal LM, not with --kind encoder")
+        try:
+            model = load_gguf(path)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(str(exc)) from None
+        print(f"loaded {path.name} through slmkern.load_gguf (GGUF codes imported as is)", file=sys.stderr)
+        return model, load_tokenizer(str(path))
     if (path / checkpoint.CONFIG_NAME).is_file():
         from transformers import AutoTokenizer
         try:

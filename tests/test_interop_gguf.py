@@ -277,3 +277,31 @@ def test_load_gguf_rejects_bad_input(tmp_path):
     path = _write_tiny_llama(tmp_path / "tiny.gguf", {})
     with pytest.raises(ValueError, match="activations: expected 'float' or 'int8'"):
         slmkern.load_gguf(path, activations="int4")
+
+
+def test_cli_compress_accepts_a_gguf_file(tmp_path, capsys):
+    from slmkern import checkpoint, cli
+
+    path = _write_tiny_llama(tmp_path / "tiny.gguf", {"ffn_down": "Q4_1"}, tied=True)
+    ref = _fp32_model(path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - quantize: {algorithm: int8}\n")
+    out = tmp_path / "out"
+    rc = cli.main(["compress", "--model", str(path), "--recipe", str(recipe), "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err[-2000:]
+    assert "through slmkern.load_gguf" in cap.err and "saved to" in cap.out
+    model = checkpoint.load(out)
+    for i in range(L):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            mod = getattr(model.model.layers[i].self_attn, name)
+            assert type(mod) is Int4Linear
+            assert torch.equal(mod.dequantized_weight(), getattr(ref.model.layers[i].self_attn, name).weight)
+        assert type(model.model.layers[i].mlp.down_proj) is Int4Linear and model.model.layers[i].mlp.down_proj.offsets
+    ids = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():   # the saved model reloads and runs (the recipe only ever touches float Linears)
+        b = ref(ids).logits
+        torch.testing.assert_close(model(ids).logits, b, rtol=0, atol=3e-3 * b.abs().max().item())
+    rc = cli.main(["compress", "--model", str(path), "--kind", "encoder", "--recipe", str(recipe), "--out",
+                   str(tmp_path / "o2")])
+    assert rc == 2 and "a GGUF file loads as a causal LM" in capsys.readouterr().err
