@@ -393,7 +393,8 @@ def needs_calibration(recipe: Recipe) -> bool:
     for s in recipe.steps:
         if s.kind == "prune" and s.options["algorithm"] in ("wanda", "sparsegpt"):
             return True
-        if s.kind == "quantize" and (s.options.get("algorithm") == "gptq" or s.options.get("awq")):
+        if s.kind == "quantize" and (s.options.get("algorithm") == "gptq" or s.options.get("awq")
+                                     or s.options.get("smooth") is not None):
             return True
         if s.kind == "distill":
             return True
@@ -576,6 +577,9 @@ def _quantize_step(model, cfg, layers: dict[str, nn.Linear], batches, pending, s
     if not todo:
         return
     untied = _untie_for_update(todo, shared)   # the grid is written into the weights below
+    if isinstance(cfg, Int8Config) and cfg.smooth is not None:  # SmoothQuant scales, folded the same way
+        from slmkern.algorithms.awq import smooth_scale_model
+        report.notes.append(str(smooth_scale_model(model, batches, cfg.smooth, filter_fn=lambda m, fqn: fqn in todo)))
     if isinstance(cfg, Int4Config) and cfg.awq:  # scales folded into norms / up_proj, function unchanged
         from slmkern.algorithms.awq import awq_scale_model
         arep = awq_scale_model(model, batches, cfg.group_size, cfg.symmetric, filter_fn=lambda m, fqn: fqn in todo,

@@ -124,3 +124,39 @@ def test_awq_recipe_key_runs_before_the_quantizer_and_needs_calibration():
         Int4Config(method="rtn", clip="hmse")
     with pytest.raises(ValueError, match="awq_grid"):
         Int4Config(awq=True, awq_grid=0)
+
+
+def test_smoothing_keeps_the_float_function_and_flattens_activation_outliers():
+    m = _tiny_llama()
+    with torch.no_grad():   # outlier channels in what the attention norm emits
+        m.model.layers[0].input_layernorm.weight[:3] = 40.0
+    batch = _calib(seed=5)[0]
+    seen = {}
+    q = m.model.layers[0].self_attn.q_proj
+    h = q.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0].detach().clone()))
+    with torch.no_grad():
+        ref = m(**batch).logits
+    x0 = seen["x"]
+    rep = awq.smooth_scale_model(m, _calib(), alpha=0.5)
+    assert "model.layers.0.input_layernorm" in rep.scaled
+    with torch.no_grad():
+        out = m(**batch).logits
+    h.remove()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    x1 = seen["x"]
+    spread = lambda x: float((x.abs().amax(dim=(0, 1)).max() / x.abs().amax(dim=(0, 1)).median()))  # noqa: E731
+    assert spread(x1) < 0.5 * spread(x0)
+    with pytest.raises(ValueError, match="alpha"):
+        awq.smooth_scale_model(m, _calib(), alpha=1.5)
+
+
+def test_smooth_recipe_key():
+    from slmkern.config import Int8Config
+    from slmkern.recipes import compress, needs_calibration, parse_recipe
+
+    recipe = {"steps": [{"quantize": {"algorithm": "int8", "activations": "int8", "smooth": 0.5}}]}
+    assert needs_calibration(parse_recipe(recipe))
+    rep = compress(_tiny_llama(), recipe, calibration=_calib(), progress=False)
+    assert any(n.startswith("smooth: scaled") for n in rep.notes), rep.notes
+    with pytest.raises(ValueError, match="smooth"):
+        Int8Config(smooth=2.0)

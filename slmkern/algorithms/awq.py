@@ -294,3 +294,88 @@ def awq_scale_model(model: nn.Module, calibration: Any, group_size: int = 64, sy
         model.train(was_training)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+# ----------------------------------------------------------------------------- SmoothQuant-style, for W8A8
+@dataclasses.dataclass
+class SmoothReport:
+    """Which stages got smoothing scales (folded like AWQ's), and which not and why."""
+
+    scaled: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # producer -> readers
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        n = sum(len(v) for v in self.scaled.values())
+        return (f"smooth: scaled the inputs of {n} layer(s) through {len(self.scaled)} producer(s), "
+                f"{len(self.skipped)} layer(s) left alone, {self.seconds:.1f} s")
+
+
+def smooth_scale_model(model: nn.Module, calibration: Any, alpha: float = 0.5,
+                       filter_fn: FilterFn | None = None) -> SmoothReport:
+    """Move activation outliers into the weights before int8 activation quantization (SmoothQuant).
+
+    ``s_j = max|x_j|^alpha / max_i |W_ij|^(1 - alpha)`` per input channel over the calibration
+    rows (one pass of the float model) and over all readers of the input; ``1/s`` is folded
+    into the producing norm or gated up_proj exactly as :func:`awq_scale_model` does, so the
+    float function is unchanged. Per-token int8 activations then see flatter rows, and the
+    per-output-channel int8 weights absorb the spread.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected 0 <= alpha <= 1, got {alpha}")
+    t0 = time.perf_counter()
+    batches = _calib.as_batches(calibration)
+    device = _calib.model_device(model)
+    if filter_fn is None:
+        filter_fn = lambda m, fqn: not fqn.endswith("lm_head")  # noqa: E731
+    linears = {f: m for f, m in model.named_modules() if type(m) is nn.Linear}
+    targets = {f: m for f, m in linears.items() if filter_fn(m, f)}
+    if not targets:
+        raise ValueError("model: has no torch.nn.Linear layers to smooth (after filter_fn)")
+    amax = {f: torch.zeros(m.in_features, device=m.weight.device) for f, m in targets.items()}
+
+    def hook(fqn):
+        def h(mod, args, kwargs):
+            x = _calib._first_tensor(args, kwargs)
+            if x is not None and x.numel():
+                a = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+                torch.maximum(amax[fqn], a, out=amax[fqn])
+        return h
+
+    hs = [m.register_forward_pre_hook(hook(f), with_kwargs=True) for f, m in targets.items()]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                _calib.run_model(model, b, device)
+    finally:
+        for h in hs:
+            h.remove()
+    producers = _producers(model, linears, batches[0], device)
+    groups: dict[str, list[str]] = {}
+    for f in targets:
+        up = _gated_up(f, targets)
+        if up is not None:
+            groups.setdefault(up, []).append(f)
+        elif f in producers:
+            groups.setdefault(producers[f], []).append(f)
+    report = SmoothReport()
+    modules = dict(model.named_modules())
+    for prod, readers in groups.items():
+        others = [f for f, p in producers.items() if p == prod and f not in readers]
+        if others:
+            report.skipped += [(f, f"{prod} also feeds {others}") for f in readers]
+            continue
+        a = torch.stack([amax[f] for f in readers]).amax(0)
+        w = torch.stack([linears[f].weight.detach().abs().amax(0).float() for f in readers]).amax(0)
+        live = (a > 0) & (w > 0)
+        s = torch.where(live, a.clamp_min(1e-5).pow(alpha) / w.clamp_min(1e-5).pow(1 - alpha),
+                        torch.ones_like(a))
+        if _apply(modules[prod], [linears[f] for f in readers], s):
+            report.scaled[prod] = readers
+        else:
+            report.skipped += [(f, f"{prod}: not a weight * x norm") for f in readers]
+    for f in targets:
+        if not any(f in r for r in report.scaled.values()) and not any(f == x for x, _ in report.skipped):
+            report.skipped.append((f, "input not produced by a norm or a gated MLP's up_proj"))
+    report.seconds = time.perf_counter() - t0
+    return report
