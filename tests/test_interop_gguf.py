@@ -305,3 +305,48 @@ def test_cli_compress_accepts_a_gguf_file(tmp_path, capsys):
     rc = cli.main(["compress", "--model", str(path), "--kind", "encoder", "--recipe", str(recipe), "--out",
                    str(tmp_path / "o2")])
     assert rc == 2 and "a GGUF file loads as a causal LM" in capsys.readouterr().err
+
+
+class _CountingC:
+    """Stands in for slmkern._C: counts the int4 kernel calls, forwards everything."""
+
+    def __init__(self, real):
+        self._real, self.calls = real, 0
+
+    def __getattr__(self, name):
+        fn = getattr(self._real, name)
+        if name not in ("w4a16_linear", "w4a8_linear"):
+            return fn
+
+        def counted(*args):
+            self.calls += 1
+            return fn(*args)
+        return counted
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_import_matches_fp32_perplexity(monkeypatch):
+    import slmkern
+    from slmkern import evaluation
+    from slmkern._backends import cpu
+    from slmkern.data import wikipedia_text
+    from slmkern.models import load_model, model_path
+
+    if not cpu.has_cpp():
+        pytest.skip("slmkern._C is not built")
+    d, f = model_path("smollm2")
+    ref, tok = load_model("smollm2")
+    counting = _CountingC(cpu._C)
+    monkeypatch.setattr(cpu, "_C", counting)      # before the imported model's first forward builds its plans
+    model, report = slmkern.load_gguf(d / f, return_report=True)
+    linears = [m for m in model.model.layers.modules() if isinstance(m, (torch.nn.Linear, Int4Linear))]
+    assert len(linears) == 210 and all(type(m) is Int4Linear and m.offsets and m.group_size == 32 for m in linears)
+    assert sum(r.action == "exact" for r in report) == 210
+    assert model.lm_head.weight is model.model.embed_tokens.weight       # the Q8_0 table: exact fp32, tied
+    text = wikipedia_text()
+    text = text[:len(text) // 2]
+    a = evaluation.perplexity(model, tok, text, window=512, max_tokens=2048, progress=False)
+    assert counting.calls >= 210 * a["windows"]                         # every Linear ran on our int4 kernel
+    b = evaluation.perplexity(ref, tok, text, window=512, max_tokens=2048, progress=False)
+    assert a["tokens"] == b["tokens"] > 2000
+    assert abs(a["perplexity"] - b["perplexity"]) <= 1e-4 * b["perplexity"], (a, b)
