@@ -13,6 +13,39 @@ from slmkern.nn import Int4Linear, Int8Linear
 FilterFn = Callable[[nn.Module, str], bool]
 Config = Int8Config | Int4Config
 
+# sparsify (sparsify_ and the recipe step): below this sparsity the unstructured (bitmask) kernel is
+# slower than the dense kernel of the same value type at every batch size measured, so a layer asked
+# for format="unstructured" stays dense (or 2:4 when it has that pattern) and the report says why.
+# Measured: benchmarks/NOTES.md, session 4, "Crossover" table (`python -m benchmarks.bench_sparse
+# --crossover`, (K, N) = (2048, 8192), two threads, 2-vCPU AMD EPYC Zen 4 (Genoa) KVM guest):
+#   float values vs fp32 F.linear: 30% -> M=1 2.25x, M=16 1.12x, M=128 0.90x (40%: M=128 1.02x);
+#     30% is the lowest sparsity measured, and it already wins at M=1 and 16.
+#   int8 values vs our w8a8_linear: 40% -> M=1 0.99x, M=128 0.83x; 50% -> M=1 1.49-1.54x,
+#     M=128 0.83x (M=128 stays below 1x up to 80%, 1.03x at 90%).
+# The threshold is the M=1 (decode) crossover: the batch-1 case sparse weights are for. format="auto"
+# asks for more (slmkern.nn.sparse_linear.AUTO_UNSTRUCTURED_MIN_SPARSITY: 70% / 75%, so that prefill
+# does not slow down either).
+UNSTRUCTURED_CROSSOVER_SPARSITY = {"float": 0.30, "int8": 0.50}
+
+
+def sparse_format_for(weight, fmt: str, values: str) -> tuple[str, str | None]:
+    """The format a pruned weight is packed in when ``fmt`` is asked for: (format, why it differs or None).
+
+    "unstructured" below :data:`UNSTRUCTURED_CROSSOVER_SPARSITY` falls back to what format="auto" picks
+    for it (2:4 if the weight has that pattern, else dense); "auto" asks SparseLinear's own rule.
+    """
+    from slmkern.nn.sparse_linear import choose_format
+    if fmt == "auto":
+        return choose_format(weight, values)
+    if fmt == "unstructured" and values in UNSTRUCTURED_CROSSOVER_SPARSITY:
+        sparsity = float((weight == 0).float().mean())
+        need = UNSTRUCTURED_CROSSOVER_SPARSITY[values]
+        if sparsity + 1e-9 < need:
+            other, _ = choose_format(weight, values)
+            return other, (f"sparsity {sparsity:.0%} is below {need:.0%}, the measured crossover of the "
+                           f"unstructured {values} kernel vs dense; kept {other}")
+    return fmt, None
+
 
 @dataclasses.dataclass
 class SwapReport:
@@ -59,8 +92,10 @@ def _plan(model: nn.Module, config: Config, filter_fn: FilterFn | None,
 def _select_linears(model: nn.Module, config, filter_fn: FilterFn | None, overrides: dict | None,
                     report: SwapReport, verb: str) -> list[tuple[str, nn.Linear, Any]]:
     """The float nn.Linear layers to convert and each one's config: the first matching
-    overrides pattern (None keeps the layer), then filter_fn, else config.skip_names; every
-    layer left out goes into report.skipped with the reason."""
+    overrides pattern (None keeps the layer), then filter_fn, else config.skip_names and the
+    head/pooler rule (slmkern.algorithms._prune.head_reason); every layer left out goes into
+    report.skipped with the reason."""
+    from slmkern.algorithms._prune import head_reason
     targets = [(fqn, m) for fqn, m in model.named_modules() if type(m) is nn.Linear]
     if not targets:
         raise ValueError(f"model: has no torch.nn.Linear layers to {verb}")
@@ -77,9 +112,15 @@ def _select_linears(model: nn.Module, config, filter_fn: FilterFn | None, overri
         if filter_fn is not None and not filter_fn(mod, fqn):
             report.skipped.append((fqn, "filter_fn returned False"))
             continue
-        if matched is None and filter_fn is None and any(fqn == s or fqn.endswith("." + s) for s in cfg.skip_names):
-            report.skipped.append((fqn, f"name matches config.skip_names {cfg.skip_names}"))
-            continue
+        if matched is None and filter_fn is None:
+            if any(fqn == s or fqn.endswith("." + s) for s in cfg.skip_names):
+                report.skipped.append((fqn, f"name matches config.skip_names {cfg.skip_names}"))
+                continue
+            # the same rule as the pruners and compress(); an explicitly empty skip_names takes every layer
+            why = head_reason(model, mod, fqn) if cfg.skip_names else None
+            if why:
+                report.skipped.append((fqn, why))
+                continue
         if not mod.weight.is_floating_point():
             report.skipped.append((fqn, f"weight dtype {mod.weight.dtype} is not floating point"))
             continue
@@ -94,7 +135,9 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
 
     config: Int8Config or Int4Config, applied to every selected Linear.
     filter_fn(module, fqn) -> bool picks layers (default: every nn.Linear whose name
-      does not end with one of config.skip_names).
+      does not end with one of config.skip_names, heads and poolers excepted: see
+      slmkern.algorithms._prune.head_reason, the rule the pruners and compress() follow too;
+      skip_names=() takes every Linear, heads and poolers included).
     overrides: {fnmatch pattern on the fqn: config or None}; the first matching pattern
       gives that layer its own config (None keeps it dense).
     calibration: an iterable of model inputs (dicts, tuples or tensors), needed by
@@ -158,12 +201,14 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None, filter_fn: F
 
     Prune first (slmkern.algorithms.magnitude / wanda / sparsegpt write zeros into the weights);
     this keeps those zeros in a sparse format the kernels skip. With format="auto" a layer whose
-    sparsity is too low to pay off becomes SparseLinear(format="dense") and the report says why.
-    filter_fn / overrides / skip_names select layers as in quantize_.
+    sparsity is too low to pay off becomes SparseLinear(format="dense") and the report says why;
+    format="unstructured" never packs a layer below :data:`UNSTRUCTURED_CROSSOVER_SPARSITY` (it
+    gets auto's choice instead, and the report says why).
+    filter_fn / overrides / skip_names / the head-pooler rule select layers as in quantize_.
     """
     import torch
 
-    from slmkern.nn.sparse_linear import SparseLinear, choose_format, is_24_sparse
+    from slmkern.nn.sparse_linear import SparseLinear, is_24_sparse
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
@@ -189,14 +234,12 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None, filter_fn: F
             if K % g:
                 report.skipped.append((fqn, f"in_features={K} is not a multiple of group_size={g}"))
                 continue
-        why = None
-        if fmt == "auto":
-            fmt, why = choose_format(w, cfg.values)
+        fmt, why = sparse_format_for(w, fmt, cfg.values)
         vdt = getattr(torch, cfg.value_dtype) if cfg.value_dtype else None
         new = SparseLinear.from_linear(mod, fmt, cfg.values, group_size=cfg.group_size, symmetric=cfg.symmetric,
                                        value_dtype=vdt)
         _set_submodule(model, fqn, new)
-        desc = new.extra_repr() + (f" (auto: {why})" if why else "")
+        desc = new.extra_repr() + (f" ({'auto: ' if cfg.format == 'auto' else ''}{why})" if why else "")
         report.swapped.append((fqn, desc))
         _note_untied(model, fqn, mod.weight, report)
     return report

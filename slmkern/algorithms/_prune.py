@@ -26,10 +26,12 @@ from torch import nn
 
 FilterFn = Callable[[nn.Module, str], bool]
 
-# Never pruned by default (same spirit as quantize_'s skip_names=("lm_head",)): output and
-# classifier heads (by their own name), anything inside a head/pooler module or an
-# embedding module (a name component starting with "embed"), and Linears tied to the
-# input embeddings.
+# The one rule for heads and poolers (:func:`head_reason`), used by every pruner, quantize_,
+# sparsify_ and compress(): output and classifier heads (by their own name), anything inside a
+# head/pooler module or an embedding module (a name component starting with "embed"), and
+# Linears tied to the input embeddings stay dense unless the caller selects them explicitly
+# (filter_fn, overrides, or a recipe's targets). A small model's head carries most of its
+# output error, a pooler feeds only that head (or nothing, in a sentence-embedding model).
 DEFAULT_SKIP_NAMES = ("lm_head", "embed_out", "classifier", "score", "qa_outputs")
 DEFAULT_SKIP_PARENTS = ("lm_head", "classifier", "cls", "pooler")
 _EMBED_PREFIX = "embed"
@@ -273,17 +275,22 @@ def _tied_to_input_embedding(model: nn.Module, mod: nn.Linear) -> bool:
     return w is not None and w is mod.weight
 
 
-def default_skip_reason(model: nn.Module, mod: nn.Linear, fqn: str) -> str | None:
-    """Why the default filter leaves this Linear dense (None: it is pruned)."""
+def head_reason(model: nn.Module, mod: nn.Linear, fqn: str) -> str | None:
+    """Why this Linear is a head, a pooler or part of an embedding, which every model-level
+    entry point (prune, quantize_, sparsify_, compress) leaves dense unless it is selected
+    explicitly; None for a body layer."""
     parts = fqn.split(".")
     if parts[-1] in DEFAULT_SKIP_NAMES:
-        return f"output/classifier head (name ends with {parts[-1]!r}; default filter)"
+        return f"output/classifier head (name ends with {parts[-1]!r}; kept dense unless selected explicitly)"
     for p in parts[:-1]:
         if p in DEFAULT_SKIP_PARENTS or p.startswith(_EMBED_PREFIX):
-            return f"inside a head/pooler/embedding module ({p!r}; default filter)"
+            return f"inside a head/pooler/embedding module ({p!r}; kept dense unless selected explicitly)"
     if _tied_to_input_embedding(model, mod):
-        return "weight tied to the input embeddings (default filter)"
+        return "weight tied to the input embeddings (kept dense unless selected explicitly)"
     return None
+
+
+default_skip_reason = head_reason   # the pruners' name for it
 
 
 def select_targets(model: nn.Module, pattern: Pattern, filter_fn: FilterFn | None,
@@ -302,7 +309,7 @@ def select_targets(model: nn.Module, pattern: Pattern, filter_fn: FilterFn | Non
                 report.skipped.append((fqn, "filter_fn returned False"))
                 continue
         else:
-            why = default_skip_reason(model, m, fqn)
+            why = head_reason(model, m, fqn)
             if why:
                 report.skipped.append((fqn, why))
                 continue
