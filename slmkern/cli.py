@@ -205,23 +205,37 @@ def _bench(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------- compress / eval
 
-def _calibration(tok, kind: str, n: int, seq: int, batch: int = 4) -> list[dict]:
+def _calibration(tok, kind: str, n: int, seq: int, batch: int = 4, special_tokens: str = "per-window"
+                 ) -> list[dict]:
     """Calibration batches: causal LMs read the second half of the Wikipedia text (eval reads the
-    first half); encoders/classifiers read Rotten Tomatoes snippets outside the eval split."""
+    first half) in rows of ``seq`` tokens, each framed with the tokenizer's own special tokens (BOS)
+    as the model saw every training sequence (``special_tokens``: see evaluation.SPECIAL_TOKEN_PROTOCOLS);
+    encoders/classifiers read Rotten Tomatoes snippets outside the eval split."""
     import torch
 
     if kind == "causal-lm":
         from slmkern.data import wikipedia_text
+        from slmkern.evaluation import token_windows
         text = wikipedia_text()
-        ids = tok(text[len(text) // 2:], return_tensors="pt").input_ids[0]
-        n = min(n, ids.numel() // seq)
-        rows = ids[:n * seq].reshape(n, seq)
+        try:
+            rows, _ = token_windows(tok, text[len(text) // 2:], seq, n, special_tokens)
+        except ValueError as exc:
+            raise CLIError(f"--calib-seq: {exc}") from None
+        n = rows.shape[0]
         return [{"input_ids": rows[i:i + batch], "attention_mask": torch.ones_like(rows[i:i + batch])}
                 for i in range(0, n, batch)]
     from slmkern.data import rotten_tomatoes
     texts = [t for t, _ in rotten_tomatoes(seed=0)[EVAL_TEST_SIZE:EVAL_TEST_SIZE + n]]
     return [dict(tok(texts[i:i + 16], padding=True, truncation=True, max_length=seq, return_tensors="pt"))
             for i in range(0, len(texts), 16)]
+
+
+def _special_tokens_arg(p: argparse.ArgumentParser, what: str) -> None:
+    from slmkern.evaluation import SPECIAL_TOKEN_PROTOCOLS
+    p.add_argument("--special-tokens", choices=tuple(SPECIAL_TOKEN_PROTOCOLS), default="per-window",
+                   help=f"{what}: per-window (default: every window/row framed as the tokenizer frames any "
+                        "sequence, add_special_tokens=True), text-start (once for the whole text, as HF's "
+                        "non-overlapping perplexity recipe) or none")
 
 
 EVAL_TEST_SIZE = 2000  # Rotten Tomatoes: the first 2000 snippets (seed 0) are the test split, as in the demo
@@ -250,6 +264,7 @@ def _compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=("auto", "encoder", "causal-lm"), default="auto")
     p.add_argument("--calib-samples", type=_positive_int, default=16, help="calibration sequences (default 16)")
     p.add_argument("--calib-seq", type=_positive_int, default=256, help="tokens per calibration sequence")
+    _special_tokens_arg(p, "causal LMs: where the tokenizer's special tokens (BOS) go in the calibration rows")
 
     def run(args) -> int:
         import time
@@ -266,7 +281,13 @@ def _compress(sub: argparse._SubParsersAction) -> None:
             raise CLIError(str(exc)) from None
         model, tok = _load_any(args.model, args.kind)
         kind = _model_kind(model)
-        calib = _calibration(tok, kind, args.calib_samples, args.calib_seq) if needs_calibration(recipe) else None
+        calib = None
+        if needs_calibration(recipe):
+            calib = _calibration(tok, kind, args.calib_samples, args.calib_seq, special_tokens=args.special_tokens)
+            if kind == "causal-lm":
+                from slmkern.evaluation import describe_special_tokens
+                print(f"calibration {describe_special_tokens(tok, args.special_tokens, args.calib_seq, 'row')}",
+                      file=sys.stderr)
         t0 = time.perf_counter()
         try:
             report = compress(model, recipe, calibration=calib)
@@ -338,6 +359,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=("auto", "encoder", "causal-lm"), default="auto")
     p.add_argument("--max-tokens", type=_positive_int, default=8192, help="perplexity: tokens scored (default 8192)")
     p.add_argument("--window", type=_positive_int, default=512, help="perplexity window (default 512)")
+    _special_tokens_arg(p, "perplexity: where the tokenizer's special tokens (BOS) go")
     p.add_argument("--decode-tokens", type=_positive_int, default=64, help="greedy decode length (default 64)")
     p.add_argument("--reference", default="minilm", help="encoders: the model to compare embeddings with")
     p.add_argument("--max-length", type=_positive_int, default=64, help="classifier/encoder sequence length")
@@ -364,8 +386,13 @@ def _eval(sub: argparse._SubParsersAction) -> None:
             if kind == "causal-lm":
                 from slmkern.data import wikipedia_text
                 text = wikipedia_text()
-                res.update(ev.perplexity(model, tok, text[:len(text) // 2], window=args.window,
-                                         max_tokens=args.max_tokens))
+                print(f"perplexity {ev.describe_special_tokens(tok, args.special_tokens, args.window)}",
+                      file=sys.stderr)
+                try:
+                    res.update(ev.perplexity(model, tok, text[:len(text) // 2], window=args.window,
+                                             max_tokens=args.max_tokens, special_tokens=args.special_tokens))
+                except ValueError as exc:
+                    raise CLIError(f"perplexity: {exc}") from None
                 if res["omp_wait_policy"].upper() != "PASSIVE":
                     print("note: OMP_WAIT_POLICY is not PASSIVE: torch's OpenMP threads spin between ops and take "
                           "the cores from the decode loop on a small machine (benchmarks/NOTES.md, "

@@ -6,31 +6,134 @@ import math
 import torch
 
 
+# ----------------------------------------------------------------------------- token windows
+# How special tokens (BOS, ...) are placed when a long text is cut into fixed-length windows
+# (perplexity) or rows (calibration):
+SPECIAL_TOKEN_PROTOCOLS = {
+    "per-window": "every window is a sequence as the tokenizer itself builds one (add_special_tokens=True): "
+                  "its special tokens (e.g. BOS) around each window's text tokens",
+    "text-start": "the tokenizer's special tokens once, around the whole text, and windows cut from that "
+                  "stream (HF's non-overlapping perplexity recipe): only the first window starts with BOS",
+    "none": "no special tokens anywhere (add_special_tokens=False)",
+}
+
+
+def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the token ids the tokenizer puts before and after a text with add_special_tokens=True.
+
+    Read off the tokenizer itself (its post-processor / template), by encoding a short probe text
+    with and without special tokens; ([], []) for a tokenizer that adds none.
+    """
+    probe = "Hello world"
+    with_sp = [int(t) for t in _encode(tokenizer, probe, True)]
+    without = [int(t) for t in _encode(tokenizer, probe, False)]
+    n = len(without)
+    for i in range(len(with_sp) - n + 1):
+        if with_sp[i:i + n] == without:
+            return with_sp[:i], with_sp[i + n:]
+    raise ValueError("tokenizer: cannot tell where it puts its special tokens (the text's tokens are not a "
+                     "contiguous part of its add_special_tokens=True encoding)")
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> torch.Tensor:
+    try:
+        out = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)
+    except TypeError:   # a bare callable tokenizer without the keyword: it adds nothing of its own
+        out = tokenizer(text, return_tensors="pt")
+    return out.input_ids[0]
+
+
+def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None,
+                  special_tokens: str = "per-window") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut ``text`` into non-overlapping windows of exactly ``window`` tokens -> (ids [n, window], scored [n, window]).
+
+    ``special_tokens`` (see :data:`SPECIAL_TOKEN_PROTOCOLS`): "per-window" frames every window the way
+    the tokenizer frames any sequence (prefix + ``window - len(prefix) - len(suffix)`` text tokens +
+    suffix); "text-start" tokenizes the whole text with its special tokens and cuts that stream;
+    "none" uses the text tokens alone. ``scored`` marks the positions a perplexity counts: text tokens
+    that have at least one token before them in their window (a window's first token, and the
+    special tokens, are not scored).
+    """
+    if special_tokens not in SPECIAL_TOKEN_PROTOCOLS:
+        raise ValueError(f"special_tokens: expected one of {tuple(SPECIAL_TOKEN_PROTOCOLS)}, got {special_tokens!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected a positive int, got {window!r}")
+    prefix, suffix = special_token_frame(tokenizer) if special_tokens != "none" else ([], [])
+    if special_tokens == "per-window":
+        body = window - len(prefix) - len(suffix)
+        if body < 1:
+            raise ValueError(f"window: {window} tokens leave no room for text next to the tokenizer's "
+                             f"{len(prefix) + len(suffix)} special token(s)")
+        ids = _encode(tokenizer, text, False)
+        n = ids.numel() // body
+        if max_windows is not None:
+            n = min(n, max_windows)
+        rows = ids[:n * body].reshape(n, body)
+        pre = torch.tensor(prefix, dtype=ids.dtype).expand(n, -1)
+        suf = torch.tensor(suffix, dtype=ids.dtype).expand(n, -1)
+        out = torch.cat([pre, rows, suf], dim=1)
+        scored = torch.zeros(out.shape, dtype=torch.bool)
+        scored[:, max(1, len(prefix)):len(prefix) + body] = True
+        return out, scored
+    ids = _encode(tokenizer, text, special_tokens == "text-start")
+    n = ids.numel() // window
+    if max_windows is not None:
+        n = min(n, max_windows)
+    out = ids[:n * window].reshape(n, window)
+    special = torch.zeros(ids.numel(), dtype=torch.bool)
+    if special_tokens == "text-start":
+        special[:len(prefix)] = True
+        if suffix:
+            special[ids.numel() - len(suffix):] = True
+    scored = ~special[:n * window].reshape(n, window)
+    scored[:, 0] = False
+    return out, scored
+
+
+def describe_special_tokens(tokenizer, special_tokens: str, window: int, what: str = "window") -> str:
+    """One line for a log: the protocol, and the special tokens it puts where."""
+    if special_tokens not in SPECIAL_TOKEN_PROTOCOLS:
+        raise ValueError(f"special_tokens: expected one of {tuple(SPECIAL_TOKEN_PROTOCOLS)}, got {special_tokens!r}")
+    prefix, suffix = special_token_frame(tokenizer) if special_tokens != "none" else ([], [])
+    conv = getattr(tokenizer, "convert_ids_to_tokens", None)
+    names = (lambda ids: conv(ids)) if conv is not None else (lambda ids: ids)  # noqa: E731
+    frame = f"prefix {names(prefix)}, suffix {names(suffix)}" if prefix or suffix else "the tokenizer adds none"
+    where = {"per-window": f"on every {window}-token {what}", "text-start": "once, at the start of the text",
+             "none": "none"}[special_tokens]
+    return f"special tokens: {special_tokens} ({where}; {frame})"
+
+
 @torch.inference_mode()
 def perplexity(model, tokenizer, text: str, window: int = 512, max_tokens: int = 16384,
-               progress: bool = True) -> dict:
+               progress: bool = True, special_tokens: str = "per-window") -> dict:
     """Token-level perplexity over non-overlapping windows of `window` tokens.
 
     Each window is scored independently (its first token has no context and is
     not scored), so the result does not depend on batch composition.
+    special_tokens: "per-window" (default: every window starts with the tokenizer's own
+    special tokens, e.g. BOS, as the model saw every sequence in training; its first text
+    token is scored given BOS), "text-start" (BOS only at the start of the whole text) or
+    "none"; see :data:`SPECIAL_TOKEN_PROTOCOLS`. max_tokens bounds the tokens fed to the model.
     """
-    ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
-    n_win = ids.numel() // window
+    windows, scored = token_windows(tokenizer, text, window, max(1, max_tokens // window), special_tokens)
+    n_win = windows.shape[0]
     if n_win == 0:
-        raise ValueError(f"text: only {ids.numel()} tokens, fewer than one window of {window}")
+        raise ValueError(f"text: too short, fewer than one window of {window} tokens")
     nll, count = 0.0, 0
     it = range(n_win)
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="perplexity", unit="win", leave=False)
     for i in it:
-        chunk = ids[i * window:(i + 1) * window].unsqueeze(0)
+        chunk = windows[i:i + 1]
         logits = model(input_ids=chunk).logits.float()
         logp = torch.log_softmax(logits[0, :-1], dim=-1)
         tgt = chunk[0, 1:]
-        nll -= logp.gather(1, tgt.unsqueeze(1)).sum().item()
-        count += tgt.numel()
-    return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n_win}
+        keep = scored[i, 1:]
+        nll -= logp.gather(1, tgt.unsqueeze(1)).squeeze(1)[keep].sum().item()
+        count += int(keep.sum())
+    return {"perplexity": math.exp(nll / count), "tokens": count, "windows": n_win,
+            "special_tokens": special_tokens}
 
 
 @torch.inference_mode()
