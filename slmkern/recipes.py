@@ -16,6 +16,14 @@ weights on a fixed int8/int4 grid) until the end, so a later ``distill`` step tr
 with the exact grid (straight-through) and the final packing reproduces it; pruning
 masks stay fixed through distillation. Layers a kernel cannot take stay dense and the
 report says why.
+
+Heads and poolers (``lm_head``, ``classifier``, ``bert.pooler.dense``, anything tied to the input
+embedding: :func:`slmkern.algorithms._prune.head_reason`, the rule quantize_, sparsify_ and the
+pruners follow too) stay dense in every step unless the recipe's ``targets`` or a quantize step's
+``targets`` name them, or a quantize step sets ``skip_names: []``. A tied head stays tied unless it
+is compressed; then the embedding keeps its own fp32 copy and the report gives its bytes.
+``sparsify`` with ``format: unstructured`` never packs a layer below the kernel's measured
+crossover sparsity (:data:`slmkern.api.UNSTRUCTURED_CROSSOVER_SPARSITY`).
 """
 from __future__ import annotations
 
@@ -438,6 +446,12 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
     pending: dict[str, _Pending] = {}
     skipped: dict[str, str] = {}
     sparse_after: dict | None = next((s.options for s in recipe.steps if s.kind == "sparsify"), None)
+    sparse_notes: dict[str, str] = {}
+    # heads and poolers stay dense unless the recipe's targets name them (the rule prune/quantize_/sparsify_ follow)
+    from slmkern.algorithms._prune import head_reason
+    held = {f: why for f, m in selected.items()
+            if (why := head_reason(model, m, f)) and not any(_matches(f, p) for p in recipe.targets)}
+    skipped.update(held)
     done: set[str] = set()       # packed by sparsify
     live = lambda: {f: m for f, m in selected.items() if f not in done}  # noqa: E731
 
@@ -445,7 +459,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
         o = step.options
         if step.kind == "prune":
             fn = _need("prune", f"slmkern.algorithms.{o['algorithm']}", PRUNE_ALGORITHMS[o["algorithm"]])
-            names = set(live())
+            names = set(live()) - set(held)
             flt = lambda m, fqn, names=names: fqn in names  # noqa: E731
             untied = _untie_for_update({f: selected[f] for f in names}, shared)
             if o["algorithm"] == "magnitude":
@@ -464,7 +478,9 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
             cfg = _quant_config(o, f"recipe step {i} (quantize)")
             layers = {f: m for f, m in live().items()
                       if (not scope.targets or any(_matches(f, p) for p in scope.targets))
-                      and not any(_matches(f, p) for p in scope.ignore)}
+                      and not any(_matches(f, p) for p in scope.ignore)
+                      and (f not in held or any(_matches(f, p) for p in scope.targets)
+                           or not cfg.skip_names)}   # skip_names: [] takes every layer, heads included
             for kind, pats in (("ignore", scope.ignore), ("targets", scope.targets)):
                 for p in pats:
                     if not any(_matches(f, p) for f in selected):
@@ -484,10 +500,15 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
             report.notes.append(f"step {i}: {r}")
         elif step.kind == "sparsify":
             SparseLinear = _need("sparsify", "slmkern.nn", "SparseLinear")
+            from slmkern.api import sparse_format_for
             for f, lin in live().items():
+                if f in held:
+                    continue
+                fmt, why = o.get("format", "auto"), None
+                if fmt == "unstructured":
+                    fmt, why = sparse_format_for(lin.weight.detach(), fmt, o.get("values", "float"))
                 try:
-                    new = SparseLinear.from_linear(lin, format=o.get("format", "auto"),
-                                                   values=o.get("values", "float"))
+                    new = SparseLinear.from_linear(lin, format=fmt, values=o.get("values", "float"))
                 except (ValueError, TypeError, NotImplementedError) as exc:
                     skipped[f] = f"sparse kernel cannot take it: {exc}"
                     continue
@@ -495,6 +516,8 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
                 pending.pop(f, None)
                 selected[f] = new
                 done.add(f)
+                if why:
+                    sparse_notes[f] = why
     # pack what is still pending
     for f, p in pending.items():
         if f in done:
@@ -507,7 +530,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
         why = skipped.get(f, "") if type(m) is nn.Linear else ""
         fmt = _describe(m, pending.get(f))
         err = (_effective_weight(m) - originals[f]).norm() / originals[f].norm().clamp(min=1e-30)
-        note = why or (pending[f].note if f in pending else "")
+        note = why or (pending[f].note if f in pending else "") or sparse_notes.get(f, "")
         if f in masks and type(m) is nn.Linear:
             fmt = f"dense fp32 {float((m.weight == 0).float().mean()):.0%} zeros"
         report.layers[f] = LayerResult(fmt, _module_bytes(m), float(err), note)
