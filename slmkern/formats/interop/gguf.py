@@ -193,6 +193,20 @@ def _requantize(linear: nn.Linear, qtype: str, activations: str):
     return Int8Linear.from_linear(linear, "int8" if activations == "int8" else "float"), "int8 per-channel"
 
 
+class _Flat:
+    """The parts of a model transformers' GGUF name map reads, without submodules (it rebuilds gguf's whole
+    name table once per submodule when it recurses: seconds for a 30-layer model)."""
+
+    def __init__(self, model: nn.Module):
+        self.config, self._keys = model.config, list(model.state_dict().keys())
+
+    def state_dict(self):
+        return dict.fromkeys(self._keys)
+
+    def named_children(self):
+        return []
+
+
 def import_linears(model: nn.Module, path: str | os.PathLike, activations: str = "float") -> list[GGUFLayer]:
     """Swap ``model``'s nn.Linear layers (a transformers model loaded from the same GGUF file) for slmkern
     modules holding the file's codes; returns one GGUFLayer per Linear found in the file."""
@@ -206,7 +220,9 @@ def import_linears(model: nn.Module, path: str | os.PathLike, activations: str =
     arch_field = reader.fields.get("general.architecture")
     arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field is not None else ""
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
-    hf_names = get_gguf_hf_weights_map(model, processor)
+    hf_names = get_gguf_hf_weights_map(_Flat(model), processor)   # one pass over the top-level names
+    if any(t.name not in hf_names for t in reader.tensors):
+        hf_names = get_gguf_hf_weights_map(model, processor)        # transformers' walk over every submodule
     modules = dict(model.named_modules())
     report = []
     for t in reader.tensors:
@@ -233,7 +249,7 @@ def import_linears(model: nn.Module, path: str | os.PathLike, activations: str =
             report.append(GGUFLayer(fqn, t.name, qtype, "float", "kept as nn.Linear (float in the file)"))
             continue
         perm = _row_permutation(processor, t.name, N)
-        new = None
+        new, exact = None, None
         if perm is not None and qtype in ("Q4_0", "Q4_1"):
             q = (q4_0_to_int4 if qtype == "Q4_0" else q4_1_to_int4)(t.data, (N, K), t.name)
             q = type(q)(*(x[perm] if x is not None else None for x in q))
@@ -241,16 +257,19 @@ def import_linears(model: nn.Module, path: str | os.PathLike, activations: str =
                 logger.warning(f"gguf: {t.name} has Q4_1 blocks with d = 0 and m != 0: exact on the CPU kernels "
                                "(and in dequantized_weight), but the op-level float zero points (CUDA, no _C) "
                                "read those blocks as 0")
+            exact = q.dequantize() if qtype == "Q4_1" else int4_format.dequantize(q.packed, q.scales, None, BLOCK)
             new, detail = _int4_module(linear, q, activations), (
                 "int4 g32 symmetric" if qtype == "Q4_0" else "int4 g32 offset form (W = q*d + m)")
         elif perm is not None and qtype == "Q8_0":
             q, d = q8_0_blocks(t.data, (N, K), t.name)
             rows = q8_0_per_row(q[perm], d[perm])
             if rows is not None:
+                exact = rows[0].float() * rows[1].unsqueeze(1)
                 new, detail = _int8_module(linear, *rows, activations="int8" if activations == "int8" else "float"), \
                     "int8 per-channel (every block of a row has the same scale)"
         if new is not None:
-            if not torch.equal(new.dequantized_weight(), linear.weight.detach().float()):
+            # the module's weight, as slmkern.formats defines it, against transformers' (the gguf package's)
+            if not torch.equal(exact, linear.weight.detach().float()):
                 raise ValueError(f"{t.name} -> {fqn}: the imported {qtype} codes do not reproduce transformers' "
                                  "dequantization bit for bit (unexpected tensor layout); not importing it")
             action = "exact"
