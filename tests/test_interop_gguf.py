@@ -350,3 +350,19 @@ def test_smollm2_gguf_import_matches_fp32_perplexity(monkeypatch):
     assert counting.calls >= 210 * a["windows"]                         # every Linear ran on our int4 kernel
     assert a["tokens"] == b["tokens"] > 2000
     assert abs(a["perplexity"] - b["perplexity"]) <= 1e-4 * b["perplexity"], (a, b)
+
+
+def test_load_gguf_int8_activations(tmp_path):
+    import slmkern
+
+    path = _write_tiny_llama(tmp_path / "tiny.gguf", {"attn_output": "Q4_1", "ffn_down": "Q4_1"}, tied=True)
+    ref = _fp32_model(path)
+    model = slmkern.load_gguf(path, activations="int8")
+    mods = [m for m in model.model.layers.modules() if isinstance(m, Int4Linear)]
+    assert len(mods) == 7 * L and all(m.activations == "int8" for m in mods)
+    assert all(torch.equal(m.dequantized_weight(), r.weight) for m, r in
+               zip(mods, [r for r in ref.model.layers.modules() if isinstance(r, torch.nn.Linear)]))
+    ids = torch.randint(0, V, (1, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():   # W4A8: the same weights, int8 activations (per-token rounding)
+        b = ref(ids).logits
+        torch.testing.assert_close(model(ids).logits, b, rtol=0, atol=0.05 * b.abs().max().item())
