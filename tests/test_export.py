@@ -182,7 +182,8 @@ def test_export_swapped_minilm_matches_eager(minilm, config):
     model, tok = minilm
     model = copy.deepcopy(model)
     cfg = slmkern.Int8Config() if config == "int8" else slmkern.Int4Config(group_size=128, clip="minmax")
-    report = slmkern.quantize_(model, cfg, progress=False)
+    # the pooler too: poolers stay dense unless selected explicitly (_prune.head_reason)
+    report = slmkern.quantize_(model, cfg, lambda m, fqn: True, progress=False)
     kinds = {type(m) for m in model.modules()}
     assert (Int8Linear if config == "int8" else Int4Linear) in kinds, report
     assert nn.Linear not in kinds, "every Linear of MiniLM should be swapped"

@@ -78,8 +78,10 @@ def test_quantize_bert_gptq_beats_rtn():
         model = tiny_bert()
         model.load_state_dict(base.state_dict())
         report = quantize_(model, Int4Config(group_size=32, method=method), calibration=calib, progress=False)
-        assert len(report.swapped) == 13 and not report.skipped
-        assert all(isinstance(m, Int4Linear) for fqn, m in model.named_modules() if fqn.endswith(("query", "dense")))
+        # 12 encoder Linears; the pooler stays dense (heads and poolers: _prune.head_reason)
+        assert len(report.swapped) == 12 and "pooler" in str(report.skipped), report
+        assert all(isinstance(m, Int4Linear) for fqn, m in model.named_modules()
+                   if fqn.endswith(("query", "dense")) and "pooler" not in fqn)
         with torch.no_grad():
             out = model(input_ids=test_ids).last_hidden_state
         errs[method] = ((out - ref).norm() / ref.norm()).item()
