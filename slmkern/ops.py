@@ -38,6 +38,16 @@ def _value(cond, msg: str) -> None:
     torch._check_value(cond, lambda: msg)
 
 
+def shape_only(w: torch.Tensor, w_packed: torch.Tensor | None) -> bool:
+    """Is w a zero-stride stand-in that carries the weight's shape and dtype only?
+
+    Accepted wherever w_packed (the CPU kernels' layout) is given: the CPU kernels read the
+    weight from w_packed alone, so a module that holds only its packed copy passes
+    ``torch.zeros((), dtype).expand(N, K)`` (or (N, K/2)) as w. Fakes read w's shape only.
+    """
+    return w_packed is not None and w.dim() == 2 and w.stride() == (0, 0) and w.device.type == "cpu"
+
+
 def check_int8_linear(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                       bias: torch.Tensor | None, w_packed: torch.Tensor | None) -> None:
     """Shape/dtype/device facts of w8a8_linear and w8a16_linear (shared by fake and real kernels)."""
@@ -49,9 +59,9 @@ def check_int8_linear(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.
     N, K = w.shape
     _value(K > 0 and N > 0, f"{op}: w must have N > 0 and K > 0, got {tuple(w.shape)}")
     _value(x.shape[-1] == K, f"{op}: x has K={x.shape[-1]} in its last dim but w is (N={N}, K={K})")
-    _value(w.stride(1) == 1 and w.stride(0) == K,
+    _value((w.stride(1) == 1 and w.stride(0) == K) or shape_only(w, w_packed),
            f"{op}: w must be contiguous (N, K) with strides ({K}, 1), got strides {w.stride()} "
-           "(call .contiguous(); broadcast/expanded weights are not accepted)")
+           "(call .contiguous(); broadcast/expanded weights are not accepted without w_packed)")
     _type(w_scale.dtype == torch.float32, f"{op}: w_scale must be torch.float32, got {w_scale.dtype}")
     _value(w_scale.dim() == 1 and w_scale.shape[0] == N,
            f"{op}: w_scale must have shape (N,) = ({N},), got {tuple(w_scale.shape)}")
@@ -81,7 +91,7 @@ def int8_linear_ok(x, w, w_scale, bias, w_packed) -> bool:
         if x.dtype not in FLOAT_DTYPES or x.dim() < 1 or w.dtype != torch.int8 or w.dim() != 2:
             return False
         N, K = w.shape
-        if N <= 0 or K <= 0 or x.shape[-1] != K or w.stride() != (K, 1):
+        if N <= 0 or K <= 0 or x.shape[-1] != K or (w.stride() != (K, 1) and not shape_only(w, w_packed)):
             return False
         if w_scale.dtype != torch.float32 or w_scale.shape != (N,):
             return False
@@ -156,9 +166,9 @@ def check_int4_linear(op: str, x: torch.Tensor, w: torch.Tensor, scales: torch.T
     _value(w.dim() == 2 and w.shape[1] * 2 == K and w.shape[0] > 0,
            f"{op}: w must have shape (N, K/2) = (N, {K // 2}) for x with K={K}, got {tuple(w.shape)}")
     N = w.shape[0]
-    _value(w.stride(1) == 1 and w.stride(0) == K // 2,
+    _value((w.stride(1) == 1 and w.stride(0) == K // 2) or shape_only(w, w_packed),
            f"{op}: w must be contiguous (N, K/2) with strides ({K // 2}, 1), got strides {w.stride()} "
-           "(call .contiguous())")
+           "(call .contiguous(); broadcast/expanded weights are not accepted without w_packed)")
     _type(isinstance(group_size, int) and not isinstance(group_size, bool),
           f"{op}: group_size must be an int, got {type(group_size).__name__}")
     g = K if group_size == -1 else group_size
@@ -206,7 +216,8 @@ def check_int4_linear_fast(op: str, x, w, scales, zeros, group_size, bias, w_pac
         g = K if group_size == -1 else group_size
         G = K // g if type(group_size) is int and g > 0 else -1
         ok = (x.dtype in FLOAT_DTYPES and K % 2 == 0 and 0 < K <= INT4_MAX_K and G > 0 and g % 2 == 0
-              and G * g == K and w.dtype == torch.uint8 and w.stride() == (K // 2, 1) and w.shape == (N, K // 2)
+              and G * g == K and w.dtype == torch.uint8 and w.shape == (N, K // 2)
+              and (w.stride() == (K // 2, 1) or shape_only(w, w_packed))
               and N > 0 and scales.dtype == torch.float32 and scales.shape == (N, G)
               and x.is_cpu and w.is_cpu and scales.is_cpu)
         if ok and zeros is not None:

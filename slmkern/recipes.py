@@ -256,6 +256,7 @@ class _Pending:
         if isinstance(self.config, Int8Config):
             mod = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
                              self.config.activations, device=w.device, dtype=w.dtype)
+            mod.unpack_()   # one weight copy: back to canonical buffers until prepack()
             with torch.no_grad():
                 mod.weight.copy_(torch.clamp(torch.round(w.float() / self.scales.unsqueeze(1)), -127, 127)
                                  .to(torch.int8))

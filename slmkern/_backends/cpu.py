@@ -37,6 +37,8 @@ def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
     if not ops.int8_linear_ok(x, w, w_scale, bias, w_packed):
         ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
     if _C is None:
+        if ops.shape_only(w, w_packed):
+            raise ValueError(f"{op}: w is a shape-only stand-in, which needs slmkern._C ({_IMPORT_ERROR})")
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return getattr(reference, op)(x, w, w_scale, bias)
@@ -78,6 +80,8 @@ def op_isa(op: str) -> str:
 def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
     g = ops.check_int4_linear_fast(op, x, w, scales, zeros, group_size, bias, w_packed)
     if _C is None:
+        if ops.shape_only(w, w_packed):
+            raise ValueError(f"{op}: w is a shape-only stand-in, which needs slmkern._C ({_IMPORT_ERROR})")
         ops.check_int4_zero_values(op, zeros)
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
@@ -161,6 +165,8 @@ def sparse24_linear_cpu(x, values, meta, scales=None, bias=None, w_packed=None):
     if w_packed is None:  # the canonical tensors are read: every value fact is checked first
         sparse24_format.validate(values, meta, scales)
     if _C is None:
+        if ops.shape_only(w, w_packed):
+            raise ValueError(f"{op}: w is a shape-only stand-in, which needs slmkern._C ({_IMPORT_ERROR})")
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return reference.sparse24_linear(x, values, meta, scales, bias)
@@ -192,6 +198,8 @@ def sparse24_w4a16_linear_cpu(x, qvalues, meta, scales, zeros, group_size, bias=
     if w_packed is None:
         sparse24_format.validate_int4(qvalues, meta, scales, zeros, group_size)
     if _C is None:
+        if ops.shape_only(w, w_packed):
+            raise ValueError(f"{op}: w is a shape-only stand-in, which needs slmkern._C ({_IMPORT_ERROR})")
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return reference.sparse24_w4a16_linear(x, qvalues, meta, scales, zeros, group_size, bias)

@@ -131,3 +131,18 @@ def prepack_cpu(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | Non
     cpu._C.int4_pack(w.data_ptr(), N, K, K // 2, scales.data_ptr(), z.data_ptr() if z is not None else 0,
                      ZEROS_KIND[z.dtype if z is not None else None], g, out.data_ptr())
     return out
+
+
+def unpack_codes(blob: torch.Tensor, N: int, K: int, group_size: int, asym: bool) -> torch.Tensor:
+    """The canonical uint8 [N, K/2] codes held by a CPU packed blob: the exact inverse of the code part of
+    :func:`prepack_cpu` (the blocks are a permutation of the nibbles; padding, scales and sz are skipped)."""
+    L = layout(N, K, group_size, asym)
+    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.shape[0] != L["total"]:
+        raise ValueError(f"blob: expected a 1-D uint8 packed int4 weight of {L['total']} bytes for ({N}, {K}), "
+                         f"group_size={group_size}, asym={asym}; got {tuple(blob.shape)} {blob.dtype}")
+    NT, G, g, gp, nblk = L["NT"], L["G"], L["g"], L["gp"], L["nblk"]
+    blocks = blob.view(NT, G, L["group_bytes"])[:, :, :nblk * 64].reshape(NT, G, nblk, NB, 4)
+    # [NT, G, nblk, 16, 4] bytes -> [NT, 16, G, nblk, 2 (lo/hi), 4] nibbles -> [rows, G, gp] codes
+    u = torch.stack((blocks & 0xF, blocks >> 4), dim=-2).permute(0, 3, 1, 2, 4, 5).reshape(NT * NB, G, gp)
+    u = u[:N, :, :g].reshape(N, K // 2, 2)
+    return (u[..., 0] | (u[..., 1] << 4)).contiguous()

@@ -81,3 +81,14 @@ def prepack_cpu(w: torch.Tensor) -> torch.Tensor:
     out = torch.empty(packed_bytes(N, K), dtype=torch.uint8)
     cpu._C.int8_pack(w.data_ptr(), N, K, K, out.data_ptr())
     return out
+
+
+def unpack_cpu(blob: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The canonical int8 [N, K] weight held by a CPU packed blob: the exact inverse of :func:`prepack_cpu`
+    (the tiles are a permutation of the weight's bytes; padding and colsum are dropped)."""
+    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.shape[0] != packed_bytes(N, K):
+        raise ValueError(f"blob: expected a 1-D uint8 packed int8 weight of {packed_bytes(N, K)} bytes for "
+                         f"({N}, {K}), got {tuple(blob.shape)} {blob.dtype}")
+    Np, Kp = _ceil(N, NB), _ceil(K, KB)
+    tiles = blob[:Np * Kp].view(torch.int8).reshape(Np // NB, Kp // KB, NB, KB)
+    return tiles.permute(0, 2, 1, 3).reshape(Np, Kp)[:N, :K].contiguous()

@@ -21,12 +21,14 @@ class Int4Linear(PackedLinearBase):
 
     Buffers ``weight`` (uint8 [N, K/2], two codes per byte), ``weight_scale`` (fp32
     [N, K/g]), ``weight_zero`` (uint8 [N, K/g], absent when symmetric) and ``bias``
-    go into ``state_dict``; on CPU the module also keeps the kernel's packed layout.
+    go into ``state_dict``. On CPU the module holds the kernel's packed layout and derives
+    ``weight`` from it when read (one copy of each weight: slmkern.nn._base).
     offsets=True (imported GGUF Q4_1): ``weight_offset`` (fp32 [N, K/g]) replaces the saved zero
     points, W = code * s + offset (slmkern.formats.int4, offset form); ``weight_zero`` is then the
     derived float zero point passed at op level (not saved).
     """
 
+    DERIVED = ("weight",)
     FP32_BUFFERS = ("weight_scale", "weight_offset", "weight_zero")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
@@ -66,6 +68,7 @@ class Int4Linear(PackedLinearBase):
         w = linear.weight
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, q.group_size,
                   q.zeros is None, activations, device=w.device, dtype=w.dtype)
+        mod.unpack_()
         mod.weight.copy_(q.packed)
         mod.weight_scale.copy_(q.scales)
         if q.zeros is not None:
@@ -106,6 +109,11 @@ class Int4Linear(PackedLinearBase):
             self.weight_zero = int4_format.offset_zero_points(self.weight_scale, self.weight_offset)
         super().prepack()
 
+    def _unpack_cpu(self, name: str) -> torch.Tensor:
+        from slmkern.formats import int4_cpu
+        return int4_cpu.unpack_codes(self._buffers["w_packed"], self.out_features, self.in_features,
+                                     self.group_size, self._buffers["weight_zero"] is not None)
+
     def _pack_cpu(self) -> torch.Tensor:
         from slmkern.formats import int4_cpu
         return int4_cpu.prepack_cpu(self.weight, self.weight_scale, self.weight_zero, self.group_size,
@@ -124,8 +132,8 @@ class Int4Linear(PackedLinearBase):
         if plan is None or not plan.valid_for(refs):
             from slmkern._backends import cpu
             op = "w4a16_linear" if self.activations == "float" else "w4a8_linear"
-            plan = cpu.int4_linear_plan(op, self.weight, self.weight_scale, self.weight_zero, self.group_size,
-                                        self.bias, self.w_packed)
+            plan = cpu.int4_linear_plan(op, self._op_weight("weight"), self.weight_scale, self.weight_zero,
+                                        self.group_size, self.bias, self.w_packed)
             self.__dict__["_plan"] = plan
         return plan
 
@@ -138,7 +146,8 @@ class Int4Linear(PackedLinearBase):
                 return y
         packed = self.w_packed if x.device.type == "cpu" else None
         op = ops.w4a16_linear if self.activations == "float" else ops.w4a8_linear
-        return op(x, self.weight, self.weight_scale, self.weight_zero, self.group_size, self.bias, packed)
+        return op(x, self._op_weight("weight", x), self.weight_scale, self.weight_zero, self.group_size, self.bias,
+                  packed)
 
     def extra_repr(self) -> str:
         op = "w4a16_linear" if self.activations == "float" else "w4a8_linear"

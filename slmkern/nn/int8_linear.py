@@ -19,11 +19,13 @@ class Int8Linear(PackedLinearBase):
     activations="float" -> slmkern::w8a16_linear (weight-only; float activations)
 
     Buffers ``weight`` (int8), ``weight_scale`` (fp32) and ``bias`` are the
-    canonical format and go into ``state_dict``; on CPU the module also keeps the
-    kernel's packed copy (``w_packed``, not saved), rebuilt after every load.
+    canonical format and go into ``state_dict``. On CPU the module holds the kernel's
+    packed layout (``w_packed``, not saved, rebuilt after every load) and derives
+    ``weight`` from it when read (one copy of each weight: slmkern.nn._base).
     """
 
     FP32_BUFFERS = ("weight_scale",)
+    DERIVED = ("weight",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activations: str = "int8", device=None, dtype: torch.dtype = torch.float32) -> None:
@@ -48,6 +50,7 @@ class Int8Linear(PackedLinearBase):
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, activations,
                   device=w.device, dtype=w.dtype)
         q, scale = int8_format.quantize_per_channel(w)
+        mod.unpack_()
         mod.weight.copy_(q)
         mod.weight_scale.copy_(scale)
         if linear.bias is not None:
@@ -63,6 +66,9 @@ class Int8Linear(PackedLinearBase):
         int8_format.check_weight(self.weight, "weight")
         return int8_format.prepack_cpu(self.weight)
 
+    def _unpack_cpu(self, name: str) -> torch.Tensor:
+        return int8_format.unpack_cpu(self._buffers["w_packed"], self.out_features, self.in_features)
+
     def dequantized_weight(self) -> torch.Tensor:
         return int8_format.dequantize(self.weight, self.weight_scale)
 
@@ -74,7 +80,7 @@ class Int8Linear(PackedLinearBase):
         if plan is None or not plan.valid_for(refs):
             from slmkern._backends import cpu
             op = "w8a8_linear" if self.activations == "int8" else "w8a16_linear"
-            plan = cpu.int8_linear_plan(op, self.weight, self.weight_scale, self.bias, self.w_packed)
+            plan = cpu.int8_linear_plan(op, self._op_weight("weight"), self.weight_scale, self.bias, self.w_packed)
             self.__dict__["_plan"] = plan
         return plan
 
@@ -86,9 +92,10 @@ class Int8Linear(PackedLinearBase):
             if y is not None:
                 return y
         packed = self.w_packed if x.device.type == "cpu" else None
+        w = self._op_weight("weight", x)
         if self.activations == "int8":
-            return ops.w8a8_linear(x, self.weight, self.weight_scale, self.bias, packed)
-        return ops.w8a16_linear(x, self.weight, self.weight_scale, self.bias, packed)
+            return ops.w8a8_linear(x, w, self.weight_scale, self.bias, packed)
+        return ops.w8a16_linear(x, w, self.weight_scale, self.bias, packed)
 
     def extra_repr(self) -> str:
         op = "w8a8_linear" if self.activations == "int8" else "w8a16_linear"

@@ -497,6 +497,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
             w, s = pack_quantized_to_int8(layer, wargs, fqn, shape)
             new = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, activations,
                              device=lin.weight.device, dtype=lin.weight.dtype)
+            new.unpack_()   # one weight copy: back to canonical buffers until prepack()
             new.weight.copy_(w)
             new.weight_scale.copy_(s)
             new.prepack()
