@@ -56,8 +56,14 @@ llama.cpp decoded at 0.3 tok/s instead of 45 on the shared 2-core box (the polic
 
 rss_mb: peak RSS (VmHWM; MiB) of a fresh Python process that imports torch, transformers and
 slmkern and then loads that one impl (before its first call, so without compiled graphs); the
-baseline of a process that only does the imports is ``rss_baseline_mb`` in the run meta, and the
-probe's RSS after the load (current, not peak) is ``rss_now_mb`` in the row meta. Compiled impls
+baseline (code and runtime) is a process that does the imports and also imports the model's
+transformers modeling module (~100 MiB for llama's) and, for the decoder, loads the tokenizer every
+decoder impl loads (~35 MiB): ``rss_baseline_mb`` (decoder) and ``rss_baseline_by_model_mb`` in the
+run meta. The
+probe's RSS after the load (current, not peak) is ``rss_now_mb`` in the row meta, beside what the
+loaded torch model holds: ``rss_packed_mb`` (slmkern's packed layouts), ``rss_canonical_mb``
+(canonical codes still resident next to them) and ``rss_other_weights_mb`` (embeddings, norms,
+scales, biases). Compiled impls
 load the same checkpoint as their eager twin and report its figure.
 
 Compressed slmkern models (GPTQ calibration takes minutes), converted GGUFs and ONNX files are
@@ -551,16 +557,54 @@ def load(workload: str, impl: str, cfg: E2EConfig, shared: dict | None = None):
                            dict(meta, generate_mode=mode))
 
 
+MODELING = {"decoder": "transformers.models.llama.modeling_llama", "encoder": "transformers.models.bert.modeling_bert"}
+
+
+def weight_bytes_mb(model) -> dict:
+    """What a loaded torch model holds (MiB): slmkern's packed layouts, the canonical tensors still
+    resident beside them (0 once the modules hold one copy), and every other parameter/buffer
+    (embeddings, norms, scales, biases)."""
+    if not isinstance(model, torch.nn.Module):
+        return {}
+    from slmkern.nn._base import PackedLinearBase
+    packed = canonical = 0
+    seen = set()
+    for mod in model.modules():
+        if isinstance(mod, PackedLinearBase):
+            for name, t in mod._buffers.items():
+                if t is None:
+                    continue
+                seen.add(t.untyped_storage().data_ptr())
+                if name == "w_packed":
+                    packed += t.nbytes
+                elif name in mod.DERIVED:
+                    canonical += t.nbytes
+    other = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            other += t.untyped_storage().nbytes()
+    mb = 2 ** 20
+    return {"packed_mb": round(packed / mb, 1), "canonical_mb": round(canonical / mb, 1),
+            "other_weights_mb": round(other / mb, 1)}
+
+
 def rss_probe(workload: str, impl: str, cfg: E2EConfig) -> dict:
     """Peak and current RSS (MB) of a fresh process that loads only impl (impl=None: imports only)."""
-    code = ("import json, sys, torch, transformers, slmkern\n"
+    code = ("import importlib, json, sys, torch, transformers, slmkern\n"
             "from slmkern.cli import load_benchmarks\n"
             "load_benchmarks()\n"
             "from slmkern.benchmarks import bench_e2e as e\n"
             "w, impl, cfg = sys.argv[1], sys.argv[2], e.E2EConfig(**json.loads(sys.argv[3]))\n"
             "torch.set_num_threads(cfg.threads)\n"
+            "if impl == '-':\n"
+            "    importlib.import_module(e.MODELING[w])\n"
+            "    if w == 'decoder':\n"
+            "        from slmkern.models import load_tokenizer\n"
+            "        tok = load_tokenizer(e.MODELS[w])\n"
             "r = e.load(w, impl, cfg) if impl != '-' else None\n"
-            "print('RSS', json.dumps({'peak_mb': e.peak_rss_mb(), 'now_mb': e.rss_now_mb()}))\n")
+            "print('RSS', json.dumps({'peak_mb': e.peak_rss_mb(), 'now_mb': e.rss_now_mb(), "
+            "**e.weight_bytes_mb(getattr(r, 'model', None))}))\n")
     args = json.dumps({"quick": cfg.quick, "threads": cfg.threads, "prompt_tokens": cfg.prompt_tokens,
                        "new_tokens": cfg.new_tokens})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -650,8 +694,9 @@ def run(cfg: E2EConfig, log: Callable[[str], None] = print) -> dict:
     skipped: dict[str, str] = {}
     rss: dict[str, dict] = {}
     if cfg.rss:
-        base = rss_probe("decoder", None, cfg)
-        meta["rss_baseline_mb"] = base.get("peak_mb")
+        by = {w: rss_probe(w, None, cfg).get("now_mb") for w in cfg.workloads}
+        meta["rss_baseline_mb"] = by.get("decoder", next(iter(by.values()), None))
+        meta["rss_baseline_by_model_mb"] = {MODELS[w]: v for w, v in by.items()}
     for workload in cfg.workloads:
         log(f"== {workload}: {MODELS[workload]}")
         names = []
@@ -787,6 +832,25 @@ def ratios(rows: list[dict]) -> list[str]:
     return out
 
 
+def rss_budget(rows: list[dict], baselines: dict) -> list[str]:
+    """The issue's memory check per slmkern impl: RSS after load vs 1.3 x (packed + other weights) + code."""
+    out = []
+    for r in rows:
+        m = r.get("meta", {})
+        baseline_mb = (baselines or {}).get(r["model"])
+        if not r["impl"].startswith("slmkern") or "same_as" in m or m.get("rss_now_mb") is None \
+                or m.get("rss_packed_mb") is None or baseline_mb is None:
+            continue
+        weights = m["rss_packed_mb"] + m["rss_other_weights_mb"]
+        budget = 1.3 * weights + baseline_mb
+        out.append(f"{r['model']} {r['impl']} RSS after load {m['rss_now_mb']:.0f} MiB (peak {r['rss_mb']:.0f}) = "
+                   f"code+runtime {baseline_mb:.0f} + packed {m['rss_packed_mb']:.0f} + other weights "
+                   f"{m['rss_other_weights_mb']:.0f} + canonical copies {m['rss_canonical_mb']:.0f} + rest "
+                   f"{m['rss_now_mb'] - baseline_mb - weights - m['rss_canonical_mb']:.0f}; "
+                   f"budget 1.3 x weights + code = {budget:.0f}: {'met' if m['rss_now_mb'] <= budget else 'MISSED'}")
+    return out
+
+
 def main(argv: list[str] | None = None, *, quick: bool | None = None, reps: int | None = None,
          json_path: str | None = None) -> int:
     """Command line (also called by `slmkern bench --e2e` with quick/reps/json_path)."""
@@ -810,7 +874,7 @@ def main(argv: list[str] | None = None, *, quick: bool | None = None, reps: int 
     result = run(cfg)
     print()
     print(table(result["rows"]))
-    for line in ratios(result["rows"]):
+    for line in ratios(result["rows"]) + rss_budget(result["rows"], result["meta"].get("rss_baseline_by_model_mb")):
         print(line)
     for where, why in result["meta"]["skipped"].items():
         print(f"skipped {where}: {why}")
