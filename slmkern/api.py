@@ -182,17 +182,18 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
             new = Int4Linear.from_linear(mod, cfg.group_size, cfg.symmetric, cfg.activations, cfg.method, cfg.clip)
         _set_submodule(model, fqn, new)
         report.swapped.append((fqn, new.extra_repr()))
-        _note_untied(model, fqn, mod.weight, report)
+        _note_untied(model, fqn, mod.weight, report, new)
     return report
 
 
-def _note_untied(model: nn.Module, fqn: str, weight, report: SwapReport) -> None:
-    """A replaced Linear whose weight other modules still hold (a tied lm_head): say so, with the bytes
-    (the same rule and note as compress(), slmkern.recipes.untied_note)."""
-    from slmkern.recipes import tied_holders, untied_note
+def _note_untied(model: nn.Module, fqn: str, weight, report: SwapReport, new: nn.Module | None = None) -> None:
+    """A replaced Linear whose weight other modules still hold (a tied lm_head): an int8 head keeps one
+    table (the embedding reads it: slmkern.recipes.tie_int8_table); otherwise say the embedding keeps its
+    own copy, with the bytes (the same rule and notes as compress())."""
+    from slmkern.recipes import tie_int8_table, tied_holders, untied_note
     holders = tied_holders(model, weight)
     if holders:
-        report.notes.append(untied_note(model, fqn, weight, holders))
+        report.notes.append(tie_int8_table(model, fqn, new, weight, holders) or untied_note(model, fqn, weight, holders))
 
 
 def sparsify_(model: nn.Module, config: SparseConfig | None = None, filter_fn: FilterFn | None = None, *,

@@ -6,7 +6,9 @@ A checkpoint directory holds
   module's canonical buffers (never a kernel's packed layout); tied tensors stored once;
 * ``slmkern_config.json``: format version, the sha256 and size of the tensor file, every
   tensor's name/shape/dtype, tied-tensor aliases, per packed module its ``slmkern_config()``
-  (class, shapes, group size, activations...), the Hugging Face class name when there is one,
+  (class, shapes, group size, activations...), per embedding that reads an int8 head's table
+  (``slmkern.nn.Int8Embedding``, no tensor of its own) its config naming the head
+  (``tied_embeddings``), the Hugging Face class name when there is one,
   and free-form ``meta`` (recipe, report);
 * ``config.json`` (+ tokenizer files) when the model is a Hugging Face model.
 
@@ -87,6 +89,7 @@ def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False, t
         raise FileExistsError(f"out: {str(out)!r} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     modules = {fqn: m.slmkern_config() for fqn, m in model.named_modules() if isinstance(m, PackedLinearBase)}
+    tied = _tied_embeddings(model)
     tensors, aliases = _dedupe(model.state_dict())
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -99,6 +102,7 @@ def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False, t
                         for k, v in tensors.items()},
             "aliases": aliases,
             "modules": modules,
+            "tied_embeddings": tied,
             "hf_class": type(model).__name__ if hasattr(getattr(model, "config", None), "to_dict") else None,
             "meta": meta or {},
         }
@@ -118,6 +122,42 @@ def save(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False, t
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _tied_embeddings(model: nn.Module) -> dict[str, dict]:
+    """{fqn: config} of every embedding that reads a head's table (slmkern.nn.Int8Embedding): the file holds
+    the table once, under the head's name; load() rebuilds the tie from this."""
+    from slmkern.nn import Int8Embedding
+
+    names = {id(m): fqn for fqn, m in model.named_modules()}
+    out = {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, Int8Embedding):
+            head = names.get(id(m.head))
+            if head is None:
+                raise ValueError(f"model: {fqn} reads the table of a head that is not a submodule of the model")
+            out[fqn] = m.slmkern_config(head)
+    return out
+
+
+def _rebuild_tied(model: nn.Module, tied: dict) -> None:
+    from slmkern.nn import Int8Embedding
+
+    if not isinstance(tied, dict):
+        raise CheckpointError(f"{CONFIG_NAME}: tied_embeddings must be an object, got {type(tied).__name__}")
+    for fqn, tcfg in tied.items():
+        try:
+            model.get_submodule(fqn)
+            head = model.get_submodule(str(tcfg.get("head")))
+        except AttributeError:
+            raise CheckpointError(f"tied embedding {fqn!r}: the model has no such submodule or head "
+                                  f"{tcfg.get('head')!r}") from None
+        try:
+            new = Int8Embedding.from_config(tcfg, head)
+        except ValueError as exc:
+            raise CheckpointError(f"tied embedding {fqn!r}: {exc}") from None
+        parent, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -273,6 +313,7 @@ def load(path: str | os.PathLike, model_or_config: nn.Module | None = None, *,
             raise CheckpointError(f"module {fqn!r}: {exc}") from None
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    _rebuild_tied(model, cfg.get("tied_embeddings", {}))
     rest = {k: v for k, v in tensors.items() if k not in packed_keys}
     _materialize_meta(model)
     model.to(device)

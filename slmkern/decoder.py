@@ -59,8 +59,8 @@ def unsupported_reason(model, cache_len: int) -> str | None:
         return f"{type(model).__name__} does not have HF's model.layers / lm_head / rotary_emb layout"
     if len(layers) != cfg.num_hidden_layers:
         return f"{len(layers)} layers but num_hidden_layers={cfg.num_hidden_layers}"
-    if type(inner.embed_tokens) is not nn.Embedding:
-        return f"embed_tokens is a {type(inner.embed_tokens).__name__}, not nn.Embedding"
+    if type(inner.embed_tokens) is not nn.Embedding and type(inner.embed_tokens).__name__ != "Int8Embedding":
+        return f"embed_tokens is a {type(inner.embed_tokens).__name__}, not nn.Embedding or slmkern's Int8Embedding"
     norms = [inner.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
     for n in norms:
         if not type(n).__name__.endswith("RMSNorm") or not hasattr(n, "variance_epsilon"):
@@ -78,7 +78,7 @@ def unsupported_reason(model, cache_len: int) -> str | None:
     devices = {t.device.type for t in model.parameters()} | {t.device.type for t in model.buffers()}
     if devices != {"cpu"}:
         return f"model is on {sorted(devices)}; the lean decoder is CPU only"
-    dt = inner.embed_tokens.weight.dtype
+    dt = _embed_dtype(inner.embed_tokens)
     if dt not in (torch.float32, torch.bfloat16, torch.float16):
         return f"embedding dtype {dt}"
     return None
@@ -185,6 +185,11 @@ def norm_lanes(C, n: int, w: torch.Tensor, eps: float) -> int | None:
     return None
 
 
+def _embed_dtype(embed: nn.Module) -> torch.dtype:
+    """The dtype of the embedding's rows: nn.Embedding's weight, or slmkern.nn.Int8Embedding's output dtype."""
+    return embed.weight.dtype if type(embed) is nn.Embedding else embed.dtype
+
+
 def _model_refs(model) -> tuple:
     inner = model.model
     mods = [inner.embed_tokens, model.lm_head, inner.norm, inner.rotary_emb]
@@ -232,7 +237,7 @@ class LeanDecoder:
         # decode steps in fp32 with one q/k/v kernel call: rope + cache write in one C++ call (csrc/decoder.cpp)
         from slmkern._backends import cpu as cpu_backend
         self._C = cpu_backend._C if cpu_backend.has_cpp() else None
-        self.fast_rope = self._C is not None and inner.embed_tokens.weight.dtype == torch.float32 \
+        self.fast_rope = self._C is not None and _embed_dtype(inner.embed_tokens) == torch.float32 \
             and all(L[1].planned for L in self.layers)
         # decode steps in fp32: residual add + RMSNorm in one C++ call, where it gives aten's bits on this torch
         norms = [self.final_norm] + [n for L in self.layers for n in (L[0], L[3])]
@@ -258,7 +263,7 @@ class LeanDecoder:
         if cache_len <= self.cache_len:
             return
         shape = (1, self.Hkv, cache_len, self.D)
-        dt = self.embed.weight.dtype
+        dt = _embed_dtype(self.embed)
         with torch.inference_mode():
             self.k = [torch.zeros(shape, dtype=dt) for _ in self.layers]
             self.v = [torch.zeros(shape, dtype=dt) for _ in self.layers]
@@ -275,7 +280,8 @@ class LeanDecoder:
         if end > self.cache_len:
             raise ValueError(f"ids: {end} tokens do not fit the KV cache of {self.cache_len}")
         H, Hkv, D = self.H, self.Hkv, self.D
-        h = F.embedding(ids, self.embed.weight, self.embed.padding_idx)
+        h = F.embedding(ids, self.embed.weight, self.embed.padding_idx) if type(self.embed) is nn.Embedding \
+            else self.embed(ids)   # slmkern.nn.Int8Embedding: rows of the tied int8 head's table
         pos = torch.arange(start, end).unsqueeze(0)
         cos, sin = self.rotary(h, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

@@ -21,7 +21,10 @@ Heads and poolers (``lm_head``, ``classifier``, ``bert.pooler.dense``, anything 
 embedding: :func:`slmkern.algorithms._prune.head_reason`, the rule quantize_, sparsify_ and the
 pruners follow too) stay dense in every step unless the recipe's ``targets`` or a quantize step's
 ``targets`` name them, or a quantize step sets ``skip_names: []``. A tied head stays tied unless it
-is compressed; then the embedding keeps its own fp32 copy and the report gives its bytes.
+is compressed. A head quantized to int8 (either activation mode) keeps one table: the embedding becomes
+:class:`slmkern.nn.Int8Embedding`, reading the head's int8 codes and scales (:func:`tie_int8_table`); any
+other compressed head (int4, sparse, or an int8 head whose weight a smoothing/distill step changed) unties
+and the embedding keeps its own fp32 copy. The report gives the bytes either way.
 ``sparsify`` with ``format: unstructured`` never packs a layer below the kernel's measured
 crossover sparsity (:data:`slmkern.api.UNSTRUCTURED_CROSSOVER_SPARSITY`).
 """
@@ -336,6 +339,45 @@ def untied_note(model: nn.Module, fqn: str, weight: torch.Tensor, holders: list[
             f"({nbytes:,} bytes) next to the compressed {fqn}")
 
 
+def tie_int8_table(model: nn.Module, fqn: str, head: nn.Module, weight: torch.Tensor,
+                   holders: list[str]) -> str | None:
+    """One table for a tied head quantized to int8: every holder of the shared fp32 ``weight`` that is an
+    nn.Embedding is replaced by :class:`slmkern.nn.Int8Embedding` reading ``head``'s int8 codes and scales, so the
+    fp32 copy is freed. Only when the head's table is the round-to-nearest int8 table of that very weight (not
+    when smoothing, AWQ or distillation changed the head's weight first). Returns the report line, or None
+    when it does not apply (then the caller keeps the untied copy and says so with :func:`untied_note`).
+    int4 and sparse heads are not tied this way: their embedding keeps its own fp32 copy.
+    Clears ``config.tie_word_embeddings``: no parameter is shared any more (Hugging Face's tie_weights must not
+    try); the tie lives in the Int8Embedding, and slmkern.save / slmkern.load record and rebuild it."""
+    from slmkern.formats import int8 as int8_format
+    from slmkern.nn import Int8Embedding, Int8Linear
+
+    if type(head) is not Int8Linear or not holders:
+        return None
+    embs = []
+    for h in holders:
+        parent, _, pname = h.rpartition(".")
+        mod = model.get_submodule(parent) if parent else model
+        if type(mod) is not nn.Embedding or pname != "weight" or mod.max_norm is not None \
+                or tuple(mod.weight.shape) != (head.out_features, head.in_features):
+            return None
+        embs.append((parent, mod))
+    with torch.no_grad():
+        q, scale = int8_format.quantize_per_channel(weight.detach())
+        if not (torch.equal(q.to(head.weight_scale.device), head.weight)
+                and torch.equal(scale.to(head.weight_scale.device), head.weight_scale)):
+            return None
+    for parent, mod in embs:
+        _set_submodule(model, parent, Int8Embedding.from_embedding(mod, head))
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+        cfg.tie_word_embeddings = False
+    nbytes = weight.numel() * weight.element_size()
+    return (f"{fqn}: weight was tied to {', '.join(holders)}; {', '.join(p for p, _ in embs)} now reads the int8 "
+            f"head's table (Int8Embedding: one table), saving the {str(weight.dtype).replace('torch.', '')} copy "
+            f"({nbytes:,} bytes)")
+
+
 def _untie_for_update(layers: dict[str, nn.Linear], shared: dict[str, torch.Tensor]) -> list[str]:
     """Before a step writes into these layers' weights: give each layer still sharing its weight its own copy."""
     done = []
@@ -545,7 +587,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
             continue
         holders = tied_holders(model, w, f"{f}.weight")
         if holders:
-            report.notes.append(untied_note(model, f, w, holders))
+            report.notes.append(tie_int8_table(model, f, m, w, holders) or untied_note(model, f, w, holders))
     return report
 
 

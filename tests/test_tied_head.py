@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from slmkern import compress, quantize_
-from slmkern.config import Int8Config
-from slmkern.nn import Int8Linear
+from slmkern.config import Int4Config, Int8Config
+from slmkern.nn import Int4Linear, Int8Embedding, Int8Linear
 
 from _tiny import TiedLM
 
@@ -50,11 +50,12 @@ def test_compress_keeps_an_unquantized_tied_head_tied():
 
 
 def test_compress_quantized_tied_head_reports_the_embedding_copy():
+    # an int4 head unties (an int8 head keeps one table instead: tests/test_tied_table.py)
     m = TiedLM(VOCAB, DIM)
     emb = m.emb.weight.detach().clone()
-    rep = compress(m, {"steps": [{"quantize": {"algorithm": "int8", "activations": "float", "skip_names": [],
+    rep = compress(m, {"steps": [{"quantize": {"algorithm": "rtn", "group_size": 32, "skip_names": [],
                                                "targets": ["lm_head"]}}]}, progress=False)
-    assert isinstance(m.lm_head, Int8Linear)
+    assert isinstance(m.lm_head, Int4Linear)
     assert torch.equal(m.emb.weight, emb)                  # the embedding keeps its own fp32 table
     assert table_copies(m) == 1
     text = str(rep)
@@ -67,7 +68,11 @@ def test_quantize_follows_the_same_rule():
     assert type(m.lm_head) is nn.Linear and m.lm_head.weight is m.emb.weight and table_copies(m) == 1
     m = TiedLM(VOCAB, DIM)
     rep = quantize_(m, Int8Config(), overrides={"lm_head": Int8Config(activations="float")})
-    assert isinstance(m.lm_head, Int8Linear) and table_copies(m) == 1
+    assert isinstance(m.lm_head, Int8Linear) and isinstance(m.emb, Int8Embedding) and table_copies(m) == 0
+    assert any("one table" in n and f"{TABLE_BYTES:,}" in n for n in rep.notes), rep.notes
+    m = TiedLM(VOCAB, DIM)
+    rep = quantize_(m, Int8Config(), overrides={"lm_head": Int4Config(group_size=32)})
+    assert isinstance(m.lm_head, Int4Linear) and table_copies(m) == 1
     assert any("tied" in n and f"{TABLE_BYTES:,}" in n for n in rep.notes), rep.notes
 
 
@@ -84,5 +89,6 @@ def test_hf_tied_model_keeps_one_table_and_its_config_flag():
     assert lm.config.tie_word_embeddings is True
     compress(lm, {"steps": [{"quantize": {"algorithm": "int8", "activations": "float", "skip_names": [],
                                           "targets": ["lm_head"]}}]}, progress=False)
-    assert isinstance(lm.lm_head, Int8Linear) and table_copies(lm) == 1
+    assert isinstance(lm.lm_head, Int8Linear) and table_copies(lm) == 0   # one table: the head's int8 codes
+    assert isinstance(lm.model.embed_tokens, Int8Embedding) and lm.model.embed_tokens.head is lm.lm_head
     assert lm.config.tie_word_embeddings is False
