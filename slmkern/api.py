@@ -141,7 +141,7 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
     overrides: {fnmatch pattern on the fqn: config or None}; the first matching pattern
       gives that layer its own config (None keeps it dense).
     calibration: an iterable of model inputs (dicts, tuples or tensors), needed by
-      Int4Config(method="gptq").
+      Int4Config(method="gptq"), Int4Config(awq=True) and Int8Config(smooth=...).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected torch.nn.Module, got {type(model).__name__}")
@@ -152,6 +152,27 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
     report = SwapReport()
     plan = _plan(model, config, filter_fn, overrides, report)
 
+    calib = None
+    # AWQ / SmoothQuant scales: searched on the calibration data and folded into the previous ops
+    # before any layer is quantized (the float function is unchanged)
+    prescale = [c for c in dict.fromkeys(cfg for _, _, cfg in plan)
+                if (isinstance(c, Int4Config) and c.awq) or (isinstance(c, Int8Config) and c.smooth is not None)]
+    if prescale:
+        if calibration is None:
+            raise ValueError("calibration: Int4Config(awq=True) / Int8Config(smooth=...) need calibration data "
+                             "(an iterable of model inputs)")
+        from slmkern.algorithms.awq import awq_scale_model, smooth_scale_model
+
+        calib = list(calibration)
+        for cfg in prescale:
+            names = {fqn for fqn, _, c in plan if c == cfg}
+            flt = lambda m, fqn, names=names: fqn in names  # noqa: E731
+            if isinstance(cfg, Int4Config):
+                srep = awq_scale_model(model, calib, cfg.group_size, cfg.symmetric, filter_fn=flt, grid=cfg.awq_grid)
+            else:
+                srep = smooth_scale_model(model, calib, cfg.smooth, filter_fn=flt)
+            report.notes.append(str(srep).splitlines()[0])
+
     gptq_cfgs = {cfg for _, _, cfg in plan if isinstance(cfg, Int4Config) and cfg.method == "gptq"}
     gptq_weights: dict[str, Any] = {}
     if gptq_cfgs:
@@ -160,7 +181,7 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
                              "(an iterable of model inputs)")
         from slmkern.algorithms.gptq import gptq_quantize_model
 
-        calib = list(calibration)
+        calib = list(calibration) if calib is None else calib
         for cfg in gptq_cfgs:  # one layer-by-layer pass per distinct GPTQ config
             names = {fqn for fqn, _, c in plan if c == cfg}
             weights, greport = gptq_quantize_model(

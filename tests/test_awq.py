@@ -160,3 +160,21 @@ def test_smooth_recipe_key():
     assert any(n.startswith("smooth: scaled") for n in rep.notes), rep.notes
     with pytest.raises(ValueError, match="smooth"):
         Int8Config(smooth=2.0)
+
+
+@pytest.mark.parametrize("cfg_kind", ["awq", "smooth"])
+def test_quantize_applies_awq_and_smooth_before_swapping(cfg_kind):
+    import slmkern
+    from slmkern.config import Int4Config, Int8Config
+
+    cfg = (Int4Config(method="rtn", group_size=32, awq=True) if cfg_kind == "awq"
+           else Int8Config(activations="int8", smooth=0.5))
+    with pytest.raises(ValueError, match="calibration"):
+        slmkern.quantize_(_tiny_llama(), cfg, progress=False)
+    m = _tiny_llama()
+    before = {n: mod.weight.detach().clone() for n, mod in m.named_modules() if n.endswith("layernorm")}
+    rep = slmkern.quantize_(m, cfg, calibration=_calib(), progress=False)
+    assert any(n.startswith(cfg_kind) for n in rep.notes), rep.notes
+    after = {n: mod.weight.detach() for n, mod in m.named_modules() if n.endswith("layernorm")}
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert rep.swapped
