@@ -209,3 +209,15 @@ def test_lean_decoder_runs_the_int8_table():
         assert torch.equal(LeanDecoder(model, 64).logits(i), ref)
     res = slmkern.generate(model, None, i, max_new_tokens=4, stop_at_eos=False)
     assert res.path == "lean"
+
+
+def test_compressed_tensors_export_writes_the_embedding_rows(tmp_path):
+    from safetensors.torch import load_file
+
+    from slmkern.formats.interop.compressed_tensors import save_compressed
+    model = tiny_llama()
+    compress(model, {"steps": [HEAD_STEP]}, progress=False)
+    save_compressed(model, tmp_path / "ct")
+    t = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    # the HF format has no shared int8 table: the embedding is written as its own rows (config untied)
+    assert torch.equal(t["model.embed_tokens.weight"], head_rows(model.lm_head, torch.arange(VOCAB)))

@@ -387,6 +387,10 @@ def save_compressed(model: nn.Module, save_dir: str | os.PathLike) -> dict[str, 
     for fqn, mod in quantized.items():
         for leaf, t in _layer_tensors(mod)[0].items():
             tensors[f"{fqn}.{leaf}"] = t
+    from slmkern.nn import Int8Embedding
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, Int8Embedding):   # reads the int8 head's table: the format gets the embedding's own rows
+            tensors[f"{fqn}.weight"] = mod.dequantized_table().contiguous()
     cfg: dict[str, Any] = {}
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_dict"):
