@@ -79,7 +79,7 @@ def test_bad_inputs():
 def test_config_json_round_trip():
     cfg = Int8Config(activations="float", skip_names=["head"])
     d = json.loads(cfg.to_json())
-    assert d == {"type": "Int8Config", "activations": "float", "skip_names": ["head"]}
+    assert d == {"type": "Int8Config", "activations": "float", "skip_names": ["head"], "smooth": None}
     assert Int8Config.from_dict(d) == cfg
     with pytest.raises(ValueError, match="config type"):
         Int8Config.from_dict({"type": "Int4Config"})
