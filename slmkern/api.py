@@ -157,10 +157,16 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
     # before any layer is quantized (the float function is unchanged)
     prescale = [c for c in dict.fromkeys(cfg for _, _, cfg in plan)
                 if (isinstance(c, Int4Config) and c.awq) or (isinstance(c, Int8Config) and c.smooth is not None)]
+    shared: dict[str, Any] = {}   # tied layers whose weight a scale folds into: the original shared tensor
     if prescale:
         if calibration is None:
             raise ValueError("calibration: Int4Config(awq=True) / Int8Config(smooth=...) need calibration data "
                              "(an iterable of model inputs)")
+        from slmkern.recipes import _untie_for_update, tied_holders
+        shared = {fqn: mod.weight for fqn, mod, cfg in plan
+                  if cfg in prescale and tied_holders(model, mod.weight, f"{fqn}.weight")}
+        # the scales are folded into the layer's own copy, never into the embedding that shares its weight
+        _untie_for_update({fqn: mod for fqn, mod, _ in plan if fqn in shared}, shared)
         from slmkern.algorithms.awq import awq_scale_model, smooth_scale_model
 
         calib = list(calibration)
@@ -203,7 +209,7 @@ def quantize_(model: nn.Module, config: Config, filter_fn: FilterFn | None = Non
             new = Int4Linear.from_linear(mod, cfg.group_size, cfg.symmetric, cfg.activations, cfg.method, cfg.clip)
         _set_submodule(model, fqn, new)
         report.swapped.append((fqn, new.extra_repr()))
-        _note_untied(model, fqn, mod.weight, report, new)
+        _note_untied(model, fqn, shared.get(fqn, mod.weight), report, new)
     return report
 
 

@@ -221,3 +221,21 @@ def test_compressed_tensors_export_writes_the_embedding_rows(tmp_path):
     t = load_file(str(tmp_path / "ct" / "model.safetensors"))
     # the HF format has no shared int8 table: the embedding is written as its own rows (config untied)
     assert torch.equal(t["model.embed_tokens.weight"], head_rows(model.lm_head, torch.arange(VOCAB)))
+
+
+def test_smoothed_tied_head_does_not_scale_the_embedding():
+    # Int8Config(smooth=...) folds scales into the head's weight: into its own copy, never the shared embedding;
+    # that head's table is then not the embedding's, so the embedding keeps its fp32 copy (and the report says so)
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    table = model.model.embed_tokens.weight.detach().clone()
+    calib = [ids(16, seed) for seed in range(4)]
+    rep = quantize_(model, Int8Config(activations="float", smooth=0.5), filter_fn=lambda m, fqn: fqn == "lm_head",
+                    calibration=calib)
+    emb = model.model.embed_tokens
+    assert type(emb) is nn.Embedding and torch.equal(emb.weight, table)
+    assert any("own float32 copy" in n for n in rep.notes), rep.notes
+    i = ids()
+    with torch.no_grad():
+        err = (model(input_ids=i).logits - ref(input_ids=i).logits).abs().max().item()
+    assert err < 0.1, err
