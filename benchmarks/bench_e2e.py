@@ -58,8 +58,9 @@ rss_mb: peak RSS (VmHWM; MiB) of a fresh Python process that imports torch, tran
 slmkern and then loads that one impl (before its first call, so without compiled graphs); the
 baseline (code and runtime) is a process that does the imports and also imports the model's
 transformers modeling module (~100 MiB for llama's) and, for the decoder, loads the tokenizer every
-decoder impl loads (~35 MiB): ``rss_baseline_mb`` (decoder) and ``rss_baseline_by_model_mb`` in the
-run meta. The
+decoder impl that runs through transformers loads (~35 MiB; loaded first in those impls' probes too, so
+that impl minus baseline is the model's load and not the heap the tokenizer's GGUF parse leaves behind
+a loaded model): ``rss_baseline_mb`` (decoder) and ``rss_baseline_by_model_mb`` in the run meta. The
 probe's RSS after the load (current, not peak) is ``rss_now_mb`` in the row meta, beside what the
 loaded torch model holds: ``rss_packed_mb`` (slmkern's packed layouts), ``rss_canonical_mb``
 (canonical codes still resident next to them) and ``rss_other_weights_mb`` (embeddings, norms,
@@ -597,12 +598,13 @@ def rss_probe(workload: str, impl: str, cfg: E2EConfig) -> dict:
             "from slmkern.benchmarks import bench_e2e as e\n"
             "w, impl, cfg = sys.argv[1], sys.argv[2], e.E2EConfig(**json.loads(sys.argv[3]))\n"
             "torch.set_num_threads(cfg.threads)\n"
+            "shared = {}\n"
             "if impl == '-':\n"
             "    importlib.import_module(e.MODELING[w])\n"
-            "    if w == 'decoder':\n"
-            "        from slmkern.models import load_tokenizer\n"
-            "        tok = load_tokenizer(e.MODELS[w])\n"
-            "r = e.load(w, impl, cfg) if impl != '-' else None\n"
+            "if w == 'decoder' and (impl == '-' or not impl.startswith('llamacpp_')):\n"
+            "    from slmkern.models import load_tokenizer\n"
+            "    shared['tokenizer'] = load_tokenizer(e.MODELS[w])\n"
+            "r = e.load(w, impl, cfg, shared) if impl != '-' else None\n"
             "print('RSS', json.dumps({'peak_mb': e.peak_rss_mb(), 'now_mb': e.rss_now_mb(), "
             "**e.weight_bytes_mb(getattr(r, 'model', None))}))\n")
     args = json.dumps({"quick": cfg.quick, "threads": cfg.threads, "prompt_tokens": cfg.prompt_tokens,
