@@ -257,17 +257,8 @@ class _Pending:
         from slmkern.nn import Int4Linear, Int8Linear
         w = linear.weight.detach()
         if isinstance(self.config, Int8Config):
-            mod = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                             self.config.activations, device=w.device, dtype=w.dtype)
-            mod.unpack_()   # one weight copy: back to canonical buffers until prepack()
-            with torch.no_grad():
-                mod.weight.copy_(torch.clamp(torch.round(w.float() / self.scales.unsqueeze(1)), -127, 127)
-                                 .to(torch.int8))
-                mod.weight_scale.copy_(self.scales)
-                if linear.bias is not None:
-                    mod.bias.copy_(linear.bias.detach())
-            mod.prepack()
-            return mod
+            q = torch.clamp(torch.round(w.float() / self.scales.unsqueeze(1)), -127, 127).to(torch.int8)
+            return Int8Linear.from_int8(linear, q, self.scales, self.config.activations)
         from slmkern.formats import int4
         codes = int4.quantize_codes(w.float(), self.scales, self.zeros, self.group_size)
         q = int4.Int4Weight(int4.pack(codes), self.scales.contiguous(), self.zeros)

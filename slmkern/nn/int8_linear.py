@@ -46,11 +46,20 @@ class Int8Linear(PackedLinearBase):
         """Quantize an nn.Linear's weight per output channel (round-to-nearest, symmetric)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach()
+        q, scale = int8_format.quantize_per_channel(linear.weight.detach())
+        return cls.from_int8(linear, q, scale, activations)
+
+    @classmethod
+    @torch.no_grad()
+    def from_int8(cls, linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor,
+                  activations: str = "int8") -> "Int8Linear":
+        """Wrap already-quantized int8 codes ``q`` [N, K] and per-row ``scale`` [N] with `linear`'s shape and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, activations,
                   device=w.device, dtype=w.dtype)
-        q, scale = int8_format.quantize_per_channel(w)
-        mod.unpack_()
+        mod.unpack_()   # one weight copy: canonical buffers until prepack()
         mod.weight.copy_(q)
         mod.weight_scale.copy_(scale)
         if linear.bias is not None:

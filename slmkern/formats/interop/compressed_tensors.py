@@ -499,13 +499,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         shape = (lin.out_features, lin.in_features)
         if wargs.get("num_bits") == 8:
             w, s = pack_quantized_to_int8(layer, wargs, fqn, shape)
-            new = Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, activations,
-                             device=lin.weight.device, dtype=lin.weight.dtype)
-            new.unpack_()   # one weight copy: back to canonical buffers until prepack()
-            new.weight.copy_(w)
-            new.weight_scale.copy_(s)
-            new.prepack()
-            return new
+            return Int8Linear.from_int8(lin, w, s, activations)
         q = pack_quantized_to_int4(layer, wargs, fqn, shape)
         return Int4Linear.from_int4(lin, q, activations)
 

@@ -173,14 +173,7 @@ def _int4_module(linear: nn.Linear, q, activations: str):
 def _int8_module(linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor, activations: str):
     from slmkern.nn import Int8Linear
 
-    mod = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, activations)
-    getattr(mod, "unpack_", lambda: None)()
-    mod.weight.copy_(q)
-    mod.weight_scale.copy_(scale)
-    if linear.bias is not None:
-        mod.bias.copy_(linear.bias.detach())
-    mod.prepack()
-    return mod
+    return Int8Linear.from_int8(linear, q, scale, activations)
 
 
 def _requantize(linear: nn.Linear, qtype: str, activations: str):
