@@ -97,6 +97,12 @@ PYBIND11_MODULE(_C, m) {
     int8_pack(ptr<const int8_t>(w), N, K, ldw, ptr<int8_t>(out));
   });
 
+  m.def("quantize_rows_u7", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t ldx,
+                               uintptr_t q, int64_t ldq, uintptr_t scale, uintptr_t zero) {
+    py::gil_scoped_release nogil;
+    quantize_rows_u7_ref(ptr<const void>(x), static_cast<DType>(dtype), M, K, ldx, ptr<uint8_t>(q), ldq,
+                         ptr<float>(scale), ptr<int32_t>(zero));
+  });
   m.def("quantize_rows_s8", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t ldx,
                                uintptr_t q, int64_t ldq, uintptr_t scale) {
     py::gil_scoped_release nogil;
@@ -104,10 +110,14 @@ PYBIND11_MODULE(_C, m) {
                          ptr<float>(scale));
   });
 
-  m.def("w8a8_linear", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t ldx,
+  // act (ActQuant) sits before the weight-side pointers: LinearPlan passes (act, w_packed, w_scale, bias)
+  // as one tuple, so the fast path costs no extra argument handling.
+  m.def("w8a8_linear", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t ldx, int act,
                           uintptr_t w_packed, uintptr_t w_scale, uintptr_t bias, uintptr_t y,
                           int64_t ldy, int n_threads) {
-    const Int8LinearArgs a = make_args(x, dtype, M, K, N, ldx, w_packed, w_scale, bias, y, ldy, n_threads);
+    if (act != 0 && act != 1) throw std::invalid_argument("act must be 0 (int8: s8) or 1 (int7: u7)");
+    Int8LinearArgs a = make_args(x, dtype, M, K, N, ldx, w_packed, w_scale, bias, y, ldy, n_threads);
+    a.act = static_cast<ActQuant>(act);
     const OpChoice c = select_w8a8();
     py::gil_scoped_release nogil;
     c.fn(a);

@@ -163,6 +163,42 @@ def _quantize_rows_s8_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.cons
     tl.store(s_ptr + row, sx)
 
 
+@triton.jit
+def _quantize_rows_u7_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+    """activations="int7": writes q - zero (int8, in [-127, 127]) and the row scale, as
+    reference.quantize_activations(x, "int7"); the int8 GEMM below then serves both schemes."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    lo_vec = tl.zeros([BLOCK_K], dtype=tl.float32)
+    hi_vec = tl.zeros([BLOCK_K], dtype=tl.float32)
+    bad_vec = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        xf = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+        a = _nan_to_inf_abs(xf)
+        bad_vec = tl.maximum(bad_vec, tl.where(a < _INF, 0.0, 1.0))
+        fin = tl.where(a < _INF, xf, 0.0)
+        lo_vec = tl.minimum(lo_vec, fin)
+        hi_vec = tl.maximum(hi_vec, fin)
+    lo = tl.min(lo_vec, axis=0)
+    rng = tl.max(hi_vec, axis=0) - lo
+    finite = (tl.max(bad_vec, axis=0) == 0.0) & (rng < _INF)
+    ok = finite & (rng >= _ZERO_THRESHOLD)
+    safe = tl.where(ok, rng, 1.0)
+    inv = tl.math.div_rn(tl.full(safe.shape, 127.0, tl.float32), safe)
+    sx = tl.math.div_rn(safe, tl.full(safe.shape, 127.0, tl.float32))
+    t = tl.where(finite, 0.0, _INF)
+    sx = tl.where(ok, sx, tl.where(finite, 0.0, t - t))  # inf - inf: NaN (see _row_quant_params)
+    zero = tl.minimum(tl.maximum(_round_half_even_i32(tl.where(ok, -lo * inv, 0.0)), 0), 127)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        xf = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(_round_half_even_i32(tl.where(ok, xf * inv, 0.0)) + zero, 0), 127)
+        tl.store(q_ptr + row * K + kk, tl.where(ok, q - zero, 0).to(tl.int8), mask=kk < K)
+    tl.store(s_ptr + row, sx)
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket; int8 tl.dot needs BLOCK_K >= 32.
 _GEMM_TILES = {
     16: ((16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4)),
@@ -239,6 +275,19 @@ def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, sx
 
 
+def quantize_rows_u7(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float rows (unit inner stride) -> (q - zero int8 (M, K), scale fp32 (M,)), as
+    reference.quantize_activations(x, "int7")."""
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    sx = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M > 0:
+        block_k = _row_block(K)
+        launch(_quantize_rows_u7_kernel)[(M,)](x, q, sx, K, x.stride(0), BLOCK_K=block_k,
+                                                num_warps=8 if block_k >= 2048 else 4 if block_k >= 512 else 2)
+    return q, sx
+
+
 def _gemv(x, w, w_scale, bias, y):
     M, K = x.shape
     N = w.shape[0]
@@ -263,15 +312,19 @@ def _gemm(q, sx, w, w_scale, bias, y):
 
 
 def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, activations: str = "int8") -> torch.Tensor:
     """x (M, K) f32/bf16/f16 with unit inner stride, w (N, K) int8 contiguous, w_scale (N,) f32
-    contiguous, bias (N,) contiguous or None -> (M, N) x.dtype. Inputs are validated by the caller."""
+    contiguous, bias (N,) contiguous or None -> (M, N) x.dtype. Inputs are validated by the caller.
+    activations "int7": rows quantized by quantize_rows_u7, then the same int8 GEMM (no fused GEMV)."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    if M == 1:
+    if activations == "int7":
+        q, sx = quantize_rows_u7(x)
+        _gemm(q, sx, w, w_scale, bias, y)
+    elif M == 1:
         _gemv(x, w, w_scale, bias, y)
     else:
         q, sx = quantize_rows_s8(x)

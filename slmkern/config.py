@@ -35,7 +35,9 @@ def config_from_dict(d: dict[str, Any]):
 class Int8Config(_ConfigMixin):
     """Per-channel symmetric int8 weights.
 
-    activations: "int8" (W8A8, dynamic per-token activations) or "float" (W8A16, weight-only).
+    activations: "int8" (W8A8, dynamic per-token symmetric activations), "int7" (W8A8 with per-token
+    asymmetric 7-bit activations: FBGEMM's reduce_range; the faster GEMM on AVX2 without VNNI) or
+    "float" (W8A16, weight-only).
     skip_names: module-name suffixes never converted (e.g. an output head).
     smooth: SmoothQuant migration strength alpha in [0, 1] (None: off): per-input-channel scales
     max|x|^alpha / max|W|^(1-alpha) from the calibration data, folded into the previous norm /
@@ -47,8 +49,8 @@ class Int8Config(_ConfigMixin):
     smooth: float | None = None
 
     def __post_init__(self) -> None:
-        if self.activations not in ("int8", "float"):
-            raise ValueError(f"activations: expected 'int8' or 'float', got {self.activations!r}")
+        if self.activations not in ("int8", "int7", "float"):
+            raise ValueError(f"activations: expected 'int8', 'int7' or 'float', got {self.activations!r}")
         if self.smooth is not None and (isinstance(self.smooth, bool) or not 0.0 <= float(self.smooth) <= 1.0):
             raise ValueError(f"smooth: expected None or a migration strength alpha in [0, 1], got {self.smooth!r}")
         object.__setattr__(self, "skip_names", tuple(self.skip_names))

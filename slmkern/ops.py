@@ -16,7 +16,8 @@ LIB = torch.library.Library("slmkern", "DEF")  # noqa: TOR901 - the op namespace
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-LIB.define("w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None) -> Tensor")
+LIB.define("w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None, "
+           "str activations='int8') -> Tensor")
 LIB.define("w8a16_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None) -> Tensor")
 
 
@@ -116,17 +117,35 @@ def _int8_linear_fake(op: str):
     return fake
 
 
-torch.library.register_fake("slmkern::w8a8_linear", _int8_linear_fake("w8a8_linear"), lib=LIB)
+ACTIVATIONS = int8_format.ACTIVATIONS  # w8a8_linear's activation schemes (reference.quantize_activations)
+
+
+def check_activations(op: str, activations) -> None:
+    _value(activations in ACTIVATIONS,
+           f"{op}: activations must be one of {ACTIVATIONS} (int8: symmetric per-token; int7: asymmetric "
+           f"7-bit per-token), got {activations!r}")
+
+
+def _w8a8_fake(x, w, w_scale, bias=None, w_packed=None, activations="int8"):
+    check_activations("w8a8_linear", activations)
+    check_int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed)
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+torch.library.register_fake("slmkern::w8a8_linear", _w8a8_fake, lib=LIB)
 torch.library.register_fake("slmkern::w8a16_linear", _int8_linear_fake("w8a16_linear"), lib=LIB)
 
 
-def w8a8_linear(x, w, w_scale, bias=None, w_packed=None):
+def w8a8_linear(x, w, w_scale, bias=None, w_packed=None, activations="int8"):
     """x (..., K) f32/bf16/f16, w (N, K) int8, w_scale (N,) f32, bias (N,)? -> (..., N) x.dtype.
 
-    Dynamic per-token symmetric int8 activations, int32 accumulation, per-channel dequant.
-    ``w_packed`` (from ``slmkern.formats.int8.prepack_cpu``) spares the CPU kernel a repack.
+    Dynamic per-token int8 activations, int32 accumulation, per-channel dequant.
+    ``activations``: "int8" (symmetric, codes in [-127, 127]) or "int7" (asymmetric 7-bit with a
+    per-token zero point, FBGEMM's reduce_range: on AVX2 without VNNI its GEMM needs 3 vector ops per
+    32 MACs instead of 4). ``w_packed`` (from ``slmkern.formats.int8.prepack_cpu``) spares the CPU
+    kernel a repack.
     """
-    return torch.ops.slmkern.w8a8_linear(x, w, w_scale, bias, w_packed)
+    return torch.ops.slmkern.w8a8_linear(x, w, w_scale, bias, w_packed, activations)
 
 
 def w8a16_linear(x, w, w_scale, bias=None, w_packed=None):
@@ -295,14 +314,15 @@ def _linear_grads(ctx, grad, dense_weight, n_inputs: int, bias_index: int) -> tu
 
 
 def _int8_setup(ctx, inputs, output):
-    x, w, w_scale, bias, _ = inputs
+    x, w, w_scale, bias = inputs[:4]
     ctx.save_for_backward(w, w_scale)
+    ctx.n_inputs = len(inputs)   # w8a8_linear has activations too
     _note_x_bias(ctx, x, bias)
 
 
 def _int8_backward(ctx, grad):
     w, w_scale = ctx.saved_tensors
-    return _linear_grads(ctx, grad, lambda: w.float() * w_scale.unsqueeze(1), 5, 3)
+    return _linear_grads(ctx, grad, lambda: w.float() * w_scale.unsqueeze(1), ctx.n_inputs, 3)
 
 
 def _int4_setup(ctx, inputs, output):

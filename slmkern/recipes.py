@@ -266,7 +266,8 @@ class _Pending:
 
     def describe(self) -> str:
         if isinstance(self.config, Int8Config):
-            return "int8 W8A8" if self.config.activations == "int8" else "int8 W8A16"
+            return {"int8": "int8 W8A8", "int7": "int8 W8A8 (7-bit activations)"}.get(self.config.activations,
+                                                                                      "int8 W8A16")
         act = "W4A8" if self.config.activations == "int8" else "W4A16"
         return f"int4 {act} g{self.group_size} {self.config.method}"
 

@@ -35,6 +35,43 @@ def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_rows_u7(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) float -> (q uint8 (M, K) in [0, 127], scale fp32 (M,), zero int32 (M,)): dynamic per-row
+    asymmetric 7-bit, the ``activations="int7"`` scheme of w8a8_linear (FBGEMM's reduce_range).
+
+    lo = min(0, min x), hi = max(0, max x), range = hi - lo; inv = 127 / range;
+    zero = clamp(round_half_even(-lo * inv), 0, 127); q = clamp(round_half_even(x * inv) + zero, 0, 127);
+    scale = range / 127, each step one fp32 rounding. The integer activation is q - zero, in [-127, 127].
+    A row with a NaN or inf (or whose range overflows fp32) gets q = 0, zero = 0, scale = NaN; a row with
+    range < 2^-100 (e.g. all zeros) gets q = 0, zero = 0, scale = 0.
+    """
+    xf = x.float()
+    finite = torch.isfinite(xf).all(dim=-1)
+    xs = torch.where(torch.isfinite(xf), xf, torch.zeros_like(xf))
+    lo = xs.amin(dim=-1).clamp(max=0.0)
+    hi = xs.amax(dim=-1).clamp(min=0.0)
+    rng = hi - lo
+    finite = finite & torch.isfinite(rng)
+    ok = finite & (rng >= ACT_ZERO_THRESHOLD)
+    safe = torch.where(ok, rng, torch.ones_like(rng))
+    inv = torch.full_like(rng, 127.0) / safe
+    zero = torch.round(-torch.where(ok, lo, torch.zeros_like(lo)) * inv).clamp_(0, 127)
+    q = (torch.round(xf * inv.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, 127)
+    q = torch.where(ok.unsqueeze(-1), q, torch.zeros_like(q)).to(torch.uint8)
+    scale = torch.where(ok, safe / 127.0, torch.where(finite, torch.zeros_like(rng),
+                                                      torch.full_like(rng, float("nan"))))
+    return q, scale, torch.where(ok, zero, torch.zeros_like(zero)).to(torch.int32)
+
+
+def quantize_activations(x: torch.Tensor, activations: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (int8 activations (M, K) in [-127, 127], scale (M,)) under w8a8_linear's scheme:
+    "int8" = quantize_rows_s8; "int7" = q - zero from quantize_rows_u7."""
+    if activations == "int7":
+        q, scale, zero = quantize_rows_u7(x)
+        return (q.to(torch.int16) - zero.to(torch.int16).unsqueeze(-1)).to(torch.int8), scale
+    return quantize_rows_s8(x)
+
+
 def _int_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (M, K) int8 @ b (N, K).T int8 -> int32 (M, N), exact (float64 holds every partial sum)."""
     return (a.double() @ b.double().T).to(torch.int32)
@@ -48,15 +85,17 @@ def _epilogue(acc_f32: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | N
 
 
 def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None = None, w_packed: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, w_packed: torch.Tensor | None = None,
+                activations: str = "int8") -> torch.Tensor:
     """x (..., K) f32/bf16/f16, w (N, K) int8, w_scale (N,) f32 -> (..., N) in x.dtype.
 
     Dynamic per-token int8 activations, int32 accumulation, per-channel dequant:
-    y = float(qx @ w.T) * (sx * w_scale) + bias. w_packed (a CPU layout) is ignored.
+    y = float(qx @ w.T) * (sx * w_scale) + bias, with qx, sx = quantize_activations(x, activations)
+    ("int8": symmetric, "int7": asymmetric 7-bit). w_packed (a CPU layout) is ignored.
     """
     K, N = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, K)
-    q, sx = quantize_rows_s8(x2)
+    q, sx = quantize_activations(x2, activations)
     acc = _int_matmul_exact(q, w).float()
     y = _epilogue(acc, sx.unsqueeze(1) * w_scale.float().unsqueeze(0), bias)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)

@@ -685,6 +685,10 @@ def _sparse_module_check(y, ref, case: Case) -> None:
 OP_SPECS: list[Spec] = [
     Spec("w8a8_linear", lambda: int8_cases(allow_special=True), _op("w8a8_linear"), _int8_ref("w8a8_linear"),
          assert_same_bits, exact=True),
+    Spec("w8a8_linear[int7]",   # the cases' args end with activations="int7" (opcheck sees it too)
+         lambda: int8_cases(allow_special=True).map(lambda c: Case((*c.args, "int7"), {**c.meta, "act": "int7"})),
+         _op("w8a8_linear"), lambda c: reference.w8a8_linear(*c.args[:4], activations="int7"),
+         assert_same_bits, exact=True),
     Spec("w8a16_linear", lambda: int8_cases(allow_special=False), _op("w8a16_linear"),
          _int8_ref("w8a16_linear"), check_w8a16),
     Spec("w4a16_linear", int4_cases, _op("w4a16_linear"), _int4_ref("w4a16_linear"), check_w4a16),
@@ -704,6 +708,9 @@ OP_SPECS: list[Spec] = [
 MODULE_SPECS: list[Spec] = [
     Spec("Int8Linear[int8]", lambda: int8_module_cases("int8"), _module_run,
          lambda c: reference.w8a8_linear(*_int8_module_args(c)),
+         lambda y, r, c: (_int8_module_check(c), assert_same_bits(y, r, c)), exact=True),
+    Spec("Int8Linear[int7]", lambda: int8_module_cases("int7"), _module_run,
+         lambda c: reference.w8a8_linear(*_int8_module_args(c), activations="int7"),
          lambda y, r, c: (_int8_module_check(c), assert_same_bits(y, r, c)), exact=True),
     Spec("Int8Linear[float]", lambda: int8_module_cases("float"), _module_run,
          lambda c: reference.w8a16_linear(*_int8_module_args(c)),

@@ -11,10 +11,11 @@ from slmkern import reference
 from slmkern.formats import int8 as int8_format
 from slmkern.nn import Int8Linear
 
-OPS = {"int8": reference.w8a8_linear, "float": reference.w8a16_linear}
+OPS = {"int8": reference.w8a8_linear, "float": reference.w8a16_linear,
+       "int7": lambda *a: reference.w8a8_linear(*a, activations="int7")}
 
 
-@pytest.mark.parametrize("activations", ["int8", "float"])
+@pytest.mark.parametrize("activations", ["int8", "int7", "float"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_from_linear_matches_reference(activations, bias):
     lin = nn.Linear(37, 19, bias=bias)
@@ -25,7 +26,7 @@ def test_from_linear_matches_reference(activations, bias):
     y = mod(x)
     ref = OPS[activations](x, q, s, lin.bias.detach() if bias else None)
     assert y.shape == (2, 5, 19) and y.dtype == torch.float32
-    if activations == "int8":
+    if activations != "float":
         assert torch.equal(y, ref)
     else:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
@@ -34,7 +35,7 @@ def test_from_linear_matches_reference(activations, bias):
     assert (y - dense).norm() / dense.norm() < 0.05
 
 
-@pytest.mark.parametrize("activations", ["int8", "float"])
+@pytest.mark.parametrize("activations", ["int8", "int7", "float"])
 def test_state_dict_round_trip_is_bit_exact(activations):
     mod = Int8Linear.from_linear(nn.Linear(64, 48), activations=activations)
     buf = io.BytesIO()
@@ -89,3 +90,22 @@ def test_meta_device_forward_gives_shapes():
     assert mod.w_packed is None
     y = mod(torch.randn(3, 12, device="meta"))
     assert y.shape == (3, 5) and y.device.type == "meta"
+
+
+def test_int7_checkpoint_compile_and_export(tmp_path):
+    """activations="int7" survives slmkern.save/load, and torch.compile / torch.export see the op's argument."""
+    import slmkern
+    model = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))
+    for i in (0, 2):
+        model[i] = Int8Linear.from_linear(model[i], activations="int7")
+    x = torch.randn(5, 40)
+    want = model(x)
+    slmkern.save(model, tmp_path / "m")
+    back = slmkern.load(tmp_path / "m", nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8)))
+    assert back[0].activations == "int7" and "activations=int7" in repr(back[0])
+    assert torch.equal(back(x), want)
+    assert torch.equal(torch.compile(model, fullgraph=True)(x), want)
+    ep = torch.export.export(model, (x,))
+    calls = [n for n in ep.graph.nodes if n.target is torch.ops.slmkern.w8a8_linear.default]
+    assert len(calls) == 2 and all("int7" in n.args for n in calls)
+    assert torch.equal(ep.module()(x), want)

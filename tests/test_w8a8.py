@@ -1,5 +1,8 @@
 """torch.ops.slmkern.w8a8_linear on CPU: every ISA path bit-exact with slmkern.reference.
 
+Every test runs under both activation schemes ("int8" symmetric, "int7" asymmetric 7-bit): the
+autouse ``activations`` fixture sets ACT, which ``op`` and ``ref`` pass on.
+
 Integer accumulation is exact and the fp32 epilogue has a fixed operation
 order, so every comparison here is exact equality (torch.equal), never a tolerance.
 """
@@ -29,8 +32,23 @@ def rand_scale(N: int) -> torch.Tensor:
     return torch.rand(N) * 0.02 + 1e-3
 
 
+ACT = "int8"
+
+
+@pytest.fixture(autouse=True, params=["int8", "int7"])
+def activations(request):
+    global ACT
+    ACT = request.param
+    yield request.param
+    ACT = "int8"
+
+
 def op(x, w, s, b=None, wp=None):
-    return torch.ops.slmkern.w8a8_linear(x, w, s, b, wp)
+    return torch.ops.slmkern.w8a8_linear(x, w, s, b, wp, ACT)
+
+
+def ref(x, w, s, b=None):
+    return reference.w8a8_linear(x, w, s, b, activations=ACT)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -60,7 +78,7 @@ def test_matches_reference(cpu_isa, M, K, dtype):
             b = make_bias(kind, N, dtype)
             y = op(x, w, s, b, wp)
             assert y.dtype == dtype and y.shape == (M, N)
-            assert torch.equal(y, reference.w8a8_linear(x, w, s, b)), (N, kind)
+            assert torch.equal(y, ref(x, w, s, b)), (N, kind)
 
 
 @pytest.mark.parametrize("M", [1, 5, 16, 128])
@@ -70,7 +88,7 @@ def test_larger_shapes_match_reference(cpu_isa, M):
     for K, N in K_N:
         x = torch.randn(M, K)
         w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
-        assert torch.equal(op(x, w, s, b, prepack_cpu(w)), reference.w8a8_linear(x, w, s, b))
+        assert torch.equal(op(x, w, s, b, prepack_cpu(w)), ref(x, w, s, b))
 
 
 @pytest.mark.parametrize("M", [257, 300])
@@ -80,11 +98,11 @@ def test_large_m_row_chunks_match_reference(cpu_isa, M):
     K, N = 200, 16 * 18 + 5
     x = torch.randn(M, K)
     w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
-    wp, ref = prepack_cpu(w), reference.w8a8_linear(x, w, s, b)
+    wp, want = prepack_cpu(w), ref(x, w, s, b)
     try:
         for chunk in (0, 7, 64):
             cpu_backend._C._set_w8a8_row_chunk(chunk)
-            assert torch.equal(op(x, w, s, b, wp), ref), chunk
+            assert torch.equal(op(x, w, s, b, wp), want), chunk
     finally:
         cpu_backend._C._set_w8a8_row_chunk(64)
 
@@ -122,7 +140,7 @@ def test_leading_batch_dims(cpu_isa, dtype):
     w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
     y = op(x, w, s, b, prepack_cpu(w))
     assert y.shape == (2, 3, N)
-    assert torch.equal(y, reference.w8a8_linear(x, w, s, b))
+    assert torch.equal(y, ref(x, w, s, b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -133,11 +151,11 @@ def test_non_contiguous_x(cpu_isa, dtype):
     base = torch.randn(17, K + 13).to(dtype)
     x = base[:, 5:5 + K]  # row stride K + 13: read in place with ldx > K
     assert x.stride() == (K + 13, 1)
-    assert torch.equal(op(x, w, s, b, wp), reference.w8a8_linear(x, w, s, b))
+    assert torch.equal(op(x, w, s, b, wp), ref(x, w, s, b))
     x3 = torch.randn(2, 3, K + 7).to(dtype)[..., :K]  # batch dims over a strided slice
-    assert torch.equal(op(x3, w, s, b, wp), reference.w8a8_linear(x3, w, s, b))
+    assert torch.equal(op(x3, w, s, b, wp), ref(x3, w, s, b))
     xt = torch.randn(K, 6).to(dtype).t()  # column-major rows: copied first
-    assert torch.equal(op(xt, w, s, b, wp), reference.w8a8_linear(xt, w, s, b))
+    assert torch.equal(op(xt, w, s, b, wp), ref(xt, w, s, b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -152,8 +170,8 @@ def test_nan_inf_rows(cpu_isa, dtype):
     bad = torch.tensor([1, 3, 5])
     good = torch.tensor([0, 2, 4, 6])
     assert torch.isnan(y[bad]).all()
-    assert torch.equal(y[good], reference.w8a8_linear(x[good], w, s, b))
-    assert torch.equal(y[good], reference.w8a8_linear(x, w, s, b)[good])
+    assert torch.equal(y[good], ref(x[good], w, s, b))
+    assert torch.equal(y[good], ref(x, w, s, b)[good])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -170,7 +188,7 @@ def test_zero_and_tiny_rows_give_bias(cpu_isa, dtype):
     zero_rows = [1, 3] + ([4] if dtype != torch.float16 else [])
     for r in zero_rows:
         assert torch.equal(y[r], b), r
-    assert torch.equal(y, reference.w8a8_linear(x, w, s, b))
+    assert torch.equal(y, ref(x, w, s, b))
     y0 = op(x, w, s, None, prepack_cpu(w))
     for r in zero_rows:
         assert torch.equal(y0[r], torch.zeros(N, dtype=dtype)), r
@@ -181,16 +199,23 @@ def test_rounding_is_half_to_even(cpu_isa):
     K, N = 12, 19
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5, -126.5, 0.25, -0.75]])
     w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
-    q, _ = reference.quantize_rows_s8(x)
-    assert q.tolist()[0][:10] == [127, 0, 2, 2, 0, -2, -2, 4, 126, -126]
+    if ACT == "int8":
+        q, _ = reference.quantize_rows_s8(x)
+        assert q.tolist()[0][:10] == [127, 0, 2, 2, 0, -2, -2, 4, 126, -126]
+    else:  # range = 127 - (-126.5) = 253.5: inv = 127 / 253.5, ties are rarer; the kernel must still agree
+        xs = torch.tensor([[63.5, -63.5, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 62.5, -62.5, 0.25, -0.75]])
+        q, scale, zero = reference.quantize_rows_u7(xs)   # range 127: inv = 1, zero = rint(63.5) = 64
+        assert zero.item() == 64 and scale.item() == 1.0
+        assert q.tolist()[0][:10] == [127, 0, 64, 66, 66, 64, 62, 62, 126, 2]
+        assert torch.equal(op(xs, w, s, b, prepack_cpu(w)), ref(xs, w, s, b))
     y = op(x, w, s, b, prepack_cpu(w))
-    assert torch.equal(y, reference.w8a8_linear(x, w, s, b))
+    assert torch.equal(y, ref(x, w, s, b))
     # the same check through a single weight that isolates each activation
     for k in range(1, K):
         wk = torch.zeros(1, K, dtype=torch.int8)
         wk[0, k] = 1
         yk = op(x, wk, torch.ones(1), None, prepack_cpu(wk))
-        assert torch.equal(yk, reference.w8a8_linear(x, wk, torch.ones(1))), k
+        assert torch.equal(yk, ref(x, wk, torch.ones(1))), k
 
 
 def test_f16_output_overflow_and_subnormal_inputs(cpu_isa):
@@ -202,7 +227,7 @@ def test_f16_output_overflow_and_subnormal_inputs(cpu_isa):
     b = torch.randn(N)
     y = op(x, w, s, b, prepack_cpu(w))
     assert torch.isinf(y).any()
-    assert torch.equal(y, reference.w8a8_linear(x, w, s, b))
+    assert torch.equal(y, ref(x, w, s, b))
 
 
 def test_int32_accumulator_wraps_exactly(cpu_isa):
@@ -216,7 +241,7 @@ def test_int32_accumulator_wraps_exactly(cpu_isa):
     w[2, ::3] = -5
     s, b = rand_scale(N), torch.randn(N)
     y = op(x, w, s, b, prepack_cpu(w))
-    assert torch.equal(y, reference.w8a8_linear(x, w, s, b))
+    assert torch.equal(y, ref(x, w, s, b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -256,7 +281,7 @@ def test_never_reads_past_inputs(cpu_isa, dtype):
         b = GuardedBuffer(torch.randn(N))
         wp = GuardedBuffer(prepack_cpu(w))
         y = op(x.tensor, w, s.tensor, b.tensor, wp.tensor)
-        assert torch.equal(y, reference.w8a8_linear(x.tensor, w, s.tensor, b.tensor)), (M, K, N)
+        assert torch.equal(y, ref(x.tensor, w, s.tensor, b.tensor)), (M, K, N)
 
 
 def test_calls_from_several_threads(cpu_isa):
@@ -264,7 +289,7 @@ def test_calls_from_several_threads(cpu_isa):
     cases = []
     for M, K, N in shapes:
         x, w, s, b = torch.randn(M, K), rand_w(N, K), rand_scale(N), torch.randn(N)
-        cases.append((x, w, s, b, prepack_cpu(w), reference.w8a8_linear(x, w, s, b)))
+        cases.append((x, w, s, b, prepack_cpu(w), ref(x, w, s, b)))
     errors = []
 
     def work(i):
@@ -291,7 +316,7 @@ def test_opcheck():
     for args in [(torch.randn(3, K), w, s, torch.randn(N), wp),
                  (torch.randn(2, 3, K).bfloat16(), w, s, None, None),
                  (torch.randn(4, K).half(), w, s, torch.randn(N).half(), wp)]:
-        torch.library.opcheck(torch.ops.slmkern.w8a8_linear.default, args)
+        torch.library.opcheck(torch.ops.slmkern.w8a8_linear.default, (*args, ACT))
 
 
 class TestBadInputs:
@@ -352,3 +377,39 @@ class TestBadInputs:
             op(self.x.to("meta"), self.w, self.s)
         with pytest.raises(ValueError, match="device"):
             op(self.x, self.w, self.s.to("meta"))
+
+
+def test_activations_argument_is_checked():
+    x, w, s = torch.randn(2, 8), rand_w(4, 8), rand_scale(4)
+    with pytest.raises(ValueError, match="activations"):
+        torch.ops.slmkern.w8a8_linear(x, w, s, None, None, "int4")
+    with pytest.raises(ValueError, match="activations"):
+        torch.ops.slmkern.w8a8_linear(x.to("meta"), w.to("meta"), s.to("meta"), None, None, "uint8")
+
+
+def test_int7_codes_and_zero_point():
+    """quantize_rows_u7: codes in [0, 127], q - zero in [-127, 127], zero exact for 0, one-sided rows."""
+    x = torch.randn(64, 300) * torch.rand(64, 1) * 10
+    x[0] = x[0].abs()          # all >= 0: zero = 0
+    x[1] = -x[1].abs()         # all <= 0: zero = 127
+    x[2, :5] = 0.0
+    q, scale, zero = reference.quantize_rows_u7(x)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 127
+    assert zero[0].item() == 0 and zero[1].item() == 127
+    d = q.to(torch.int32) - zero.unsqueeze(1)
+    assert int(d.abs().max()) <= 127
+    assert torch.equal(d[2, :5], torch.zeros(5, dtype=torch.int32))   # zero is exact
+    err = (d.float() * scale.unsqueeze(1) - x).abs()
+    assert bool((err <= scale.unsqueeze(1) * 0.5001).all())          # half a step at most
+
+
+def test_int7_outputs_close_to_float():
+    """int7 is a different (coarser) scheme than int8, not a bug: both stay close to the float matmul."""
+    torch.manual_seed(0)
+    x, w = torch.randn(32, 256), rand_w(64, 256)
+    s = rand_scale(64)
+    exact = x @ (w.float() * s.unsqueeze(1)).T
+    for act in ("int8", "int7"):
+        y = torch.ops.slmkern.w8a8_linear(x, w, s, None, prepack_cpu(w), act)
+        rel = (y - exact).norm() / exact.norm()
+        assert rel < (0.01 if act == "int8" else 0.02), (act, rel)

@@ -111,6 +111,34 @@ def test_quantize_rows_s8_matches_reference(dtype):
 
 
 @needs_launch
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_rows_u7_matches_reference(dtype):
+    """activations="int7": the Triton quantizer writes q - zero and the scale of reference.quantize_rows_u7."""
+    K = 37
+    rows = [torch.randn(K) * 5 + 2, torch.rand(K) * 3, -torch.rand(K) * 3]
+    ties = torch.zeros(K)
+    ties[:8] = torch.tensor([63.5, -63.5, 0.5, 1.5, 2.5, -0.5, -1.5, 62.5])  # range 127: inv = 1, zero = 64
+    special = [torch.zeros(K), torch.full((K,), 1e-34), ties]
+    nan_row = torch.randn(K)
+    nan_row[3] = float("nan")
+    inf_row = torch.randn(K)
+    inf_row[K - 1] = float("-inf")
+    x = torch.stack(rows + special + [nan_row, inf_row]).to(dtype)
+    d, s = k8.quantize_rows_u7(*to_dev(x))
+    rd, rs = reference.quantize_activations(x, "int7")
+    assert torch.equal(d.cpu(), rd)
+    assert_bits_equal(s, rs)
+
+
+@needs_launch
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_w8a8_int7_matches_reference(M):
+    x, w, ws, b = make_case(M, 130, 33, torch.bfloat16, True)
+    y = k8.w8a8_linear(*to_dev(x, w, ws, b), activations="int7")
+    assert_bits_equal(y, reference.w8a8_linear(x, w, ws, b, activations="int7"))
+
+
+@needs_launch
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", SHAPES)

@@ -101,4 +101,35 @@ void quantize_rows_s8_ref(const void* x, DType t, int64_t M, int64_t K, int64_t 
   }
 }
 
+void quantize_rows_u7_ref(const void* x, DType t, int64_t M, int64_t K, int64_t ldx,
+                          uint8_t* q, int64_t ldq, float* scale, int32_t* zero) {
+  for (int64_t m = 0; m < M; ++m) {
+    float lo = 0.f, hi = 0.f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = load_as_f32(x, t, m * ldx + k);
+      if (!(std::fabs(v) <= std::numeric_limits<float>::max())) finite = false;  // NaN or inf
+      else lo = std::min(lo, v), hi = std::max(hi, v);
+    }
+    const float range = hi - lo;
+    if (!(range <= std::numeric_limits<float>::max())) finite = false;  // hi - lo overflowed
+    uint8_t* qr = q + m * ldq;
+    zero[m] = 0;
+    if (!finite || range < kActZeroThreshold) {
+      std::fill(qr, qr + K, uint8_t(0));
+      scale[m] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float inv = 127.f / range;
+    const float z = std::min(127.f, std::max(0.f, std::nearbyint(-lo * inv)));
+    for (int64_t k = 0; k < K; ++k) {
+      float r = std::nearbyint(load_as_f32(x, t, m * ldx + k) * inv) + z;  // integers: the sum is exact
+      r = std::min(127.f, std::max(0.f, r));
+      qr[k] = static_cast<uint8_t>(r);
+    }
+    zero[m] = static_cast<int32_t>(z);
+    scale[m] = range / 127.f;
+  }
+}
+
 }  // namespace slmkern

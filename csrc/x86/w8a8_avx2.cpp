@@ -7,6 +7,11 @@
 // vpmaddubsw(|a|, sign(w, a)) forms a*w per byte and adds pairs without
 // saturating (2 * 127 * 127 = 32258 < 32767); vpmaddwd with ones widens the
 // pairs to int32. A 64-byte tile row (16 channels x 4 k) is two ymm operands.
+//
+// Activations "int7" (ActQuant::u7): codes q in [0, 127] are unsigned already, so
+// vpmaddubsw(q, w) is exact without the vpsignb (2 * 127 * 127 again): 3 vector ops
+// per 32 MACs instead of 4, and one broadcast per row instead of two. The zero point
+// comes back out in the epilogue: acc - zero[m] * colsum[n] = sum_k (q - zero) * w.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -26,7 +31,10 @@ constexpr int kMaxMR = 4;  // rows per register block: 4 rows x 2 halves = 8 acc
 
 struct Gemm {
   const int8_t* qa;     // quantized rows (s8), row stride lda
-  const uint8_t* qabs;  // |qa|, same stride: a broadcast load instead of a vpabsb per row and step (+10%)
+  const uint8_t* qabs;  // |qa|, same stride: a broadcast load instead of a vpabsb per row and step (+10%);
+                        // with u7 activations, the codes q themselves (qa is unused)
+  const int32_t* zero;  // u7: per-row zero points
+  const int32_t* colsum;  // u7: packed column sums (Np entries)
   int64_t lda;
   const float* sx;      // row scales
   const int8_t* w;      // packed tiles
@@ -65,8 +73,8 @@ SLMK_INLINE __m256i dot4(__m256i abs_a, __m256i a, __m256i w, __m256i ones) {
 }
 
 // MR rows x one tile (16 channels) over the whole K, then the epilogue writes y.
-// m: first row in qa/sx; ym: the same row in y; nb: the tile.
-template <int MR>
+// m: first row in qa/sx; ym: the same row in y; nb: the tile. U7: u7 activations.
+template <int MR, bool U7>
 __attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t ym, int64_t nb) {
   __m256i c[MR][2];
   unroll<MR>([&](auto r) __attribute__((always_inline)) {
@@ -82,10 +90,15 @@ __attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t ym, int64
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 64));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 64 + 32));
     unroll<MR>([&](auto r) __attribute__((always_inline)) {
-      const __m256i av = _mm256_set1_epi32(load_i32(a + r * lda + k * 4));
       const __m256i ab = _mm256_set1_epi32(load_i32(aa + r * lda + k * 4));
-      c[r][0] = _mm256_add_epi32(c[r][0], dot4(ab, av, w0, ones));
-      c[r][1] = _mm256_add_epi32(c[r][1], dot4(ab, av, w1, ones));
+      if constexpr (U7) {
+        c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(ab, w0), ones));
+        c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(ab, w1), ones));
+      } else {
+        const __m256i av = _mm256_set1_epi32(load_i32(a + r * lda + k * 4));
+        c[r][0] = _mm256_add_epi32(c[r][0], dot4(ab, av, w0, ones));
+        c[r][1] = _mm256_add_epi32(c[r][1], dot4(ab, av, w1, ones));
+      }
     });
   }
   // Epilogue, in the spec's order: t = sx * w_scale; v = float(acc) * t; v = v + bias.
@@ -97,9 +110,13 @@ __attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t ym, int64
     std::memcpy(wsb, g.w_scale + n, static_cast<size_t>(cnt) * 4);  // w_scale/bias are only N long
     if (g.bias) std::memcpy(bsb, g.bias + n, static_cast<size_t>(cnt) * 4);
     const __m256 ws = _mm256_load_ps(wsb), bs = _mm256_load_ps(bsb);
+    __m256i cs = _mm256_setzero_si256();
+    if constexpr (U7) cs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.colsum + n));  // Np long
     unroll<MR>([&](auto r) __attribute__((always_inline)) {
       const __m256 s = _mm256_mul_ps(_mm256_set1_ps(g.sx[m + r]), ws);
-      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(c[r][h]), s);
+      __m256i acc = c[r][h];
+      if constexpr (U7) acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_set1_epi32(g.zero[m + r]), cs));
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), s);
       if (g.bias) v = _mm256_add_ps(v, bs);
       store8(g.y, g.dt, (ym + r) * g.ldy + n, v, cnt);
     });
@@ -108,12 +125,13 @@ __attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t ym, int64
 
 using BlockFn = void (*)(const Gemm&, int64_t, int64_t, int64_t);
 
+template <bool U7>
 BlockFn pick(int mr) {
   switch (mr) {
-    case 1: return block<1>;
-    case 2: return block<2>;
-    case 3: return block<3>;
-    default: return block<4>;
+    case 1: return block<1, U7>;
+    case 2: return block<2, U7>;
+    case 3: return block<3, U7>;
+    default: return block<4, U7>;
   }
 }
 
@@ -122,6 +140,7 @@ BlockFn pick(int mr) {
 // task walks them, and a tile's column (16 * Kp bytes) stays in L1 while the chunk's row blocks read it.
 // Without the chunks a large M streamed all its rows from L3 once per tile (MiniLM at batch 32: 3.7 MB per
 // 16 channels). Each output is the same block<> over the whole K whatever the order: the bits do not change.
+template <bool U7>
 void panel(const Gemm& g, int64_t m0, int64_t m1, int64_t ym0, int64_t nb0, int64_t nb1) {
   const int64_t chunk = g_w8a8_row_chunk > 0 ? g_w8a8_row_chunk : m1 - m0;
   for (int64_t c0 = m0; c0 < m1; c0 += chunk) {
@@ -131,7 +150,7 @@ void panel(const Gemm& g, int64_t m0, int64_t m1, int64_t ym0, int64_t nb0, int6
     for (int64_t nb = nb0; nb < nb1; ++nb) {
       for (int64_t i = 0; i < nblk; ++i) {  // rows split evenly into blocks of at most kMaxMR
         const int64_t r0 = rows * i / nblk, r1 = rows * (i + 1) / nblk;
-        pick(static_cast<int>(r1 - r0))(g, c0 + r0, ym0 + c0 + r0, nb);
+        pick<U7>(static_cast<int>(r1 - r0))(g, c0 + r0, ym0 + c0 + r0, nb);
       }
     }
   }
@@ -144,6 +163,11 @@ thread_local ScratchBuf tl_scratch;
 
 }  // namespace
 
+void quantize_rows_u7_avx2(const void* x, DType t, int64_t rows, int64_t K, int64_t ldx, uint8_t* q,
+                           int64_t lda, float* sx, int32_t* zero, bool recenter) {
+  quantize_rows_u7_impl(x, t, rows, K, ldx, q, lda, sx, zero, recenter);
+}
+
 void w8a8_linear_avx2(const Int8LinearArgs& a) {
   const int64_t M = a.M, K = a.K, N = a.N;
   const int64_t Kp = int8_padded_k(K), Np = int8_padded_n(N), ntiles = Np / kInt8NB;
@@ -152,14 +176,18 @@ void w8a8_linear_avx2(const Int8LinearArgs& a) {
   const int64_t lda = ceil_div(Kp, 64) * 64 + 64;
   // Rows per chunk: bounds the scratch (~8 MB) for huge batches.
   const int64_t mc = std::min<int64_t>(M, std::max<int64_t>(kMaxMR, (int64_t{8} << 20) / lda));
-  uint8_t* buf = tl_scratch.get(static_cast<size_t>(2 * mc * lda + mc * 4 + 64));
+  const bool u7 = a.act == ActQuant::u7;
+  uint8_t* buf = tl_scratch.get(static_cast<size_t>(2 * mc * lda + mc * 8 + 64));
   int8_t* qa = reinterpret_cast<int8_t*>(buf);
   uint8_t* qabs = buf + mc * lda;
   float* sx = reinterpret_cast<float*>(buf + 2 * mc * lda);
+  int32_t* zero = reinterpret_cast<int32_t*>(buf + 2 * mc * lda + mc * 4);
 
   Gemm g;
   g.qa = qa;
   g.qabs = qabs;
+  g.zero = zero;
+  g.colsum = int8_colsum(a.w_packed, N, K);
   g.lda = lda;
   g.sx = sx;
   g.w = a.w_packed;
@@ -187,9 +215,14 @@ void w8a8_linear_avx2(const Int8LinearArgs& a) {
     const int nthr = cycles < kMinParallelCycles ? 1 : a.n_threads;
     if (nthr > 1 && rows >= 2 * nthr && rows * K >= (1 << 14)) {  // ~4 us and up: split rows
       parallel_chunks(rows, nthr, 1, [&](int64_t r0, int64_t r1) {
-        quantize_rows_s8_avx2(static_cast<const char*>(x) + r0 * a.ldx * esz, a.dtype, r1 - r0, K, a.ldx,
-                              qa + r0 * lda, qabs + r0 * lda, lda, sx + r0);
+        const void* xr = static_cast<const char*>(x) + r0 * a.ldx * esz;
+        if (u7)
+          quantize_rows_u7_impl(xr, a.dtype, r1 - r0, K, a.ldx, qabs + r0 * lda, lda, sx + r0, zero + r0, false);
+        else
+          quantize_rows_s8_avx2(xr, a.dtype, r1 - r0, K, a.ldx, qa + r0 * lda, qabs + r0 * lda, lda, sx + r0);
       });
+    } else if (u7) {
+      quantize_rows_u7_impl(x, a.dtype, rows, K, a.ldx, qabs, lda, sx, zero, false);
     } else {
       quantize_rows_s8_avx2(x, a.dtype, rows, K, a.ldx, qa, qabs, lda, sx);
     }
@@ -201,7 +234,8 @@ void w8a8_linear_avx2(const Int8LinearArgs& a) {
       const int64_t p = task / mslices, s = task % mslices;
       const int64_t r0 = rows * s / mslices, r1 = rows * (s + 1) / mslices;
       const int64_t nb0 = p * kTilesPerTask, nb1 = std::min(ntiles, nb0 + kTilesPerTask);
-      panel(g, r0, r1, m0, nb0, nb1);
+      if (u7) panel<true>(g, r0, r1, m0, nb0, nb1);
+      else panel<false>(g, r0, r1, m0, nb0, nb1);
     });
   }
 }

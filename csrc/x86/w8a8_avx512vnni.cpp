@@ -195,6 +195,9 @@ void w8a8_linear_avx512vnni(const Int8LinearArgs& a) {
   const int64_t mc = std::min<int64_t>(M, std::max<int64_t>(kMaxMR, (int64_t{8} << 20) / lda));
   uint8_t* buf = tl_scratch.get(static_cast<size_t>(mc * lda + mc * 4 + 64));
   float* sx = reinterpret_cast<float*>(buf + mc * lda);
+  // u7 activations arrive recentered, q - zero + 128: the same u8 operand as s8 + 128, so the GEMM and
+  // its 128 * colsum correction are shared (the quantizer is the AVX2 one: this machine has AVX2).
+  const bool u7 = a.act == ActQuant::u7;
 
   Gemm g;
   g.qa = buf;
@@ -223,9 +226,12 @@ void w8a8_linear_avx512vnni(const Int8LinearArgs& a) {
     const int nthr = cycles < kMinParallelCycles ? 1 : a.n_threads;
     if (nthr > 1 && rows >= 2 * nthr && rows * K >= (1 << 14)) {  // ~4 us and up: split rows
       parallel_chunks(rows, nthr, 1, [&](int64_t r0, int64_t r1) {
-        quantize_rows_u8_avx512(static_cast<const char*>(x) + r0 * a.ldx * esz, a.dtype, r1 - r0, K, a.ldx,
-                                buf + r0 * lda, lda, sx + r0);
+        const void* xr = static_cast<const char*>(x) + r0 * a.ldx * esz;
+        if (u7) quantize_rows_u7_avx2(xr, a.dtype, r1 - r0, K, a.ldx, buf + r0 * lda, lda, sx + r0, nullptr, true);
+        else quantize_rows_u8_avx512(xr, a.dtype, r1 - r0, K, a.ldx, buf + r0 * lda, lda, sx + r0);
       });
+    } else if (u7) {
+      quantize_rows_u7_avx2(x, a.dtype, rows, K, a.ldx, buf, lda, sx, nullptr, true);
     } else {
       quantize_rows_u8_avx512(x, a.dtype, rows, K, a.ldx, buf, lda, sx);
     }

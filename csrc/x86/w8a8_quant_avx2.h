@@ -4,7 +4,10 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "slmkern/common.h"
@@ -93,6 +96,86 @@ inline void quantize_rows_s8_avx2(const void* x, DType t, int64_t rows, int64_t 
     }
     for (k = K; k < Kp; ++k) qr[k] = 0, ar[k] = 0;
     sx[m] = amax / 127.f;
+  }
+}
+
+// Horizontal min / max of 8 lanes.
+inline float hmin8(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_min_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+// q = clamp(rint(x * inv) + zero, 0, 127) + add for 8 lanes, as 8 bytes in the low 64 bits (add is 0,
+// or 128 - zero to recenter; the result stays in [0, 255]).
+inline __m128i quant8_u7(__m256 x, __m256 inv, __m256i zero, __m256i add) {
+  const __m256 r = _mm256_round_ps(_mm256_mul_ps(x, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256i q = _mm256_add_epi32(_mm256_cvttps_epi32(r), zero);
+  q = _mm256_min_epi32(_mm256_max_epi32(q, _mm256_setzero_si256()), _mm256_set1_epi32(127));
+  q = _mm256_add_epi32(q, add);
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+  return _mm_packus_epi16(w, w);
+}
+
+// Asymmetric 7-bit rows (the spec is quantize_rows_u7_ref): codes into q (row stride lda >= Kp), row
+// scales into sx, zero points into zero (may be null with recenter). Columns K..Kp-1 get 0 (128 with
+// recenter). NaN / inf are found on |x|'s bit pattern, as in quantize_rows_s8_avx2.
+inline void quantize_rows_u7_impl(const void* x, DType t, int64_t rows, int64_t K, int64_t ldx, uint8_t* q,
+                                  int64_t lda, float* sx, int32_t* zero, bool recenter) {
+  const int64_t Kp = int8_padded_k(K), K8 = K / 8 * 8;
+  const __m256i absbits = _mm256_set1_epi32(0x7fffffff);
+  const uint8_t pad = recenter ? 128 : 0;
+  for (int64_t m = 0; m < rows; ++m) {
+    const int64_t off = m * ldx;
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // the zero-filled tail cannot move them
+    __m256i mx = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k < K8; k += 8) {
+      const __m256 v = load8_f32(x, t, off + k);
+      lo = _mm256_min_ps(lo, v);
+      hi = _mm256_max_ps(hi, v);
+      mx = _mm256_max_epu32(mx, _mm256_and_si256(_mm256_castps_si256(v), absbits));
+    }
+    if (K8 < K) {
+      const __m256 v = load8_tail_f32(x, t, off + K8, K - K8);
+      lo = _mm256_min_ps(lo, v);
+      hi = _mm256_max_ps(hi, v);
+      mx = _mm256_max_epu32(mx, _mm256_and_si256(_mm256_castps_si256(v), absbits));
+    }
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), mx);
+    uint32_t abits = 0;
+    for (int i = 0; i < 8; ++i) abits = lanes[i] > abits ? lanes[i] : abits;
+    const float range = hmax8(hi) - hmin8(lo);
+    uint8_t* qr = q + m * lda;
+    if (zero) zero[m] = 0;
+    if (abits >= 0x7f800000u || !(range <= std::numeric_limits<float>::max()) || range < kActZeroThreshold) {
+      std::memset(qr, pad, static_cast<size_t>(Kp));
+      sx[m] = abits >= 0x7f800000u || !(range <= std::numeric_limits<float>::max())
+                  ? std::numeric_limits<float>::quiet_NaN() : 0.f;
+      continue;
+    }
+    const float invs = 127.f / range;
+    const float zf = std::min(127.f, std::max(0.f, std::nearbyint(-hmin8(lo) * invs)));
+    const int32_t z = static_cast<int32_t>(zf);
+    const __m256 inv = _mm256_set1_ps(invs);
+    const __m256i zv = _mm256_set1_epi32(z), add = _mm256_set1_epi32(recenter ? 128 - z : 0);
+    for (k = 0; k < K8; k += 8)
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + k), quant8_u7(load8_f32(x, t, off + k), inv, zv, add));
+    if (K8 < K) {
+      alignas(16) uint8_t tmp[16];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp),
+                      quant8_u7(load8_tail_f32(x, t, off + K8, K - K8), inv, zv, add));
+      std::memcpy(qr + K8, tmp, static_cast<size_t>(K - K8));
+    }
+    for (k = K; k < Kp; ++k) qr[k] = pad;
+    if (zero) zero[m] = z;
+    sx[m] = range / 127.f;
   }
 }
 

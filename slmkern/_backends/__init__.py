@@ -16,7 +16,13 @@ def _reference_kernel(op: str, fn):
     return kernel
 
 
-ops.LIB.impl("w8a8_linear", _reference_kernel("w8a8_linear", reference.w8a8_linear), "CompositeExplicitAutograd")
+def _w8a8_reference(x, w, w_scale, bias=None, w_packed=None, activations="int8"):
+    ops.check_activations("w8a8_linear", activations)
+    ops.check_int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed)
+    return reference.w8a8_linear(x, w, w_scale, bias, activations=activations)
+
+
+ops.LIB.impl("w8a8_linear", _w8a8_reference, "CompositeExplicitAutograd")
 ops.LIB.impl("w8a16_linear", _reference_kernel("w8a16_linear", reference.w8a16_linear), "CompositeExplicitAutograd")
 
 

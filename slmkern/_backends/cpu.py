@@ -17,6 +17,7 @@ else:
     _IMPORT_ERROR = None
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ACT_CODE = {"int8": 0, "int7": 1}   # w8a8_linear's activations -> ActQuant (common.h)
 
 
 def has_cpp() -> bool:
@@ -33,14 +34,19 @@ def _aligned(op: str, w_packed):
     return w_packed
 
 
-def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
+def _int8_linear(op: str, x, w, w_scale, bias, w_packed, activations: str | None = None):
+    """activations: None for w8a16_linear; "int8" / "int7" for w8a8_linear."""
     if not ops.int8_linear_ok(x, w, w_scale, bias, w_packed):
         ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
+    if activations is not None and activations not in _ACT_CODE:
+        ops.check_activations(op, activations)
     if _C is None:
         if ops.shape_only(w, w_packed):
             raise ValueError(f"{op}: w is a shape-only stand-in, which needs slmkern._C ({_IMPORT_ERROR})")
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
+        if activations is not None:
+            return reference.w8a8_linear(x, w, w_scale, bias, activations=activations)
         return getattr(reference, op)(x, w, w_scale, bias)
     N, K = w.shape
     x2 = ops.as_rows(x, K)
@@ -55,15 +61,16 @@ def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
         scale = w_scale.contiguous()
         b = bias.float().contiguous() if bias is not None else None
         w_packed = _aligned(op, w_packed)  # bound: the kernel reads it after this line
-        getattr(_C, op)(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K),
+        act = () if activations is None else (_ACT_CODE[activations],)   # w8a8: the scheme's code
+        getattr(_C, op)(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), *act,
                         w_packed.data_ptr(), scale.data_ptr(), b.data_ptr() if b is not None else 0,
                         y.data_ptr(), N, torch.get_num_threads())
     return y.reshape(*x.shape[:-1], N)
 
 
 @torch.library.register_kernel("slmkern::w8a8_linear", "cpu", lib=ops.LIB)
-def w8a8_linear_cpu(x, w, w_scale, bias=None, w_packed=None):
-    return _int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed)
+def w8a8_linear_cpu(x, w, w_scale, bias=None, w_packed=None, activations="int8"):
+    return _int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed, activations)
 
 
 @torch.library.register_kernel("slmkern::w8a16_linear", "cpu", lib=ops.LIB)
@@ -302,16 +309,21 @@ def _plan_ready(op: str, w_packed, bias):
     return w_packed, b
 
 
-def int8_linear_plan(op: str, w, w_scale, bias, w_packed) -> LinearPlan:
-    """Plan of an Int8Linear (w8a8_linear / w8a16_linear); checks every weight-side fact now."""
+def int8_linear_plan(op: str, w, w_scale, bias, w_packed, activations: str = "int8") -> LinearPlan:
+    """Plan of an Int8Linear (w8a8_linear / w8a16_linear); checks every weight-side fact now.
+    activations: w8a8_linear's scheme (ignored by w8a16_linear)."""
     refs = (w_packed, w, w_scale, bias)
     ready = _plan_ready(op, w_packed, bias) if w.is_cpu else None
     if ready is None or not w_scale.is_contiguous():
         return LinearPlan(None, 0, 0, (), refs, bias, ())
     N, K = w.shape
     ops.check_int8_linear(op, _x0(K, bias), w, w_scale, bias, w_packed)
+    act = ()
+    if op == "w8a8_linear":
+        ops.check_activations(op, activations)
+        act = (_ACT_CODE[activations],)
     wp, b = ready
-    mid = (wp.data_ptr(), w_scale.data_ptr(), b.data_ptr() if b is not None else 0)
+    mid = (*act, wp.data_ptr(), w_scale.data_ptr(), b.data_ptr() if b is not None else 0)
     return LinearPlan(getattr(_C, op), K, N, mid, refs, bias, (wp, w_scale, b))
 
 

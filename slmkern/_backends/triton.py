@@ -73,13 +73,17 @@ def has_triton_kernels() -> bool:
     return kernels is not None
 
 
-def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
+def _int8_linear(op: str, x, w, w_scale, bias, w_packed, activations: str | None = None):
+    """activations: None for w8a16_linear; "int8" / "int7" for w8a8_linear."""
     ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
+    if activations is not None:
+        ops.check_activations(op, activations)
+    act = {} if activations is None else {"activations": activations}
     if kernels is None:
         why = "triton is not installed" if not HAS_TRITON else f"slmkern.kernels failed to import ({_IMPORT_ERROR})"
         log_once(f"{op}-no-triton", f"slmkern: {op} runs the pure-torch reference on CUDA because {why}",
                  logging.WARNING)
-        return getattr(reference, op)(x, w, w_scale, bias)
+        return getattr(reference, op)(x, w, w_scale, bias, **act)
     N, K = w.shape
     x2 = ops.as_rows(x, K)
     # w_packed is the CPU kernels' tile layout; the Triton kernels read w (N, K) directly.
@@ -88,7 +92,7 @@ def _int8_linear(op: str, x, w, w_scale, bias, w_packed):
     # higher-order op (what torch.library.triton_op does for the same reason). Triton launches on
     # the current device, so make it x's.
     with _set_wrap_triton_enabled(False), _on_device(x.device):
-        y = getattr(kernels, op)(x2, w, w_scale.contiguous(), b)
+        y = getattr(kernels, op)(x2, w, w_scale.contiguous(), b, **act)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -99,8 +103,8 @@ def _on_device(device: torch.device):
 
 
 @torch.library.register_kernel("slmkern::w8a8_linear", "cuda", lib=ops.LIB)
-def w8a8_linear_cuda(x, w, w_scale, bias=None, w_packed=None):
-    return _int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed)
+def w8a8_linear_cuda(x, w, w_scale, bias=None, w_packed=None, activations="int8"):
+    return _int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed, activations)
 
 
 @torch.library.register_kernel("slmkern::w8a16_linear", "cuda", lib=ops.LIB)

@@ -18,6 +18,10 @@ import torch
 
 NB, KB = 16, 4
 
+# How w8a8_linear quantizes activations per token (the spec: reference.quantize_activations):
+# "int8" symmetric, codes in [-127, 127]; "int7" asymmetric 7-bit, codes in [0, 127] minus a zero point.
+ACTIVATIONS = ("int8", "int7")
+
 
 def _ceil(a: int, b: int) -> int:
     return (a + b - 1) // b * b

@@ -78,6 +78,13 @@ static inline const int32_t* int8_colsum(const int8_t* packed, int64_t N, int64_
   return reinterpret_cast<const int32_t*>(packed + int8_padded_n(N) * int8_padded_k(K));
 }
 
+// Dynamic per-row activation quantization of w8a8_linear (the op's `activations` argument):
+//   s8 ("int8"): symmetric, codes in [-127, 127] (quantize_rows_s8_ref).
+//   u7 ("int7"): asymmetric 7-bit, codes q in [0, 127] with a per-row zero point z
+//                (quantize_rows_u7_ref); the integer activation is q - z, in [-127, 127].
+//                u8 codes below 128 let AVX2 feed vpmaddubsw directly: exact, no sign fix-up.
+enum class ActQuant : int { s8 = 0, u7 = 1 };
+
 // Arguments of every int8-weight linear: y[M, N] = x[M, K] @ W^T * scale + bias.
 struct Int8LinearArgs {
   const void* x;           // [M, K], row stride ldx elements
@@ -90,6 +97,7 @@ struct Int8LinearArgs {
   void* y;                 // [M, N], row stride ldy elements
   int64_t ldy;
   int n_threads;
+  ActQuant act = ActQuant::s8;  // w8a8 only: how x is quantized (w8a16 ignores it)
 };
 
 using Int8LinearFn = void (*)(const Int8LinearArgs&);
@@ -104,6 +112,21 @@ void int8_pack(const int8_t* w, int64_t N, int64_t K, int64_t ldw, int8_t* out);
 //   else inv = 127 / amax (fp32), q = clamp(rint(x * inv), -127, 127), scale = amax / 127.
 void quantize_rows_s8_ref(const void* x, DType t, int64_t M, int64_t K, int64_t ldx,
                           int8_t* q, int64_t ldq, float* scale);
+
+// Dynamic per-row asymmetric 7-bit quantization, the spec every ISA follows:
+//   lo = min(0, min x[m, :]), hi = max(0, max x[m, :]); a NaN/inf in the row, or
+//   range = hi - lo overflowing -> q = 0, zero = 0, scale = NaN;
+//   range < kActZeroThreshold -> q = 0, zero = 0, scale = 0;
+//   else inv = 127 / range, zero = clamp(rint(-lo * inv), 0, 127),
+//        q = clamp(rint(x * inv) + zero, 0, 127), scale = range / 127   (each step one fp32 rounding).
+// Columns K..ldq-1 of q are not written.
+void quantize_rows_u7_ref(const void* x, DType t, int64_t M, int64_t K, int64_t ldx,
+                          uint8_t* q, int64_t ldq, float* scale, int32_t* zero);
+// The AVX2 version (w8a8_avx2.cpp; callable from any TU on a machine with AVX2): the same codes.
+// recenter: store q - zero + 128 (in [1, 255]: the s8 activation + 128, what the VNNI kernel eats),
+// and zero may be null. Columns K..Kp-1 get 0 (or 128 with recenter).
+void quantize_rows_u7_avx2(const void* x, DType t, int64_t rows, int64_t K, int64_t ldx, uint8_t* q,
+                           int64_t lda, float* sx, int32_t* zero, bool recenter);
 
 // Kernels, one per ISA (ref = portable scalar C++, the C++ spec).
 void w8a8_linear_ref(const Int8LinearArgs& a);

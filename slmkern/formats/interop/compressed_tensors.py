@@ -65,6 +65,9 @@ FORMAT_PACKED = "pack-quantized"
 FORMAT_SPARSE24 = "sparse-24-bitmask"
 _INT8_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
                "group_size": None, "block_structure": None, "observer": None, "actorder": None}
+# Int8Linear(activations="int7"): dynamic per-token asymmetric 7-bit
+_INT7_TOKEN = {**_INT8_TOKEN, "num_bits": 7, "symmetric": False}
+_INPUT_ACTIVATIONS = {"int8": _INT8_TOKEN, "int7": _INT7_TOKEN}
 
 
 # ----------------------------------------------------------------------------- bit packing
@@ -356,7 +359,8 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         _, wargs = _layer_tensors(mod)
         key = (json.dumps(wargs, sort_keys=True), mod.activations)
         groups.setdefault(key, []).append(fqn)
-        schemes[key] = {"weights": wargs, "input_activations": dict(_INT8_TOKEN) if mod.activations == "int8" else None,
+        schemes[key] = {"weights": wargs, "input_activations": (dict(_INPUT_ACTIVATIONS[mod.activations])
+                                                                    if mod.activations in _INPUT_ACTIVATIONS else None),
                         "output_activations": None, "format": FORMAT_PACKED}
     if not groups:
         raise ValueError("model: has no Int4Linear/Int8Linear layers to describe (run slmkern.quantize_ first)")
@@ -493,7 +497,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         if not isinstance(wargs, dict):
             raise CheckpointError(f"{fqn}: scheme has no weights args")
         ia = scheme.get("input_activations")
-        activations = "int8" if isinstance(ia, dict) and ia.get("num_bits") == 8 and ia.get("dynamic") else "float"
+        activations = "float"
+        if isinstance(ia, dict) and ia.get("dynamic"):
+            activations = {8: "int8", 7: "int7"}.get(ia.get("num_bits"), "float")
         names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
         layer = {n: t.pop(f"{fqn}.{n}") for n in names if f"{fqn}.{n}" in t}
         shape = (lin.out_features, lin.in_features)
