@@ -40,7 +40,8 @@ latency_ms = one forward. cosine = mean over the batch rows of the cosine betwee
 mean-pooled last hidden state and torch fp32's (row meta has the minimum).
 
     torch_fp32              transformers BertModel fp32
-    slmkern_w8a8            slmkern.compress with recipes/minilm_w8a8.yaml (every Linear W8A8), eager
+    slmkern_w8a8            slmkern.compress with recipes/minilm_w8a8.yaml (every Linear W8A8, 7-bit
+                            asymmetric per-token activations), eager
     slmkern_w8a8_compiled   torch.compile of the same (skipped with the error if compiling fails)
     ort_fp32 / ort_int8     torch.onnx.export (TorchScript exporter, else dynamo) -> onnxruntime;
                             int8 = quantize_dynamic(per_channel=True, weight_type=QInt8)
@@ -113,7 +114,7 @@ RECIPES = {
                                                           "activations": "int8"}}, INT8_HEAD]},
     ("decoder", "slmkern_int4", "quick"): {"steps": [{"quantize": {"algorithm": "rtn", "group_size": 64,
                                                                    "activations": "int8"}}, INT8_HEAD]},
-    ("encoder", "slmkern_w8a8"): {"steps": [{"quantize": {"algorithm": "int8", "activations": "int8"}}]},
+    ("encoder", "slmkern_w8a8"): {"steps": [{"quantize": {"algorithm": "int8", "activations": "int7"}}]},
 }
 CALIB = {"samples": 16, "seq": 256}   # GPTQ calibration: as `slmkern compress`'s defaults
 GGUF_FTYPES = {"llamacpp_f16": "LLAMA_FTYPE_MOSTLY_F16", "llamacpp_q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -185,6 +186,18 @@ def cache_dir() -> Path:
 
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint() -> str:
+    """sha256 of the package's Python sources: a cached checkpoint built by other code is rebuilt."""
+    import slmkern
+    root = Path(slmkern.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _have(module: str) -> bool:
@@ -414,6 +427,7 @@ def compressed_checkpoint(workload: str, impl: str, quick: bool) -> tuple[Path, 
     needs_calib = any(s["quantize"]["algorithm"] == "gptq" for s in recipe["steps"])
     key = _key({"model": MODELS[workload], "src": str(src), "src_bytes": src.stat().st_size if src.exists() else None,
                 "recipe": recipe, "calib": CALIB if needs_calib else None, "slmkern": slmkern.__version__,
+                "code": code_fingerprint(),
                 "format": checkpoint.FORMAT_VERSION})
     out = cache_dir() / f"{MODELS[workload]}-{impl}-{key}"
     meta = {"recipe": recipe, "checkpoint": str(out)}
