@@ -110,14 +110,16 @@ PYBIND11_MODULE(_C, m) {
                          ptr<float>(scale));
   });
 
-  // act (ActQuant) sits before the weight-side pointers: LinearPlan passes (act, w_packed, w_scale, bias)
-  // as one tuple, so the fast path costs no extra argument handling.
+  // act (ActQuant) and epi (Epilogue) sit before the weight-side pointers: LinearPlan passes
+  // (act, epi, w_packed, w_scale, bias) as one tuple, so the fast path costs no extra argument handling.
   m.def("w8a8_linear", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, int64_t ldx, int act,
-                          uintptr_t w_packed, uintptr_t w_scale, uintptr_t bias, uintptr_t y,
+                          int epi, uintptr_t w_packed, uintptr_t w_scale, uintptr_t bias, uintptr_t y,
                           int64_t ldy, int n_threads) {
     if (act != 0 && act != 1) throw std::invalid_argument("act must be 0 (int8: s8) or 1 (int7: u7)");
+    if (epi != 0 && epi != 1) throw std::invalid_argument("epi must be 0 (none) or 1 (gelu)");
     Int8LinearArgs a = make_args(x, dtype, M, K, N, ldx, w_packed, w_scale, bias, y, ldy, n_threads);
     a.act = static_cast<ActQuant>(act);
+    a.epi = static_cast<Epilogue>(epi);
     const OpChoice c = select_w8a8();
     py::gil_scoped_release nogil;
     c.fn(a);

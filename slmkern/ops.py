@@ -17,7 +17,7 @@ LIB = torch.library.Library("slmkern", "DEF")  # noqa: TOR901 - the op namespace
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 LIB.define("w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None, "
-           "str activations='int8') -> Tensor")
+           "str activations='int8', str epilogue='none') -> Tensor")
 LIB.define("w8a16_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None) -> Tensor")
 
 
@@ -118,16 +118,18 @@ def _int8_linear_fake(op: str):
 
 
 ACTIVATIONS = int8_format.ACTIVATIONS  # w8a8_linear's activation schemes (reference.quantize_activations)
+EPILOGUES = int8_format.EPILOGUES      # w8a8_linear's fused output functions (reference.gelu_epilogue)
 
 
-def check_activations(op: str, activations) -> None:
+def check_activations(op: str, activations, epilogue="none") -> None:
     _value(activations in ACTIVATIONS,
            f"{op}: activations must be one of {ACTIVATIONS} (int8: symmetric per-token; int7: asymmetric "
            f"7-bit per-token), got {activations!r}")
+    _value(epilogue in EPILOGUES, f"{op}: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
 
 
-def _w8a8_fake(x, w, w_scale, bias=None, w_packed=None, activations="int8"):
-    check_activations("w8a8_linear", activations)
+def _w8a8_fake(x, w, w_scale, bias=None, w_packed=None, activations="int8", epilogue="none"):
+    check_activations("w8a8_linear", activations, epilogue)
     check_int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed)
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
@@ -136,16 +138,17 @@ torch.library.register_fake("slmkern::w8a8_linear", _w8a8_fake, lib=LIB)
 torch.library.register_fake("slmkern::w8a16_linear", _int8_linear_fake("w8a16_linear"), lib=LIB)
 
 
-def w8a8_linear(x, w, w_scale, bias=None, w_packed=None, activations="int8"):
+def w8a8_linear(x, w, w_scale, bias=None, w_packed=None, activations="int8", epilogue="none"):
     """x (..., K) f32/bf16/f16, w (N, K) int8, w_scale (N,) f32, bias (N,)? -> (..., N) x.dtype.
 
     Dynamic per-token int8 activations, int32 accumulation, per-channel dequant.
     ``activations``: "int8" (symmetric, codes in [-127, 127]) or "int7" (asymmetric 7-bit with a
     per-token zero point, FBGEMM's reduce_range: on AVX2 without VNNI its GEMM needs 3 vector ops per
-    32 MACs instead of 4). ``w_packed`` (from ``slmkern.formats.int8.prepack_cpu``) spares the CPU
-    kernel a repack.
+    32 MACs instead of 4). ``epilogue``: "none", or "gelu" (y = gelu(y), fused in the CPU kernel's
+    store; the function is reference.gelu_epilogue, within 2e-7 |y| + 1e-7 of exact GELU).
+    ``w_packed`` (from ``slmkern.formats.int8.prepack_cpu``) spares the CPU kernel a repack.
     """
-    return torch.ops.slmkern.w8a8_linear(x, w, w_scale, bias, w_packed, activations)
+    return torch.ops.slmkern.w8a8_linear(x, w, w_scale, bias, w_packed, activations, epilogue)
 
 
 def w8a16_linear(x, w, w_scale, bias=None, w_packed=None):
@@ -315,13 +318,26 @@ def _linear_grads(ctx, grad, dense_weight, n_inputs: int, bias_index: int) -> tu
 
 def _int8_setup(ctx, inputs, output):
     x, w, w_scale, bias = inputs[:4]
-    ctx.save_for_backward(w, w_scale)
-    ctx.n_inputs = len(inputs)   # w8a8_linear has activations too
+    ctx.n_inputs = len(inputs)   # w8a8_linear has activations and epilogue too
+    ctx.gelu = len(inputs) > 6 and inputs[6] == "gelu"
+    if ctx.gelu:   # d gelu(u) / du at the pre-activation u, recomputed from x in backward
+        ctx.act = inputs[5]
+        ctx.save_for_backward(w, w_scale, x, bias if bias is not None else w_scale.new_empty(0))
+    else:
+        ctx.save_for_backward(w, w_scale)
     _note_x_bias(ctx, x, bias)
 
 
 def _int8_backward(ctx, grad):
-    w, w_scale = ctx.saved_tensors
+    if ctx.gelu:
+        from slmkern.reference import w8a8_linear as ref_w8a8
+        w, w_scale, x, bias = ctx.saved_tensors
+        u = ref_w8a8(x.detach(), w, w_scale, bias if ctx.has_bias else None, activations=ctx.act).double()
+        cdf = 0.5 * (1.0 + torch.erf(u * 0.5 ** 0.5))
+        pdf = torch.exp(-0.5 * u * u) * (2.0 * torch.pi) ** -0.5
+        grad = (grad.double() * (cdf + u * pdf)).to(grad.dtype)
+    else:
+        w, w_scale = ctx.saved_tensors
     return _linear_grads(ctx, grad, lambda: w.float() * w_scale.unsqueeze(1), ctx.n_inputs, 3)
 
 

@@ -72,6 +72,41 @@ def quantize_activations(x: torch.Tensor, activations: str = "int8") -> tuple[to
     return quantize_rows_s8(x)
 
 
+# GELU of the "gelu" epilogue: 0.5 v (1 + erf(v / sqrt 2)) with erf from Abramowitz & Stegun 7.1.26
+# (|error| < 1.5e-7) and exp from a Cody-Waite reduction plus a degree-7 polynomial. Every step below is
+# one fp32 operation, rounded once, in this order; the C++ kernels (gelu8 / gelu_ref) do the same ones,
+# so the fused epilogue is bit-exact with this function. Within 2e-7 * |v| + 1e-7 of torch's exact GELU
+# (tests/test_w8a8.py::test_gelu_epilogue_close_to_torch).
+_GELU_C = dict(rsqrt2=0.70710677, p=0.3275911, a1=0.254829592, a2=-0.284496736, a3=1.421413741,
+               a4=-1.453152027, a5=1.061405429, log2e=1.44269504, ln2_hi=0.693359375, ln2_lo=-2.12194440e-4,
+               e0=1.9875691500e-4, e1=1.3981999507e-3, e2=8.3334519073e-3, e3=4.1665795894e-2,
+               e4=1.6666665459e-1, e5=5.0000001201e-1, lo=-87.0)
+
+
+def gelu_epilogue(v: torch.Tensor) -> torch.Tensor:
+    """fp32 v -> GELU(v) in fp32, the "gelu" epilogue of w8a8_linear (see _GELU_C)."""
+    c = {k: torch.tensor(x, dtype=torch.float32) for k, x in _GELU_C.items()}
+    v = v.float()
+    z = v * c["rsqrt2"]
+    a = z.abs()
+    t = torch.div(torch.ones_like(a), (a * c["p"]) + 1.0)
+    p = t * c["a5"]
+    for k in ("a4", "a3", "a2", "a1"):
+        p = (p + c[k]) * t
+    s = torch.clamp(-(a * a), min=_GELU_C["lo"])          # exp(s), s in [-87, 0]
+    n = torch.round(s * c["log2e"])
+    r = s - n * c["ln2_hi"]
+    r = r - n * c["ln2_lo"]
+    e = r * c["e0"]
+    for k in ("e1", "e2", "e3", "e4", "e5"):
+        e = (e + c[k]) * r
+    e = (e * r + r) + 1.0                                   # 1 + r + r^2 (e5 + r (e4 + ...))
+    scale = ((n.to(torch.int32) + 127) << 23).view(torch.float32)
+    erfc = p * (e * scale)
+    h = torch.where(z < 0, erfc, 2.0 - erfc)               # 1 + erf(z)
+    return (v * 0.5) * h
+
+
 def _int_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (M, K) int8 @ b (N, K).T int8 -> int32 (M, N), exact (float64 holds every partial sum)."""
     return (a.double() @ b.double().T).to(torch.int32)
@@ -86,18 +121,21 @@ def _epilogue(acc_f32: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | N
 
 def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, w_packed: torch.Tensor | None = None,
-                activations: str = "int8") -> torch.Tensor:
+                activations: str = "int8", epilogue: str = "none") -> torch.Tensor:
     """x (..., K) f32/bf16/f16, w (N, K) int8, w_scale (N,) f32 -> (..., N) in x.dtype.
 
     Dynamic per-token int8 activations, int32 accumulation, per-channel dequant:
     y = float(qx @ w.T) * (sx * w_scale) + bias, with qx, sx = quantize_activations(x, activations)
-    ("int8": symmetric, "int7": asymmetric 7-bit). w_packed (a CPU layout) is ignored.
+    ("int8": symmetric, "int7": asymmetric 7-bit); epilogue "gelu": y = gelu_epilogue(y) before the
+    cast to x.dtype. w_packed (a CPU layout) is ignored.
     """
     K, N = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, K)
     q, sx = quantize_activations(x2, activations)
     acc = _int_matmul_exact(q, w).float()
     y = _epilogue(acc, sx.unsqueeze(1) * w_scale.float().unsqueeze(0), bias)
+    if epilogue == "gelu":
+        y = gelu_epilogue(y)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 

@@ -413,3 +413,68 @@ def test_int7_outputs_close_to_float():
         y = torch.ops.slmkern.w8a8_linear(x, w, s, None, prepack_cpu(w), act)
         rel = (y - exact).norm() / exact.norm()
         assert rel < (0.01 if act == "int8" else 0.02), (act, rel)
+
+
+# ----------------------------------------------------------------------------- the gelu epilogue
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 37, 19), (17, 130, 100), (65, 384, 33), (300, 64, 40)])
+def test_gelu_epilogue_matches_reference(cpu_isa, M, K, N, dtype):
+    x = (torch.randn(M, K) * 2).to(dtype)
+    w, s = rand_w(N, K), rand_scale(N) * 3
+    for kind in ("none", "fp32", "xdtype"):
+        b = make_bias(kind, N, dtype)
+        y = torch.ops.slmkern.w8a8_linear(x, w, s, b, prepack_cpu(w), ACT, "gelu")
+        r = reference.w8a8_linear(x, w, s, b, activations=ACT, epilogue="gelu")
+        assert torch.equal(bits(y), bits(r)), kind
+        assert torch.equal(y, torch.ops.slmkern.w8a8_linear(x, w, s, b, None, ACT, "gelu"))   # repack path
+
+
+def test_gelu_epilogue_special_values(cpu_isa):
+    """Every fp32 value class through the epilogue (x = 0, so y = bias): NaN, +-inf, +-0, subnormals,
+    huge, and a dense sweep of [-20, 20]; bits equal the reference's (NaN positions equal)."""
+    v = torch.cat([torch.linspace(-20, 20, 20011), torch.tensor(
+        [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38, 9.3, -9.3, 87.0])])
+    N = v.numel()
+    w, s = torch.ones(N, 1, dtype=torch.int8), torch.ones(N)
+    x = torch.zeros(2, 1)
+    y = torch.ops.slmkern.w8a8_linear(x, w, s, v, prepack_cpu(w), ACT, "gelu")
+    r = reference.w8a8_linear(x, w, s, v, activations=ACT, epilogue="gelu")
+    nan = torch.isnan(r)
+    assert torch.equal(torch.isnan(y), nan)
+    assert torch.equal(bits(y)[~nan], bits(r)[~nan])
+
+
+def test_gelu_epilogue_close_to_torch():
+    """reference.gelu_epilogue (A&S 7.1.26 erf) stays within 2e-7 |v| + 1e-7 of the exact (erf) GELU."""
+    v = torch.cat([torch.linspace(-30, 30, 400001), torch.randn(100000) * 3])
+    got = reference.gelu_epilogue(v).double()
+    want = torch.nn.functional.gelu(v.double())
+    assert bool(((got - want).abs() <= 2e-7 * v.double().abs() + 1e-7).all())
+    assert torch.equal(reference.gelu_epilogue(torch.tensor([float("inf")])), torch.tensor([float("inf")]))
+
+
+def test_gelu_epilogue_gradient():
+    """Backward through the epilogue: gelu'(u) at the pre-activation u, then the linear's straight-through
+    gradient (grad @ W_dequantized); the bias gets the same gelu'-weighted sum."""
+    torch.manual_seed(0)
+    K, N = 24, 10
+    w, s = rand_w(N, K), rand_scale(N) * 5
+    b = torch.randn(N, requires_grad=True)
+    x = torch.randn(4, K, requires_grad=True)
+    y = torch.ops.slmkern.w8a8_linear(x, w, s, b, prepack_cpu(w), ACT, "gelu")
+    g = torch.randn_like(y)
+    y.backward(g)
+    u = reference.w8a8_linear(x.detach(), w, s, b.detach(), activations=ACT).double()
+    dgelu = 0.5 * (1 + torch.erf(u / 2 ** 0.5)) + u * torch.exp(-0.5 * u * u) / (2 * torch.pi) ** 0.5
+    gu = g.double() * dgelu
+    torch.testing.assert_close(x.grad, (gu @ (w.double() * s.double().unsqueeze(1))).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad, gu.sum(0).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_epilogue_opcheck_and_bad_argument():
+    K, N = 37, 19
+    w, s = rand_w(N, K), rand_scale(N)
+    torch.library.opcheck(torch.ops.slmkern.w8a8_linear.default,
+                          (torch.randn(3, K), w, s, torch.randn(N), prepack_cpu(w), ACT, "gelu"))
+    with pytest.raises(ValueError, match="epilogue"):
+        torch.ops.slmkern.w8a8_linear(torch.randn(3, K), w, s, None, None, ACT, "relu")

@@ -139,6 +139,16 @@ def test_w8a8_int7_matches_reference(M):
 
 
 @needs_launch
+@pytest.mark.parametrize("act", ["int8", "int7"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w8a8_gelu_epilogue_matches_reference(act, dtype):
+    """The CUDA registration's gelu epilogue (GEMM in fp32, then reference.gelu_epilogue, then the cast)."""
+    x, w, ws, b = make_case(5, 130, 33, dtype, True)
+    y = triton_backend._int8_linear("w8a8_linear", *to_dev(x, w, ws, b), None, act, "gelu")
+    assert_bits_equal(y, reference.w8a8_linear(x, w, ws, b, activations=act, epilogue="gelu"))
+
+
+@needs_launch
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", SHAPES)

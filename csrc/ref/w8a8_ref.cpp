@@ -2,7 +2,7 @@
 //   y[m, n] = float(acc[m, n]) * (sx[m] * w_scale[n]) + bias[n]
 //   acc[m, n] = sum_k qx[m, k] * W[n, k]   (int32, exact)
 // with qx, sx from quantize_rows_s8_ref (activations s8), or qx = q - zero and sx from
-// quantize_rows_u7_ref (activations u7). Each step is a separate fp32 rounding
+// quantize_rows_u7_ref (activations u7), then v = gelu_epilogue_f32(v) with the gelu epilogue. Each step is a separate fp32 rounding
 // (no FMA), so every ISA produces identical floats.
 #include <vector>
 
@@ -37,6 +37,7 @@ void w8a8_linear_ref(const Int8LinearArgs& a) {
         const float s = sx[m] * a.w_scale[n];
         float v = static_cast<float>(acc) * s;
         if (a.bias) v = v + a.bias[n];
+        if (a.epi == Epilogue::gelu) v = gelu_epilogue_f32(v);
         store_from_f32(a.y, a.dtype, m * a.ldy + n, v);
       }
     }

@@ -35,6 +35,7 @@ struct Gemm {
                         // with u7 activations, the codes q themselves (qa is unused)
   const int32_t* zero;  // u7: per-row zero points
   const int32_t* colsum;  // u7: packed column sums (Np entries)
+  bool gelu;              // the gelu epilogue
   int64_t lda;
   const float* sx;      // row scales
   const int8_t* w;      // packed tiles
@@ -118,6 +119,7 @@ __attribute__((noinline)) void block(const Gemm& g, int64_t m, int64_t ym, int64
       if constexpr (U7) acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_set1_epi32(g.zero[m + r]), cs));
       __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), s);
       if (g.bias) v = _mm256_add_ps(v, bs);
+      if (g.gelu) v = gelu8(v);
       store8(g.y, g.dt, (ym + r) * g.ldy + n, v, cnt);
     });
   });
@@ -188,6 +190,7 @@ void w8a8_linear_avx2(const Int8LinearArgs& a) {
   g.qabs = qabs;
   g.zero = zero;
   g.colsum = int8_colsum(a.w_packed, N, K);
+  g.gelu = a.epi == Epilogue::gelu;
   g.lda = lda;
   g.sx = sx;
   g.w = a.w_packed;

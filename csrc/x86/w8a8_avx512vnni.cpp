@@ -186,6 +186,9 @@ thread_local ScratchBuf tl_scratch;
 }  // namespace
 
 void w8a8_linear_avx512vnni(const Int8LinearArgs& a) {
+  // The gelu epilogue is fused in the AVX2 kernel only (same bits; slmkern.nn fuses GELU into a linear
+  // only where the active w8a8 variant is avx2 or ref, so models do not take this slower path).
+  if (a.epi == Epilogue::gelu) return w8a8_linear_avx2(a);
   const int64_t M = a.M, K = a.K, N = a.N;
   const int64_t Kp = int8_padded_k(K), Np = int8_padded_n(N), ntiles = Np / kInt8NB;
   // Row stride of the quantized buffer: a multiple of 64 plus one line, so the

@@ -179,6 +179,38 @@ inline void quantize_rows_u7_impl(const void* x, DType t, int64_t rows, int64_t 
   }
 }
 
+// gelu_epilogue_f32 (common.h) on 8 lanes: the same fp32 operations in the same order.
+inline __m256 gelu8(__m256 v) {
+  const auto c = [](float f) { return _mm256_set1_ps(f); };
+  const __m256 z = _mm256_mul_ps(v, c(0.70710677f));
+  const __m256 a = _mm256_andnot_ps(c(-0.0f), z);
+  const __m256 t = _mm256_div_ps(c(1.0f), _mm256_add_ps(_mm256_mul_ps(a, c(0.3275911f)), c(1.0f)));
+  __m256 p = _mm256_mul_ps(t, c(1.061405429f));
+  p = _mm256_mul_ps(_mm256_add_ps(p, c(-1.453152027f)), t);
+  p = _mm256_mul_ps(_mm256_add_ps(p, c(1.421413741f)), t);
+  p = _mm256_mul_ps(_mm256_add_ps(p, c(-0.284496736f)), t);
+  p = _mm256_mul_ps(_mm256_add_ps(p, c(0.254829592f)), t);
+  __m256 sx = _mm256_xor_ps(_mm256_mul_ps(a, a), c(-0.0f));  // -(a*a)
+  // sx < -87 ? -87 : sx, NaN kept (the compare is false for NaN)
+  sx = _mm256_blendv_ps(sx, c(-87.0f), _mm256_cmp_ps(sx, c(-87.0f), _CMP_LT_OQ));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(sx, c(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(sx, _mm256_mul_ps(n, c(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, c(-2.12194440e-4f)));
+  __m256 e = _mm256_mul_ps(r, c(1.9875691500e-4f));
+  e = _mm256_mul_ps(_mm256_add_ps(e, c(1.3981999507e-3f)), r);
+  e = _mm256_mul_ps(_mm256_add_ps(e, c(8.3334519073e-3f)), r);
+  e = _mm256_mul_ps(_mm256_add_ps(e, c(4.1665795894e-2f)), r);
+  e = _mm256_mul_ps(_mm256_add_ps(e, c(1.6666665459e-1f)), r);
+  e = _mm256_mul_ps(_mm256_add_ps(e, c(5.0000001201e-1f)), r);
+  e = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(e, r), r), c(1.0f));
+  const __m256 nn = _mm256_and_ps(n, _mm256_cmp_ps(n, n, _CMP_ORD_Q));  // NaN -> 0, as the scalar spec
+  const __m256 scale = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nn), _mm256_set1_epi32(127)), 23));
+  const __m256 erfc = _mm256_mul_ps(p, _mm256_mul_ps(e, scale));
+  const __m256 h = _mm256_blendv_ps(_mm256_sub_ps(c(2.0f), erfc), erfc, _mm256_cmp_ps(z, c(0.0f), _CMP_LT_OQ));
+  return _mm256_mul_ps(_mm256_mul_ps(v, c(0.5f)), h);
+}
+
 // Store n (<= 8) fp32 results as dtype t, rounding like store_from_f32 (RNE, quiet NaN).
 inline void store8(void* y, DType t, int64_t i, __m256 v, int64_t n) {
   alignas(32) uint8_t tmp[32];

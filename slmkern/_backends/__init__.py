@@ -16,10 +16,10 @@ def _reference_kernel(op: str, fn):
     return kernel
 
 
-def _w8a8_reference(x, w, w_scale, bias=None, w_packed=None, activations="int8"):
-    ops.check_activations("w8a8_linear", activations)
+def _w8a8_reference(x, w, w_scale, bias=None, w_packed=None, activations="int8", epilogue="none"):
+    ops.check_activations("w8a8_linear", activations, epilogue)
     ops.check_int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed)
-    return reference.w8a8_linear(x, w, w_scale, bias, activations=activations)
+    return reference.w8a8_linear(x, w, w_scale, bias, activations=activations, epilogue=epilogue)
 
 
 ops.LIB.impl("w8a8_linear", _w8a8_reference, "CompositeExplicitAutograd")

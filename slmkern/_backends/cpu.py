@@ -18,6 +18,13 @@ else:
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ACT_CODE = {"int8": 0, "int7": 1}   # w8a8_linear's activations -> ActQuant (common.h)
+_EPI_CODE = {"none": 0, "gelu": 1}   # w8a8_linear's epilogue -> Epilogue (common.h)
+
+
+def fuses_gelu() -> bool:
+    """Does the active w8a8_linear variant fuse the gelu epilogue into its GEMM (AVX2, scalar)? The VNNI
+    variant hands such calls to the AVX2 kernel, slower than its own GEMM plus a separate GELU."""
+    return _C is not None and op_isa("w8a8_linear") in ("avx2", "ref")
 
 
 def has_cpp() -> bool:
@@ -34,19 +41,20 @@ def _aligned(op: str, w_packed):
     return w_packed
 
 
-def _int8_linear(op: str, x, w, w_scale, bias, w_packed, activations: str | None = None):
-    """activations: None for w8a16_linear; "int8" / "int7" for w8a8_linear."""
+def _int8_linear(op: str, x, w, w_scale, bias, w_packed, activations: str | None = None,
+                 epilogue: str = "none"):
+    """activations: None for w8a16_linear; "int8" / "int7" for w8a8_linear (and its epilogue)."""
     if not ops.int8_linear_ok(x, w, w_scale, bias, w_packed):
         ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
-    if activations is not None and activations not in _ACT_CODE:
-        ops.check_activations(op, activations)
+    if activations is not None and (activations not in _ACT_CODE or epilogue not in _EPI_CODE):
+        ops.check_activations(op, activations, epilogue)
     if _C is None:
         if ops.shape_only(w, w_packed):
             raise ValueError(f"{op}: w is a shape-only stand-in, which needs slmkern._C ({_IMPORT_ERROR})")
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         if activations is not None:
-            return reference.w8a8_linear(x, w, w_scale, bias, activations=activations)
+            return reference.w8a8_linear(x, w, w_scale, bias, activations=activations, epilogue=epilogue)
         return getattr(reference, op)(x, w, w_scale, bias)
     N, K = w.shape
     x2 = ops.as_rows(x, K)
@@ -61,7 +69,7 @@ def _int8_linear(op: str, x, w, w_scale, bias, w_packed, activations: str | None
         scale = w_scale.contiguous()
         b = bias.float().contiguous() if bias is not None else None
         w_packed = _aligned(op, w_packed)  # bound: the kernel reads it after this line
-        act = () if activations is None else (_ACT_CODE[activations],)   # w8a8: the scheme's code
+        act = () if activations is None else (_ACT_CODE[activations], _EPI_CODE[epilogue])   # w8a8 only
         getattr(_C, op)(x2.data_ptr(), DTYPE_CODE[x.dtype], M, K, N, max(x2.stride(0), K), *act,
                         w_packed.data_ptr(), scale.data_ptr(), b.data_ptr() if b is not None else 0,
                         y.data_ptr(), N, torch.get_num_threads())
@@ -69,8 +77,8 @@ def _int8_linear(op: str, x, w, w_scale, bias, w_packed, activations: str | None
 
 
 @torch.library.register_kernel("slmkern::w8a8_linear", "cpu", lib=ops.LIB)
-def w8a8_linear_cpu(x, w, w_scale, bias=None, w_packed=None, activations="int8"):
-    return _int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed, activations)
+def w8a8_linear_cpu(x, w, w_scale, bias=None, w_packed=None, activations="int8", epilogue="none"):
+    return _int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed, activations, epilogue)
 
 
 @torch.library.register_kernel("slmkern::w8a16_linear", "cpu", lib=ops.LIB)
@@ -309,9 +317,10 @@ def _plan_ready(op: str, w_packed, bias):
     return w_packed, b
 
 
-def int8_linear_plan(op: str, w, w_scale, bias, w_packed, activations: str = "int8") -> LinearPlan:
+def int8_linear_plan(op: str, w, w_scale, bias, w_packed, activations: str = "int8",
+                     epilogue: str = "none") -> LinearPlan:
     """Plan of an Int8Linear (w8a8_linear / w8a16_linear); checks every weight-side fact now.
-    activations: w8a8_linear's scheme (ignored by w8a16_linear)."""
+    activations, epilogue: w8a8_linear's (ignored by w8a16_linear)."""
     refs = (w_packed, w, w_scale, bias)
     ready = _plan_ready(op, w_packed, bias) if w.is_cpu else None
     if ready is None or not w_scale.is_contiguous():
@@ -320,8 +329,8 @@ def int8_linear_plan(op: str, w, w_scale, bias, w_packed, activations: str = "in
     ops.check_int8_linear(op, _x0(K, bias), w, w_scale, bias, w_packed)
     act = ()
     if op == "w8a8_linear":
-        ops.check_activations(op, activations)
-        act = (_ACT_CODE[activations],)
+        ops.check_activations(op, activations, epilogue)
+        act = (_ACT_CODE[activations], _EPI_CODE[epilogue])
     wp, b = ready
     mid = (*act, wp.data_ptr(), w_scale.data_ptr(), b.data_ptr() if b is not None else 0)
     return LinearPlan(getattr(_C, op), K, N, mid, refs, bias, (wp, w_scale, b))

@@ -73,12 +73,17 @@ def has_triton_kernels() -> bool:
     return kernels is not None
 
 
-def _int8_linear(op: str, x, w, w_scale, bias, w_packed, activations: str | None = None):
-    """activations: None for w8a16_linear; "int8" / "int7" for w8a8_linear."""
+def _int8_linear(op: str, x, w, w_scale, bias, w_packed, activations: str | None = None,
+                 epilogue: str = "none"):
+    """activations: None for w8a16_linear; "int8" / "int7" for w8a8_linear (and its epilogue)."""
     ops.check_int8_linear(op, x, w, w_scale, bias, w_packed)
     if activations is not None:
-        ops.check_activations(op, activations)
+        ops.check_activations(op, activations, epilogue)
     act = {} if activations is None else {"activations": activations}
+    if epilogue != "none":   # in fp32 after the GEMM, by the reference's own torch ops: the same bits
+        y = _int8_linear(op, x, w, w_scale, bias, w_packed, activations) if x.dtype == torch.float32 else \
+            _int8_linear(op, x.float(), w, w_scale, bias if bias is None else bias.float(), w_packed, activations)
+        return reference.gelu_epilogue(y).to(x.dtype)
     if kernels is None:
         why = "triton is not installed" if not HAS_TRITON else f"slmkern.kernels failed to import ({_IMPORT_ERROR})"
         log_once(f"{op}-no-triton", f"slmkern: {op} runs the pure-torch reference on CUDA because {why}",
@@ -103,8 +108,8 @@ def _on_device(device: torch.device):
 
 
 @torch.library.register_kernel("slmkern::w8a8_linear", "cuda", lib=ops.LIB)
-def w8a8_linear_cuda(x, w, w_scale, bias=None, w_packed=None, activations="int8"):
-    return _int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed, activations)
+def w8a8_linear_cuda(x, w, w_scale, bias=None, w_packed=None, activations="int8", epilogue="none"):
+    return _int8_linear("w8a8_linear", x, w, w_scale, bias, w_packed, activations, epilogue)
 
 
 @torch.library.register_kernel("slmkern::w8a16_linear", "cuda", lib=ops.LIB)

@@ -85,6 +85,45 @@ static inline const int32_t* int8_colsum(const int8_t* packed, int64_t N, int64_
 //                u8 codes below 128 let AVX2 feed vpmaddubsw directly: exact, no sign fix-up.
 enum class ActQuant : int { s8 = 0, u7 = 1 };
 
+// w8a8_linear's fused output function (the op's `epilogue` argument), applied to the fp32 value
+// after the bias and before the store: none, or GELU as gelu_epilogue_f32 below.
+enum class Epilogue : int { none = 0, gelu = 1 };
+
+// GELU of the "gelu" epilogue, the spec every ISA follows (and slmkern.reference.gelu_epilogue):
+// 0.5 v (1 + erf(v / sqrt 2)), erf by Abramowitz & Stegun 7.1.26, exp by a Cody-Waite reduction and
+// a polynomial. Each line is one fp32 rounding (the build has -ffp-contract=off); the AVX2 gelu8 runs
+// the same operations lane-wise.
+static inline float gelu_epilogue_f32(float v) {
+  const float z = v * 0.70710677f;
+  const float a = std::fabs(z);
+  const float t = 1.0f / (a * 0.3275911f + 1.0f);
+  float p = t * 1.061405429f;
+  p = (p + -1.453152027f) * t;
+  p = (p + 1.421413741f) * t;
+  p = (p + -0.284496736f) * t;
+  p = (p + 0.254829592f) * t;
+  float sx = -(a * a);
+  sx = sx < -87.0f ? -87.0f : sx;  // NaN stays NaN
+  const float n = std::nearbyint(sx * 1.44269504f);
+  float r = sx - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float e = r * 1.9875691500e-4f;
+  e = (e + 1.3981999507e-3f) * r;
+  e = (e + 8.3334519073e-3f) * r;
+  e = (e + 4.1665795894e-2f) * r;
+  e = (e + 1.6666665459e-1f) * r;
+  e = (e + 5.0000001201e-1f) * r;
+  e = (e * r + r) + 1.0f;
+  // 2^n (n in [-126, 0]; a NaN n only happens for a NaN v, whose result is NaN anyway)
+  const int32_t ni = n == n ? static_cast<int32_t>(n) : 0;
+  const uint32_t sbits = static_cast<uint32_t>(ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &sbits, 4);
+  const float erfc = p * (e * scale);
+  const float h = z < 0.0f ? erfc : 2.0f - erfc;
+  return (v * 0.5f) * h;
+}
+
 // Arguments of every int8-weight linear: y[M, N] = x[M, K] @ W^T * scale + bias.
 struct Int8LinearArgs {
   const void* x;           // [M, K], row stride ldx elements
@@ -98,6 +137,7 @@ struct Int8LinearArgs {
   int64_t ldy;
   int n_threads;
   ActQuant act = ActQuant::s8;  // w8a8 only: how x is quantized (w8a16 ignores it)
+  Epilogue epi = Epilogue::none;  // w8a8 only: fused output function
 };
 
 using Int8LinearFn = void (*)(const Int8LinearArgs&);
