@@ -278,11 +278,14 @@ def _trim_heap() -> None:
 
 
 def load(path: str | os.PathLike, model_or_config: nn.Module | None = None, *,
-         device: str | torch.device = "cpu") -> nn.Module:
+         device: str | torch.device = "cpu", fuse: bool = True) -> nn.Module:
     """Rebuild a saved model: the fast modules from their canonical tensors, repacked for ``device``.
 
     model_or_config: the dense model skeleton (an nn.Module of the same architecture, modified
     in place and returned), or None to build it from the saved Hugging Face config.
+    fuse: apply the inference fusions of slmkern.nn.fuse (a GELU after an Int8Linear runs in the
+    linear's kernel; query/key/value run as one kernel call) where the CPU kernels fuse them natively;
+    nothing about them is saved.
     """
     path = Path(path)
     cfg = read_config(path)
@@ -327,4 +330,7 @@ def load(path: str | os.PathLike, model_or_config: nn.Module | None = None, *,
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]})")
+    if fuse:
+        from slmkern.nn.fuse import fuse_
+        fuse_(model)
     return model.eval()

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmkern.nn.fuse import stacked_linear as _fused_module   # one packed weight for linears sharing an input
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -85,24 +87,6 @@ def unsupported_reason(model, cache_len: int) -> str | None:
 
 
 # ----------------------------------------------------------------------------- fused linears
-def _fused_module(mods: list[nn.Module]) -> nn.Module | None:
-    """One slmkern linear whose output is the outputs of `mods` side by side (same input), or None: mods must be
-    Int4Linear or Int8Linear of one class and one configuration but for out_features. Built from their
-    canonical tensors stacked along N, through the checkpoint loader's own from_canonical."""
-    from slmkern.nn import Int4Linear, Int8Linear
-
-    first = mods[0]
-    if len(mods) < 2 or type(first) not in (Int4Linear, Int8Linear) or any(type(m) is not type(first) for m in mods):
-        return None
-    configs = [dict(m.slmkern_config(), out_features=None) for m in mods]
-    if any(c != configs[0] for c in configs):
-        return None
-    parts = [m.canonical_tensors() for m in mods]
-    tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-    config = dict(first.slmkern_config(), out_features=sum(m.out_features for m in mods))
-    return type(first).from_canonical(tensors, config)   # packs the fused weight for the CPU kernels
-
-
 class _Linears:
     """Linears sharing one input, called as one: ``(x, threads) -> tuple of outputs``. One kernel call when they
     are slmkern linears of one format (fused into one packed weight when there are several); otherwise each

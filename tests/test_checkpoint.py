@@ -70,11 +70,15 @@ def test_hf_model_rebuilt_from_its_config(tmp_path):
     assert q == {"class": "Int8Linear", "in_features": 64, "out_features": 64, "bias": True,
                  "activations": "int8", "dtype": "float32"}
     assert not any("w_packed" in k for k in cfg["tensors"])      # never the packed CPU layout
-    back = load(tmp_path / "ck")
+    back = load(tmp_path / "ck", fuse=False)
     assert isinstance(back.bert.encoder.layer[1].output.dense, Int8Linear)
     assert back.bert.encoder.layer[1].output.dense.w_packed is not None   # repacked here
     with torch.no_grad():
         assert torch.equal(back(**x).logits, want)
+    # the default load fuses GELU into the intermediate linears (slmkern.nn.fuse: a 2e-7-relative GELU)
+    fused = load(tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**x).logits, want, rtol=0, atol=1e-4)
 
 
 def test_tied_weights_are_stored_once(tmp_path):

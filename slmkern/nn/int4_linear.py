@@ -141,7 +141,10 @@ class Int4Linear(PackedLinearBase):
         # CPU fast path: no custom-op dispatch, weights checked once; not while compiling, tracing, under a
         # dispatch mode or a functorch transform; any x it does not take (None) goes through the op.
         if self._buffers["w_packed"] is not None and not cpu_backend.module_fast_path_off():
-            y = self._direct_plan()(x)
+            sib = self.__dict__.get("_sibling")   # slmkern.nn.fuse.fuse_siblings_: one call for q/k/v
+            y = sib[0].call(sib[1], x) if sib is not None else None
+            if y is None:
+                y = self._direct_plan()(x)
             if y is not None:
                 return y
         packed = self.w_packed if x.device.type == "cpu" else None

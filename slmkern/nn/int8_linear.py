@@ -20,6 +20,9 @@ class Int8Linear(PackedLinearBase):
                            FBGEMM's reduce_range; on AVX2 without VNNI its GEMM is ~1.25x faster)
     activations="float" -> slmkern::w8a16_linear (weight-only; float activations)
 
+    ``epilogue`` ("none" or "gelu", for int8/int7 activations) is a runtime setting, never saved: "gelu"
+    returns gelu(x @ W.T + b) from the kernel's store (slmkern.nn.fuse_gelu_ sets it where a GELU follows).
+
     Buffers ``weight`` (int8), ``weight_scale`` (fp32) and ``bias`` are the
     canonical format and go into ``state_dict``. On CPU the module holds the kernel's
     packed layout (``w_packed``, not saved, rebuilt after every load) and derives
@@ -37,6 +40,7 @@ class Int8Linear(PackedLinearBase):
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features/out_features must be > 0, got {in_features}, {out_features}")
         self.in_features, self.out_features, self.activations = in_features, out_features, activations
+        self.epilogue = "none"
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
@@ -69,6 +73,16 @@ class Int8Linear(PackedLinearBase):
         mod.prepack()
         return mod
 
+    def set_epilogue(self, epilogue: str) -> "Int8Linear":
+        """Fuse an output function into the kernel: "gelu" (reference.gelu_epilogue) or "none"."""
+        if epilogue not in int8_format.EPILOGUES:
+            raise ValueError(f"epilogue: expected one of {int8_format.EPILOGUES}, got {epilogue!r}")
+        if epilogue != "none" and self.activations == "float":
+            raise ValueError("epilogue: only Int8Linear with int8/int7 activations (w8a8_linear) fuses one")
+        self.epilogue = epilogue
+        self.__dict__.pop("_plan", None)
+        return self
+
     def _init_kwargs(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "activations": self.activations}
@@ -92,7 +106,7 @@ class Int8Linear(PackedLinearBase):
             from slmkern._backends import cpu
             op = "w8a16_linear" if self.activations == "float" else "w8a8_linear"
             plan = cpu.int8_linear_plan(op, self._op_weight("weight"), self.weight_scale, self.bias, self.w_packed,
-                                        self.activations)
+                                        self.activations, self.epilogue)
             self.__dict__["_plan"] = plan
         return plan
 
@@ -100,16 +114,20 @@ class Int8Linear(PackedLinearBase):
         # CPU fast path: no custom-op dispatch, weights checked once; not while compiling, tracing, under a
         # dispatch mode or a functorch transform; any x it does not take (None) goes through the op.
         if self._buffers["w_packed"] is not None and not cpu_backend.module_fast_path_off():
-            y = self._direct_plan()(x)
+            sib = self.__dict__.get("_sibling")   # slmkern.nn.fuse.fuse_siblings_: one call for q/k/v
+            y = sib[0].call(sib[1], x) if sib is not None else None
+            if y is None:
+                y = self._direct_plan()(x)
             if y is not None:
                 return y
         packed = self.w_packed if x.device.type == "cpu" else None
         w = self._op_weight("weight", x)
         if self.activations == "float":
             return ops.w8a16_linear(x, w, self.weight_scale, self.bias, packed)
-        return ops.w8a8_linear(x, w, self.weight_scale, self.bias, packed, self.activations)
+        return ops.w8a8_linear(x, w, self.weight_scale, self.bias, packed, self.activations, self.epilogue)
 
     def extra_repr(self) -> str:
         op = "w8a16_linear" if self.activations == "float" else "w8a8_linear"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, activations={self.activations}, op={op}")
+                f"bias={self.bias is not None}, activations={self.activations}, op={op}"
+                + (f", epilogue={self.epilogue}" if self.epilogue != "none" else ""))
