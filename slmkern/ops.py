@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from slmkern.formats import int8 as int8_format
-from slmkern.formats.common import FLOAT_DTYPES
+from slmkern.formats.common import (FLOAT_DTYPES, INT4_GROUP_MULTIPLE, SPARSE24_INT4_GROUP_MULTIPLE, group_size_ok,
+                                    group_size_rule)
 
 LIB = torch.library.Library("slmkern", "DEF")  # noqa: TOR901 - the op namespace lives here
 
@@ -138,8 +139,6 @@ def w8a16_linear(x, w, w_scale, bias=None, w_packed=None):
 
 # ----------------------------------------------------------------------------- int4 weights
 from slmkern.formats import int4_cpu as int4_cpu_format  # noqa: E402
-from slmkern.formats.common import (  # noqa: E402
-    INT4_GROUP_MULTIPLE, SPARSE24_INT4_GROUP_MULTIPLE, group_size_ok, group_size_rule)
 
 LIB.define("w4a16_linear(Tensor x, Tensor w, Tensor scales, Tensor? zeros, int group_size, "
            "Tensor? bias=None, Tensor? w_packed=None) -> Tensor")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from slmkern.formats.common import FLOAT_DTYPES
+
 # Rows whose absmax is below this quantize to all-zero with scale 0, which
 # keeps 127 / absmax finite. Mirrors kActZeroThreshold in csrc/include/slmkern/common.h.
 ACT_ZERO_THRESHOLD = 2.0 ** -100
@@ -77,7 +79,6 @@ def w8a16_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
 
 # ----------------------------------------------------------------------------- int4 (W4A16, W4A8)
 from slmkern.formats import int4 as _int4  # noqa: E402  (pure torch, no cycle)
-from slmkern.formats.common import FLOAT_DTYPES  # noqa: E402
 
 
 def _check_x(op: str, x) -> int:
