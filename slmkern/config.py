@@ -5,6 +5,16 @@ import dataclasses
 import json
 from typing import Any
 
+from slmkern.formats.common import QUANT_GROUP_SIZES
+
+
+def _check_quant_group_size(group_size) -> None:
+    """The group sizes slmkern's quantizers produce: QUANT_GROUP_SIZES or -1 (per-channel). The
+    kernels take more (slmkern.formats.common.group_size_ok); configs keep to the tested choices."""
+    if isinstance(group_size, bool) or group_size not in QUANT_GROUP_SIZES + (-1,):
+        raise ValueError(f"group_size: expected {', '.join(map(str, QUANT_GROUP_SIZES))} or -1 (per-channel), "
+                         f"got {group_size!r}")
+
 
 class _ConfigMixin:
     def to_dict(self) -> dict[str, Any]:
@@ -85,8 +95,7 @@ class Int4Config(_ConfigMixin):
     awq_grid: int = 20
 
     def __post_init__(self) -> None:
-        if self.group_size not in (32, 64, 128, -1):
-            raise ValueError(f"group_size: expected 32, 64, 128 or -1 (per-channel), got {self.group_size!r}")
+        _check_quant_group_size(self.group_size)
         if self.clip == "hmse" and self.method != "gptq":
             raise ValueError("clip: 'hmse' needs calibration statistics; use it with method='gptq'")
         if not isinstance(self.awq_grid, int) or self.awq_grid < 1:
@@ -127,8 +136,7 @@ class SparseConfig(_ConfigMixin):
             raise ValueError(f"values: expected 'float', 'int8' or 'int4', got {self.values!r}")
         if self.values == "int4" and self.format in ("unstructured", "dense"):
             raise ValueError(f"values='int4' needs format '2:4' or 'auto', got {self.format!r}")
-        if self.group_size not in (32, 64, 128, -1):
-            raise ValueError(f"group_size: expected 32, 64, 128 or -1 (per-channel), got {self.group_size!r}")
+        _check_quant_group_size(self.group_size)
         if self.value_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"value_dtype: expected None, 'float32', 'bfloat16' or 'float16', got {self.value_dtype!r}")
         object.__setattr__(self, "skip_names", tuple(self.skip_names))

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from slmkern.formats import int8 as int8_format
+from slmkern.formats.common import (FLOAT_DTYPES, INT4_GROUP_MULTIPLE, SPARSE24_INT4_GROUP_MULTIPLE, group_size_ok,
+                                    group_size_rule)
 
 LIB = torch.library.Library("slmkern", "DEF")  # noqa: TOR901 - the op namespace lives here
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 LIB.define("w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None, "
            "str activations='int8', str epilogue='none') -> Tensor")
@@ -193,10 +193,9 @@ def check_int4_linear(op: str, x: torch.Tensor, w: torch.Tensor, scales: torch.T
            "(call .contiguous(); broadcast/expanded weights are not accepted without w_packed)")
     _type(isinstance(group_size, int) and not isinstance(group_size, bool),
           f"{op}: group_size must be an int, got {type(group_size).__name__}")
+    _value(group_size_ok(K, group_size, INT4_GROUP_MULTIPLE),
+           f"{op}: group_size must be {group_size_rule(INT4_GROUP_MULTIPLE)}; got {group_size} for K={K}")
     g = K if group_size == -1 else group_size
-    _value(g > 0 and g % 2 == 0 and K % g == 0,
-           f"{op}: group_size must be even and divide K={K} (32, 64, 128, K, or -1 for per-channel), "
-           f"got {group_size}")
     G = K // g
     _type(scales.dtype == torch.float32, f"{op}: scales must be torch.float32, got {scales.dtype}")
     _value(scales.dim() == 2 and scales.shape[0] == N and scales.shape[1] == G,
@@ -237,7 +236,7 @@ def check_int4_linear_fast(op: str, x, w, scales, zeros, group_size, bias, w_pac
         N = w.shape[0]
         g = K if group_size == -1 else group_size
         G = K // g if type(group_size) is int and g > 0 else -1
-        ok = (x.dtype in FLOAT_DTYPES and K % 2 == 0 and 0 < K <= INT4_MAX_K and G > 0 and g % 2 == 0
+        ok = (x.dtype in FLOAT_DTYPES and K % 2 == 0 and 0 < K <= INT4_MAX_K and G > 0 and g % INT4_GROUP_MULTIPLE == 0
               and G * g == K and w.dtype == torch.uint8 and w.shape == (N, K // 2)
               and (w.stride() == (K // 2, 1) or shape_only(w, w_packed))
               and N > 0 and scales.dtype == torch.float32 and scales.shape == (N, G)
@@ -594,9 +593,9 @@ def check_sparse24_w4a16_linear(op: str, x, qvalues, meta, scales, zeros, group_
     _check_meta_bias(op, x, meta, bias, N, K, qvalues.device)
     _type(isinstance(group_size, int) and not isinstance(group_size, bool),
           f"{op}: group_size must be an int, got {type(group_size).__name__}")
+    _value(group_size_ok(K, group_size, SPARSE24_INT4_GROUP_MULTIPLE),
+           f"{op}: group_size must be {group_size_rule(SPARSE24_INT4_GROUP_MULTIPLE)}; got {group_size} for K={K}")
     g = K if group_size == -1 else group_size
-    _value(g > 0 and g % 4 == 0 and K % g == 0,
-           f"{op}: group_size must be a multiple of 4 dividing K={K} (32, 64, 128, K or -1), got {group_size}")
     G = K // g
     _type(scales.dtype == torch.float32, f"{op}: scales must be torch.float32, got {scales.dtype}")
     _value(scales.dim() == 2 and scales.shape[0] == N and scales.shape[1] == G,

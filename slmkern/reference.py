@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from slmkern.formats.common import FLOAT_DTYPES
+
 # Rows whose absmax is below this quantize to all-zero with scale 0, which
 # keeps 127 / absmax finite. Mirrors kActZeroThreshold in csrc/include/slmkern/common.h.
 ACT_ZERO_THRESHOLD = 2.0 ** -100
@@ -156,59 +158,73 @@ def w8a16_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
 from slmkern.formats import int4 as _int4  # noqa: E402  (pure torch, no cycle)
 
 
-def _check_int4_linear(op: str, x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
-                       zeros: torch.Tensor | None, group_size: int, bias: torch.Tensor | None):
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+def _check_x(op: str, x) -> int:
+    """x (..., K) in FLOAT_DTYPES; returns K."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: x must be a float32/bfloat16/float16 tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have shape (..., K), got a 0-d tensor")
-    K = x.shape[-1]
-    if isinstance(w_packed, torch.Tensor) and w_packed.dim() == 2 and 2 * w_packed.shape[1] != K:
-        raise ValueError(f"{op}: w_packed must have shape (N, K/2) = (N, {K / 2:g}) for x with K={K}, "
-                         f"got {tuple(w_packed.shape)}")
+    return x.shape[-1]
+
+
+def _check_bias(op: str, x: torch.Tensor, bias, N: int) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or bias.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{op}: bias must be {x.dtype} or torch.float32, got {getattr(bias, 'dtype', type(bias))}")
+    if bias.dim() != 1 or bias.shape[0] != N:
+        raise ValueError(f"{op}: bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+
+
+def _check_int4_linear(op: str, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor | None, group_size: int, bias: torch.Tensor | None):
+    K = _check_x(op, x)
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and 2 * w.shape[1] != K:
+        raise ValueError(f"{op}: w must have shape (N, K/2) = (N, {K / 2:g}) for x with K={K}, "
+                         f"got {tuple(w.shape)}")
     if zeros is not None and zeros.dtype == torch.float32:
         # float zero points (HQQ-style) are an op-level extension of the canonical uint8 ones
-        N, K, g = _int4.check(w_packed, scales, None, group_size)
+        N, K, g = _int4.check(w, scales, None, group_size)
         if zeros.shape != scales.shape:
             raise ValueError(f"{op}: zeros must have the shape of scales {tuple(scales.shape)}, "
                              f"got {tuple(zeros.shape)}")
     else:
-        N, K, g = _int4.check(w_packed, scales, zeros, group_size)
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
-        raise ValueError(f"{op}: bias must have shape (N,) = ({N},), got {tuple(bias.shape)}")
+        N, K, g = _int4.check(w, scales, zeros, group_size)
+    _check_bias(op, x, bias, N)
     return N, K, g
 
 
-def int4_weight(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, g: int) -> torch.Tensor:
-    """Dequantized fp32 [N, K] weight of an int4 op's arguments (uint8, float32 or no zero points)."""
+def int4_weight(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, g: int) -> torch.Tensor:
+    """Dequantized fp32 [N, K] weight of an int4 op's arguments: canonical codes w uint8 [N, K/2]
+    (slmkern.formats.int4), uint8, float32 or no zero points."""
     if zeros is not None and zeros.dtype == torch.float32:
-        N, K = w_packed.shape[0], 2 * w_packed.shape[1]
-        codes = _int4.unpack(w_packed).float().reshape(N, K // g, g)
+        N, K = w.shape[0], 2 * w.shape[1]
+        codes = _int4.unpack(w).float().reshape(N, K // g, g)
         return ((codes - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(N, K)
-    return _int4.dequantize(w_packed, scales, zeros, g)
+    return _int4.dequantize(w, scales, zeros, g)
 
 
-def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
+def w4a16_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, group_size: int,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) f32/bf16/f16, w_packed (N, K/2) uint8, scales (N, K/g) f32, zeros (N, K/g) uint8? -> (..., N) x.dtype.
+                 bias: torch.Tensor | None = None, w_packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) f32/bf16/f16, w (N, K/2) uint8, scales (N, K/g) f32, zeros (N, K/g) uint8? -> (..., N) x.dtype.
 
-    Weight-only int4 (format: slmkern.formats.int4): W = (code - z) * scale in fp32
-    (z = zeros, or 8 when zeros is None), then y = x @ W.T + bias accumulated in fp32.
-    Kernels match it within fp32 accumulation-order tolerance.
+    Weight-only int4 (format: slmkern.formats.int4; w holds the canonical codes): W = (code - z) *
+    scale in fp32 (z = zeros, or 8 when zeros is None), then y = x @ W.T + bias accumulated in fp32.
+    Kernels match it within fp32 accumulation-order tolerance. w_packed (the CPU blob) is ignored.
     """
-    N, K, g = _check_int4_linear("w4a16_linear", x, w_packed, scales, zeros, group_size, bias)
-    w = int4_weight(w_packed, scales, zeros, g)
-    y = x.reshape(-1, K).float() @ w.T
+    N, K, g = _check_int4_linear("w4a16_linear", x, w, scales, zeros, group_size, bias)
+    W = int4_weight(w, scales, zeros, g)
+    y = x.reshape(-1, K).float() @ W.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
-def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
+def w4a8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor | None, group_size: int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) f32/bf16/f16, w_packed (N, K/2) uint8, scales (N, K/g) f32, zeros (N, K/g) uint8? -> (..., N) x.dtype.
+                bias: torch.Tensor | None = None, w_packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) f32/bf16/f16, w (N, K/2) uint8, scales (N, K/g) f32, zeros (N, K/g) uint8? -> (..., N) x.dtype.
 
     Dynamic per-row int8 activations (``qx, sx = quantize_rows_s8(x)``), then for each
     group i (k in [i*g, (i+1)*g)) an exact int32 partial
@@ -228,14 +244,15 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
     float32 zeros (HQQ-style, not integers) cannot enter the int32 partial; then
     y = sx * sum_i (scales[n,i] * dot_i - scales[n,i] * z[n,i] * xsum_i) + bias, in float64
     (dot_i = sum_k qx*code exact, xsum_i = sum_k qx), rounded once to fp32.
+    w holds the canonical codes (slmkern.formats.int4); w_packed (the CPU blob) is ignored.
     """
-    N, K, g = _check_int4_linear("w4a8_linear", x, w_packed, scales, zeros, group_size, bias)
+    N, K, g = _check_int4_linear("w4a8_linear", x, w, scales, zeros, group_size, bias)
     G = K // g
     qx, sx = quantize_rows_s8(x.reshape(-1, K))
     if zeros is not None and zeros.dtype == torch.float32:
         M = qx.shape[0]
         qg = qx.reshape(M, G, g).double()
-        cg = _int4.unpack(w_packed).reshape(N, G, g).double()
+        cg = _int4.unpack(w).reshape(N, G, g).double()
         dots = torch.einsum("mgk,ngk->mng", qg, cg)
         xsum = qg.sum(dim=-1).unsqueeze(1)                            # (M, 1, G)
         s64, z64 = scales.double().unsqueeze(0), zeros.double().unsqueeze(0)
@@ -245,7 +262,7 @@ def w4a8_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
     M = qx.shape[0]
     qg = qx.reshape(M, G, g).double()
-    cg = _int4.unpack(w_packed).reshape(N, G, g).double()
+    cg = _int4.unpack(w).reshape(N, G, g).double()
     z = _int4.zero_tensor(scales, zeros).double()                  # (N, G) small integers
     dots = torch.einsum("mgk,ngk->gmn", qg, cg)                      # exact: |partial| < 2^53
     xsum = qg.sum(dim=-1)                                            # (M, G)
@@ -313,11 +330,18 @@ def sparse24_w4a16_linear(x: torch.Tensor, qvalues: torch.Tensor, meta: torch.Te
     """x (..., K) f32/bf16/f16, qvalues uint8 (N, K/4), meta, scales (N, K/g) f32, zeros (N, K/g) uint8? -> (..., N).
 
     y = x.float() @ W.T + bias with W = (code - zero) * scale at kept positions, 0 elsewhere (fp32).
+    w_packed (the CPU blob) is ignored.
     """
     from slmkern.formats import sparse24 as _s24
 
+    op = "sparse24_w4a16_linear"
+    K = _check_x(op, x)
+    N, Kq, _ = _s24.validate_int4(qvalues, meta, scales, zeros, group_size, data=False)
+    if Kq != K:
+        raise ValueError(f"{op}: qvalues must have shape (N, K/4) = (N, {K / 4:g}) for x with K={K}, "
+                         f"got {tuple(qvalues.shape)}")
+    _check_bias(op, x, bias, N)
     w = _s24.decompress_int4(qvalues, meta, scales, zeros, group_size)
-    K, N = x.shape[-1], w.shape[0]
     y = x.reshape(-1, K).float() @ w.T
     if bias is not None:
         y = y + bias.float()

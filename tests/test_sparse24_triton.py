@@ -423,8 +423,13 @@ def test_sparse24_backend_entries_reshape_validate_and_ignore_w_packed():
     w4_check(yq, xq, q, mq, sq, zq, 32, None, 128, "gemm")
     yk = ts.sparse24_w4a16_linear_cuda(*to_dev(xq, q, mq, sq[:, :1].contiguous(), zq[:, :1].contiguous()), -1)
     w4_check(yk, xq, q, mq, sq[:, :1], zq[:, :1], 128, None, 128, "gemm")
-    with pytest.raises(ValueError, match="group_size"):
-        ts.sparse24_w4a16_linear_cuda(*to_dev(xq, q, mq, sq, zq), 16, None)
+    # any multiple of 4 dividing K (the op's rule, slmkern.formats.common), e.g. g = 16
+    q16, m16, s16, z16 = make_w4(N, 128, 16, True)
+    y16 = ts.sparse24_w4a16_linear_cuda(*to_dev(xq, q16, m16, s16, z16), 16, None)
+    w4_check(y16, xq, q16, m16, s16, z16, 16, None, 128, "gemm")
+    for bad_g in (6, 24):  # not a multiple of 4; does not divide K = 128
+        with pytest.raises(ValueError, match="group_size"):
+            ts.sparse24_w4a16_linear_cuda(*to_dev(xq, q, mq, sq[:, :1].contiguous(), zq[:, :1].contiguous()), bad_g)
     with pytest.raises(ValueError, match="zeros"):
         ts.sparse24_w4a16_linear_cuda(*to_dev(xq, q, mq, sq, zq[:, :2]), 32, None)
 

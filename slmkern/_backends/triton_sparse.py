@@ -22,20 +22,10 @@ import torch
 from slmkern import ops, reference
 from slmkern._backends import triton as _triton_backend
 from slmkern._logging import log_once
+from slmkern.formats.common import FLOAT_DTYPES, SPARSE24_INT4_GROUP_MULTIPLE, group_size_ok, group_size_rule
+from slmkern.ops import _type, _value  # TypeError / ValueError with the message, as every op check
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 VALUE_DTYPES = FLOAT_DTYPES + (torch.int8,)
-W4_GROUP_SIZES = (32, 64, 128)
-
-
-def _type(cond: bool, msg: str) -> None:
-    if not cond:
-        raise TypeError(msg)
-
-
-def _value(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 def _rows(op: str, name: str, t: torch.Tensor, shape: tuple, dtypes: tuple) -> None:
@@ -98,9 +88,11 @@ def check_sparse24_w4a16_linear_shapes(x, qvalues, meta, scales, zeros, group_si
     _value(N > 0, f"{op}: qvalues must have N > 0 rows, got {tuple(qvalues.shape)}")
     _rows(op, "qvalues", qvalues, (N, K // 4), (torch.uint8,))
     _rows(op, "meta", meta, (N, (K + 7) // 8), (torch.uint8,))
-    g = K if group_size in (-1, K) else group_size
-    _value(isinstance(group_size, int) and (g == K or g in W4_GROUP_SIZES) and K % g == 0,
-           f"{op}: group_size must be one of {W4_GROUP_SIZES} dividing K, or K (or -1), got {group_size} for K={K}")
+    _type(isinstance(group_size, int) and not isinstance(group_size, bool),
+          f"{op}: group_size must be an int, got {type(group_size).__name__}")
+    _value(group_size_ok(K, group_size, SPARSE24_INT4_GROUP_MULTIPLE),
+           f"{op}: group_size must be {group_size_rule(SPARSE24_INT4_GROUP_MULTIPLE)}; got {group_size} for K={K}")
+    g = K if group_size == -1 else group_size
     _rows(op, "scales", scales, (N, K // g), (torch.float32,))
     if zeros is not None:
         _rows(op, "zeros", zeros, (N, K // g), (torch.uint8,))

@@ -10,9 +10,11 @@ Canonical (what is saved), for a Linear weight W of shape ``[N, K]``:
     Codes are always unsigned, 0..15. K must be even (K odd is rejected, never padded).
 
 ``scales``  float32 ``[N, K/g]``  one scale per group of ``g`` consecutive k.
-    g in {32, 64, 128}, or g = K (per-channel; ``-1`` is accepted as shorthand where
-    a group size is passed in). Group ``i`` covers k in ``[i*g, (i+1)*g)``, natural
-    order: act-order quantizers never permute the groups.
+    g is any even number dividing K, or g = K (per-channel; ``-1`` is accepted as shorthand
+    where a group size is passed in): the rule is stated once, in
+    :mod:`slmkern.formats.common` (``INT4_GROUP_MULTIPLE``); slmkern's quantizer configs
+    produce g in {32, 64, 128} or per-channel (``QUANT_GROUP_SIZES``). Group ``i`` covers
+    k in ``[i*g, (i+1)*g)``, natural order: act-order quantizers never permute the groups.
 
 ``zeros``   uint8 ``[N, K/g]`` or ``None``  one zero point per group, unsigned 0..15,
     stored one per byte (not packed: it is 1/g of the weight bytes; the
@@ -76,7 +78,12 @@ from typing import NamedTuple
 
 import torch
 
-SUPPORTED_GROUP_SIZES = (32, 64, 128)
+from slmkern.formats.common import INT4_GROUP_MULTIPLE, QUANT_GROUP_SIZES
+from slmkern.formats.common import resolve_group_size as _resolve_group_size
+
+# The group sizes the quantizer configs and checkpoint importers offer (a policy, see
+# slmkern.formats.common); the format itself takes any even g dividing K.
+SUPPORTED_GROUP_SIZES = QUANT_GROUP_SIZES
 SYMMETRIC_ZERO = 8  # implicit zero point (code offset) of symmetric weights
 QMAX = 15
 
@@ -109,13 +116,7 @@ def resolve_group_size(K: int, group_size: int, name: str = "group_size") -> int
         raise ValueError(f"K: int4 packs two values per byte, so K must be even, got K={K}")
     if K <= 0:
         raise ValueError(f"K: must be positive, got K={K}")
-    g = K if group_size == -1 else group_size
-    if g != K and g not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"{name}: expected one of {SUPPORTED_GROUP_SIZES}, K={K} (per-channel) "
-                         f"or -1, got {group_size}")
-    if K % g != 0:
-        raise ValueError(f"{name}: K={K} is not a multiple of group_size={g}")
-    return g
+    return _resolve_group_size(K, group_size, INT4_GROUP_MULTIPLE, name)
 
 
 def check(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
@@ -145,10 +146,9 @@ def check(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
             raise ValueError(f"scales: expected shape [N, K/g] with N={N} and K/g dividing K={K} "
                              f"(from packed {tuple(packed.shape)}), got {tuple(scales.shape)}")
         g = K // scales.shape[1]
-        if g != K and g not in SUPPORTED_GROUP_SIZES:
+        if g % INT4_GROUP_MULTIPLE:
             raise ValueError(f"scales: shape {tuple(scales.shape)} implies group_size={g} for K={K} "
-                             f"(from packed {tuple(packed.shape)}); expected one of {SUPPORTED_GROUP_SIZES} "
-                             "or per-channel")
+                             f"(from packed {tuple(packed.shape)}); int4 groups must be even")
     if scales.device != packed.device:
         raise ValueError(f"scales: is on {scales.device} but packed is on {packed.device}")
     if zeros is not None:

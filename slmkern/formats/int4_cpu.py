@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from slmkern.formats.common import INT4_GROUP_MULTIPLE, resolve_group_size
+
 NB, KB = 16, 8
 ZEROS_KIND = {None: 0, torch.uint8: 1, torch.float32: 2}
 
@@ -48,11 +50,7 @@ def check_canonical(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"w: expected a non-empty 2-D tensor (N, K/2), got {tuple(w.shape)}")
     N, K = w.shape[0], 2 * w.shape[1]
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size: expected an int, got {type(group_size).__name__}")
-    g = K if group_size == -1 else group_size
-    if g <= 0 or g % 2 != 0 or K % g != 0:
-        raise ValueError(f"group_size: must be even and divide K={K} (or be -1 for per-channel), got {group_size}")
+    g = resolve_group_size(K, group_size, INT4_GROUP_MULTIPLE)
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
         raise TypeError(f"scales: expected torch.float32 [N, K/g], got {getattr(scales, 'dtype', type(scales))}")
     if tuple(scales.shape) != (N, K // g):

@@ -47,14 +47,14 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from slmkern.formats.common import FLOAT_DTYPES, SPARSE24_INT4_GROUP_MULTIPLE, group_size_ok, group_size_rule
+
 VALUE_DTYPES = FLOAT_DTYPES + (torch.int8,)
 CHUNK_K = 128   # dense columns per packed chunk
 TILE_N = 4      # rows per packed tile
 I8_TILE_N = 16      # int8 values: rows per packed tile
 I8_BLOCK_K = 32     # int8 values: dense columns per block (4 windows of 8)
 I8_BLOCK_BYTES = 320
-INT4_GROUP_SIZES = (32, 64, 128)
 SYMMETRIC_ZERO = 8
 
 
@@ -173,9 +173,11 @@ def compress_int4(dense: torch.Tensor, group_size: int = 128, symmetric: bool = 
     Min/max round-to-nearest over the KEPT values of each dense group; padding codes = zero point.
     """
     N, K = _check_dense(dense)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) \
+            or not group_size_ok(K, group_size, SPARSE24_INT4_GROUP_MULTIPLE):
+        raise ValueError(f"group_size: must be {group_size_rule(SPARSE24_INT4_GROUP_MULTIPLE)}, "
+                         f"got {group_size} for K={K}")
     g = K if group_size == -1 else group_size
-    if g <= 0 or g % 4 or K % g:
-        raise ValueError(f"group_size: must be a multiple of 4 dividing K={K}, got {group_size}")
     values, meta = compress(dense.float())
     v = values.float().reshape(N, K // g, g // 2)
     if symmetric:
@@ -274,9 +276,10 @@ def validate_int4(qvalues, meta, scales, zeros, group_size: int, data: bool = Tr
     _check_meta(meta, N, K, data=data)
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"group_size: must be an int, got {type(group_size).__name__}")
+    if not group_size_ok(K, group_size, SPARSE24_INT4_GROUP_MULTIPLE):
+        raise ValueError(f"group_size: must be {group_size_rule(SPARSE24_INT4_GROUP_MULTIPLE)}, "
+                         f"got {group_size} for K={K}")
     g = K if group_size == -1 else group_size
-    if g <= 0 or g % 4 or K % g:
-        raise ValueError(f"group_size: must be a multiple of 4 dividing K={K} (32, 64, 128, K or -1), got {group_size}")
     G = K // g
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
         raise TypeError(f"scales: must be torch.float32 (N, K/group_size), got {getattr(scales, 'dtype', type(scales))}")
