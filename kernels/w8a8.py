@@ -263,29 +263,27 @@ def _row_block(K: int) -> int:
     return max(16, min(triton.next_power_of_2(K), 64 if INTERPRET else 4096))
 
 
-def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float rows (unit inner stride) -> (q int8 (M, K), scale fp32 (M,)), as reference.quantize_rows_s8."""
+def _quantize_rows(kernel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One program per row of x (M, K) (unit inner stride): int8 codes (M, K) and fp32 scales (M,)."""
     M, K = x.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     sx = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M > 0:
         block_k = _row_block(K)
-        launch(_quantize_rows_s8_kernel)[(M,)](x, q, sx, K, x.stride(0), BLOCK_K=block_k,
-                                                num_warps=8 if block_k >= 2048 else 4 if block_k >= 512 else 2)
+        launch(kernel)[(M,)](x, q, sx, K, x.stride(0), BLOCK_K=block_k,
+                             num_warps=8 if block_k >= 2048 else 4 if block_k >= 512 else 2)
     return q, sx
+
+
+def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float rows (unit inner stride) -> (q int8 (M, K), scale fp32 (M,)), as reference.quantize_rows_s8."""
+    return _quantize_rows(_quantize_rows_s8_kernel, x)
 
 
 def quantize_rows_u7(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float rows (unit inner stride) -> (q - zero int8 (M, K), scale fp32 (M,)), as
     reference.quantize_activations(x, "int7")."""
-    M, K = x.shape
-    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
-    sx = torch.empty((M,), dtype=torch.float32, device=x.device)
-    if M > 0:
-        block_k = _row_block(K)
-        launch(_quantize_rows_u7_kernel)[(M,)](x, q, sx, K, x.stride(0), BLOCK_K=block_k,
-                                                num_warps=8 if block_k >= 2048 else 4 if block_k >= 512 else 2)
-    return q, sx
+    return _quantize_rows(_quantize_rows_u7_kernel, x)
 
 
 def _gemv(x, w, w_scale, bias, y):
