@@ -180,8 +180,6 @@ def sparse24_linear_cpu(x, values, meta, scales=None, bias=None, w_packed=None):
     if w_packed is None:  # the canonical tensors are read: every value fact is checked first
         sparse24_format.validate(values, meta, scales)
     if _C is None:
-        if ops.shape_only(w, w_packed):
-            raise ValueError(f"{op}: w is a shape-only stand-in, which needs slmkern._C ({_IMPORT_ERROR})")
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return reference.sparse24_linear(x, values, meta, scales, bias)
@@ -213,8 +211,6 @@ def sparse24_w4a16_linear_cpu(x, qvalues, meta, scales, zeros, group_size, bias=
     if w_packed is None:
         sparse24_format.validate_int4(qvalues, meta, scales, zeros, group_size)
     if _C is None:
-        if ops.shape_only(w, w_packed):
-            raise ValueError(f"{op}: w is a shape-only stand-in, which needs slmkern._C ({_IMPORT_ERROR})")
         log_once(f"{op}-no-cpp", f"slmkern: {op} runs the pure-torch reference on CPU because "
                  f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
         return reference.sparse24_w4a16_linear(x, qvalues, meta, scales, zeros, group_size, bias)
