@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from slmkern.formats.common import QUANT_GROUP_SIZES
+from slmkern.formats.int8 import LINEAR_ACTIVATIONS as INT8_ACTIVATIONS
 
 
 def _check_quant_group_size(group_size) -> None:
@@ -59,8 +60,8 @@ class Int8Config(_ConfigMixin):
     smooth: float | None = None
 
     def __post_init__(self) -> None:
-        if self.activations not in ("int8", "int7", "float"):
-            raise ValueError(f"activations: expected 'int8', 'int7' or 'float', got {self.activations!r}")
+        if self.activations not in INT8_ACTIVATIONS:
+            raise ValueError(f"activations: expected one of {INT8_ACTIVATIONS}, got {self.activations!r}")
         if self.smooth is not None and (isinstance(self.smooth, bool) or not 0.0 <= float(self.smooth) <= 1.0):
             raise ValueError(f"smooth: expected None or a migration strength alpha in [0, 1], got {self.smooth!r}")
         object.__setattr__(self, "skip_names", tuple(self.skip_names))

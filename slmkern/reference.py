@@ -85,9 +85,12 @@ _GELU_C = dict(rsqrt2=0.70710677, p=0.3275911, a1=0.254829592, a2=-0.284496736, 
                e4=1.6666665459e-1, e5=5.0000001201e-1, lo=-87.0)
 
 
+_GELU_T = {k: torch.tensor(x, dtype=torch.float32) for k, x in _GELU_C.items()}   # 0-d: scalars on any device
+
+
 def gelu_epilogue(v: torch.Tensor) -> torch.Tensor:
     """fp32 v -> GELU(v) in fp32, the "gelu" epilogue of w8a8_linear (see _GELU_C)."""
-    c = {k: torch.tensor(x, dtype=torch.float32) for k, x in _GELU_C.items()}
+    c = _GELU_T
     v = v.float()
     z = v * c["rsqrt2"]
     a = z.abs()

@@ -308,16 +308,20 @@ def test_model_saved_by_slmkern_loads_in_transformers(tmp_path):
     torch.testing.assert_close(y_hf, y, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_slmkern_round_trip_through_directory(tmp_path, symmetric):
-    model, _ = _quantized_bert(symmetric, w8_activations="int8")
+@pytest.mark.parametrize("symmetric,w8_act", [(True, "int8"), (False, "int8"), (True, "int7")])
+def test_slmkern_round_trip_through_directory(tmp_path, symmetric, w8_act):
+    model, _ = _quantized_bert(symmetric, w8_activations=w8_act)
     ct.save_compressed(model, tmp_path)
+    if w8_act == "int7":
+        qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+        acts = [g["input_activations"] for g in qc["config_groups"].values() if g["input_activations"]]
+        assert acts and all(a["num_bits"] == 7 and a["symmetric"] is False and a["dynamic"] for a in acts)
     fresh, _ = _tiny_bert()
     fresh.embeddings.word_embeddings.weight.data.normal_()               # make sure it really is overwritten
     swapped = ct.load_compressed(fresh, tmp_path)
     assert len(swapped) == 12
     assert isinstance(fresh.encoder.layer[0].output.dense, Int8Linear)
-    assert fresh.encoder.layer[0].output.dense.activations == "int8"
+    assert fresh.encoder.layer[0].output.dense.activations == w8_act
     assert isinstance(fresh.encoder.layer[0].attention.self.query, Int4Linear)
     sd, sd2 = model.state_dict(), fresh.state_dict()
     assert sd.keys() == sd2.keys()

@@ -21,6 +21,8 @@ NB, KB = 16, 4
 # How w8a8_linear quantizes activations per token (the spec: reference.quantize_activations):
 # "int8" symmetric, codes in [-127, 127]; "int7" asymmetric 7-bit, codes in [0, 127] minus a zero point.
 ACTIVATIONS = ("int8", "int7")
+# Int8Linear / Int8Config: one of those (w8a8_linear), or "float" (weight-only, w8a16_linear).
+LINEAR_ACTIVATIONS = (*ACTIVATIONS, "float")
 # w8a8_linear's fused output functions (the spec: reference.gelu_epilogue): applied to the fp32 output.
 EPILOGUES = ("none", "gelu")
 

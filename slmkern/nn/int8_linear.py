@@ -9,7 +9,7 @@ from slmkern._backends import cpu as cpu_backend
 from slmkern.formats import int8 as int8_format
 from slmkern.nn._base import PackedLinearBase
 
-ACTIVATIONS = ("int8", "int7", "float")
+ACTIVATIONS = int8_format.LINEAR_ACTIVATIONS
 
 
 class Int8Linear(PackedLinearBase):

@@ -499,7 +499,10 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         ia = scheme.get("input_activations")
         activations = "float"
         if isinstance(ia, dict) and ia.get("dynamic"):
-            activations = {8: "int8", 7: "int7"}.get(ia.get("num_bits"), "float")
+            if ia.get("num_bits") == 8:
+                activations = "int8"
+            elif ia.get("num_bits") == 7 and ia.get("symmetric") is False:   # only our asymmetric int7
+                activations = "int7"
         names = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
         layer = {n: t.pop(f"{fqn}.{n}") for n in names if f"{fqn}.{n}" in t}
         shape = (lin.out_features, lin.in_features)
