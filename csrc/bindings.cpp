@@ -88,6 +88,7 @@ PYBIND11_MODULE(_C, m) {
     if (op == "sparse24_linear") return std::string(isa_name(select_sparse24_f().isa));
     if (op == "sparse24_linear[int8]") return std::string(isa_name(select_sparse24_i8().isa));
     if (op == "sparse24_w4a16_linear") return std::string(isa_name(select_w4a16().isa));
+    if (op == "attention") return std::string(isa_name(select_attention().isa));
     throw std::invalid_argument("unknown op '" + op + "'");
   });
 
@@ -203,6 +204,25 @@ PYBIND11_MODULE(_C, m) {
     c.fn(a);
   });
   // ------------------------------------------------------------------ end 2:4 sparse
+
+  // slmkern::attention (fp32; csrc/include/slmkern/attention.h). Strides are in elements; the mask
+  // (0 = none) is additive fp32, contiguous over S, broadcast dims with stride 0.
+  m.def("attention", [](uintptr_t q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
+                        uintptr_t k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
+                        uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+                        uintptr_t mask, int64_t m_sb, int64_t m_sh, int64_t m_sl, uintptr_t out,
+                        int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S, int64_t D, float scale,
+                        bool causal, int n_threads) {
+    if (B < 0 || L < 0 || Hq <= 0 || Hkv <= 0 || Hq % Hkv != 0 || S <= 0 || D <= 0)
+      throw std::invalid_argument("attention: bad sizes: need B, L >= 0, S, D > 0, Hq a positive multiple of Hkv");
+    AttentionArgs a{ptr<const float>(q), q_sb, q_sh, q_sl, ptr<const float>(k), k_sb, k_sh, k_sl,
+                    ptr<const float>(v), v_sb, v_sh, v_sl, mask ? ptr<const float>(mask) : nullptr, m_sb, m_sh,
+                    m_sl, ptr<float>(out), B, Hq, Hkv, L, S, D, scale, causal, n_threads < 1 ? 1 : n_threads};
+    if (B == 0 || L == 0) return;
+    const AttentionOpChoice c = select_attention();
+    py::gil_scoped_release nogil;
+    c.fn(a);
+  });
 
   // slmkern.decoder: rotary embedding of q and k + KV-cache write, fp32 (csrc/decoder.cpp). Pointers and
   // sizes are the decoder's own buffers, checked once when it is built.

@@ -144,6 +144,12 @@ SparseOpChoice select_sparse() {
   return vbmi2 ? pick<SparseOpChoice>(fns, isas) : pick<SparseOpChoice>(fns2, isas2);
 }
 
+AttentionOpChoice select_attention() {
+  static const AttentionFn fns[] = {attention_ref, attention_avx2};
+  static const Isa isas[] = {Isa::ref, Isa::avx2};
+  return pick<AttentionOpChoice>(fns, isas);
+}
+
 // ---------------------------------------------------------------- 2:4 sparse (sparse24_linear)
 Sparse24OpChoice select_sparse24_f() {
   static const Sparse24Fn fns[] = {sparse24_f_linear_ref, sparse24_f_linear_avx2, sparse24_f_linear_avx512};

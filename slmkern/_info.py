@@ -8,7 +8,8 @@ import torch
 
 # "op[variant]": an op whose CPU kernel is chosen per value type (2:4 int8 values need VBMI).
 OPS = ("w8a8_linear", "w8a16_linear", "w4a16_linear", "w4a8_linear", "sparse_linear", "sparse24_linear",
-       "sparse24_linear[int8]", "sparse24_w4a16_linear")
+       "sparse24_linear[int8]", "sparse24_w4a16_linear", "attention")
+CUDA_BY_TORCH = {"attention": "torch-sdpa"}   # CUDA kernels that are torch's own, not Triton
 
 
 def _has_cuda_kernel(op: str) -> bool:
@@ -32,7 +33,7 @@ def info_dict() -> dict:
         "SLMKERN_CPU_ISA": os.environ.get("SLMKERN_CPU_ISA"),
         "threads": torch.get_num_threads(),
         "ops": {op: {"cpu": cpu.op_isa(op),
-                     "cuda": "triton" if _has_cuda_kernel(op) else "reference"}
+                     "cuda": (CUDA_BY_TORCH.get(op, "triton") if _has_cuda_kernel(op) else "reference")}
                for op in OPS},
     }
     if triton_backend.HAS_TRITON:

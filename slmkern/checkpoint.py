@@ -284,8 +284,8 @@ def load(path: str | os.PathLike, model_or_config: nn.Module | None = None, *,
     model_or_config: the dense model skeleton (an nn.Module of the same architecture, modified
     in place and returned), or None to build it from the saved Hugging Face config.
     fuse: apply the inference fusions of slmkern.nn.fuse (a GELU after an Int8Linear runs in the
-    linear's kernel; query/key/value run as one kernel call) where the CPU kernels fuse them natively;
-    nothing about them is saved.
+    linear's kernel; query/key/value run as one kernel call; an encoder's attention runs slmkern::attention)
+    where the CPU kernels fuse them natively; nothing about them is saved.
     """
     path = Path(path)
     cfg = read_config(path)

@@ -350,3 +350,24 @@ def sparse24_w4a16_linear(x: torch.Tensor, qvalues: torch.Tensor, meta: torch.Te
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 # ============================================================================= end 2:4
+
+
+# ----------------------------------------------------------------------------- attention
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              scale: float | None = None, is_causal: bool = False) -> torch.Tensor:
+    """slmkern::attention's spec (slmkern/ops/attention.py): fp32 softmax(scale q k^T + mask) v, a query
+    row with every key masked gives 0, grouped-query heads; returns (B, L, Hq, D) in q's dtype."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if Hkv != Hq:
+        kf, vf = kf.repeat_interleave(Hq // Hkv, dim=1), vf.repeat_interleave(Hq // Hkv, dim=1)
+    s = (qf @ kf.transpose(-1, -2)) * (D ** -0.5 if scale is None else scale)
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    elif mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    dead = torch.isneginf(s).all(-1, keepdim=True)         # every key masked: 0, as torch's sdpa
+    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    return (p @ vf).transpose(1, 2).contiguous().to(q.dtype)

@@ -261,6 +261,36 @@ def sparse_probes() -> list[Probe]:
     return probes
 
 
+def attention_probes() -> list[Probe]:
+    g = _gen(3)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    a = {"q": q, "k": k[:, :2], "v": v[:, :2], "mask": None, "scale": None, "is_causal": False}
+    m = torch.rand(2, 1, 5, 5, generator=g) > 0.3
+    return [Probe("valid", "valid", a),
+            Probe("valid bf16, bool mask, scale", "valid",
+                  _with(a, q=q.to(BF16), k=a["k"].to(BF16), v=a["v"].to(BF16), mask=m, scale=0.2)),
+            Probe("valid f16, f32 additive mask 2-d", "valid",
+                  _with(a, q=q.to(F16), k=a["k"].to(F16), v=a["v"].to(F16), mask=torch.randn(5, 5))),
+            Probe("valid causal, S > L", "valid",
+                  _with(a, k=torch.randn(2, 2, 7, 8), v=torch.randn(2, 2, 7, 8), is_causal=True)),
+            Probe("valid empty batch", "valid", _with(a, q=q[:0], k=a["k"][:0], v=a["v"][:0])),
+            Probe("q f64", "dtype", _with(a, q=q.double())),
+            Probe("q int32", "dtype", _with(a, q=q.int())),
+            Probe("k f16 vs q f32", "dtype", _with(a, k=a["k"].half())),
+            Probe("mask int32", "dtype", _with(a, mask=m.int())),
+            Probe("mask f64", "dtype", _with(a, mask=torch.zeros(5, 5, dtype=torch.float64))),
+            Probe("q 3-d", "shape", _with(a, q=q[0])),
+            Probe("k head dim 4", "shape", _with(a, k=a["k"][..., :4])),
+            Probe("v S+1", "shape", _with(a, v=torch.randn(2, 2, 6, 8))),
+            Probe("Hq not a multiple of Hkv", "shape", _with(a, q=q[:, :3])),
+            Probe("batch differs", "shape", _with(a, k=a["k"][:1], v=a["v"][:1])),
+            Probe("no keys", "shape", _with(a, k=a["k"][:, :, :0], v=a["v"][:, :, :0])),
+            Probe("mask (5, 4)", "shape", _with(a, mask=torch.zeros(5, 4))),
+            Probe("mask 5-d", "shape", _with(a, mask=torch.zeros(1, 2, 1, 5, 5))),
+            Probe("mask and is_causal", "shape", _with(a, mask=m, is_causal=True)),
+            Probe("scale inf", "dtype", _with(a, scale=float("inf")))]
+
+
 # ----------------------------------------------------------------------------- layers per op
 def _meta(v):
     return v.to("meta") if isinstance(v, torch.Tensor) else v
@@ -320,6 +350,10 @@ def layers(op: str) -> dict[str, Callable]:
                 "ref backend": ref_backend._sparse24_reference,
                 "triton": triton_sparse.sparse24_linear_cuda,
                 "reference": reference.sparse24_linear}
+    if op == "attention":
+        return {"ops.check": ops.check_attention, **common_layers,
+                "ref backend": ref_backend._attention_reference,
+                "reference": reference.attention}
     if op == "sparse_linear":
         return {"ops.check": ops.check_sparse_linear, **common_layers,
                 "ref backend": ref_backend._sparse_linear_reference,
@@ -330,7 +364,7 @@ def layers(op: str) -> dict[str, Callable]:
 
 PROBES = {"w8a8_linear": w8a8_probes, "w8a16_linear": int8_probes, "w4a16_linear": int4_probes,
           "w4a8_linear": int4_probes, "sparse24_w4a16_linear": s24w4_probes, "sparse24_linear": s24_probes,
-          "sparse_linear": sparse_probes}
+          "sparse_linear": sparse_probes, "attention": attention_probes}
 
 # The axes a layer does not look at, by design (anything not listed here must agree with ops.check).
 _NO_VALIDATION = "computes on whatever it gets; its callers (the registrations) run the op's check first"
@@ -339,6 +373,7 @@ SKIP = {
     ("reference", "w8a16_linear"): ({"dtype", "shape", "w_packed"}, _NO_VALIDATION),
     ("reference", "sparse24_linear"): ({"dtype", "shape", "w_packed"}, _NO_VALIDATION),
     ("reference", "sparse_linear"): ({"dtype", "shape", "w_packed"}, _NO_VALIDATION),
+    ("reference", "attention"): ({"dtype", "shape"}, _NO_VALIDATION),
     ("reference", "*"): ({"w_packed"}, "ignores w_packed (the CPU blob)"),
     ("triton", "sparse24_linear"): ({"w_packed"}, "CUDA sparse registrations ignore w_packed (documented)"),
     ("triton", "sparse24_w4a16_linear"): ({"w_packed"}, "CUDA sparse registrations ignore w_packed"),
@@ -419,7 +454,8 @@ def test_fast_checks_never_accept_what_the_full_check_rejects(op):
     w8a8_ok = (lambda *a: ops.int8_linear_ok(*a[:5]) and a[5] in cpu_backend._ACT_CODE
                and a[6] in cpu_backend._EPI_CODE)
     fast = {"w8a8_linear": w8a8_ok, "w8a16_linear": ops.int8_linear_ok,
-            "sparse24_linear": ops.sparse24_linear_ok, "sparse_linear": ops.sparse_linear_ok}.get(op)
+            "sparse24_linear": ops.sparse24_linear_ok, "sparse_linear": ops.sparse_linear_ok,
+            "attention": ops.attention_ok}.get(op)
     if fast is None:
         pytest.skip(f"{op}: its fast check falls back to the full check itself (covered above)")
     names = schema_names(op)

@@ -75,3 +75,24 @@ from slmkern._backends import triton  # noqa: E402,F401
 from slmkern._backends import triton_sparse  # noqa: E402
 
 triton_sparse.register(ops.LIB)
+
+
+# ----------------------------------------------------------------------------- attention
+def _attention_reference(q, k, v, mask=None, scale=None, is_causal=False):
+    ops.check_attention(q, k, v, mask, scale, is_causal)
+    return reference.attention(q, k, v, mask, scale, is_causal)
+
+
+def _attention_cuda(q, k, v, mask=None, scale=None, is_causal=False):
+    """CUDA: torch's sdpa (flash / memory-efficient kernels), in the op's heads-last layout."""
+    import torch
+
+    ops.check_attention(q, k, v, mask, scale, is_causal)
+    Hq, Hkv = q.shape[1], k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                           is_causal=is_causal, enable_gqa=Hq != Hkv)
+    return out.transpose(1, 2).contiguous()
+
+
+ops.LIB.impl("attention", _attention_reference, "CompositeExplicitAutograd")
+ops.LIB.impl("attention", _attention_cuda, "CUDA")

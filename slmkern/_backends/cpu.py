@@ -231,6 +231,45 @@ def sparse24_w4a16_linear_cpu(x, qvalues, meta, scales, zeros, group_size, bias=
 # ============================================================================= end 2:4
 
 
+# ----------------------------------------------------------------------------- attention
+def _attention_mask(mask, q, B: int, Hq: int, L: int, S: int) -> torch.Tensor | None:
+    """The mask as the kernel reads it: additive fp32, 4-D (broadcast dims stride 0), unit stride over S."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+    elif mask.dtype != torch.float32:
+        mask = mask.float()
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.stride(-1) != 1 and mask.shape[-1] != 1:
+        mask = mask.contiguous()
+    return mask.expand(B, Hq, L, S)
+
+
+@torch.library.register_kernel("slmkern::attention", "cpu", lib=ops.LIB)
+def attention_cpu(q, k, v, mask=None, scale=None, is_causal=False):
+    if not ops.attention_ok(q, k, v, mask, scale, is_causal):
+        ops.check_attention(q, k, v, mask, scale, is_causal)
+    if _C is None:
+        log_once("attention-no-cpp", "slmkern: attention runs the pure-torch reference on CPU because "
+                 f"slmkern._C failed to import ({_IMPORT_ERROR})", logging.WARNING)
+        return reference.attention(q, k, v, mask, scale, is_causal)
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    dt = q.dtype
+    if dt != torch.float32:                      # computed in fp32 (the contract), one conversion each way
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
+    m = _attention_mask(mask, q, B, Hq, L, S)
+    out = torch.empty((B, L, Hq, D), dtype=torch.float32)
+    ms = m.stride()[:3] if m is not None else (0, 0, 0)
+    _C.attention(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
+                 m.data_ptr() if m is not None else 0, *ms, out.data_ptr(), B, Hq, Hkv, L, S, D,
+                 D ** -0.5 if scale is None else float(scale), bool(is_causal), torch.get_num_threads())
+    return out if dt == torch.float32 else out.to(dt)
+
+
 # ============================================================================= module fast path
 # A module's weight-side arguments never change between calls, so Int8Linear / Int4Linear check them
 # once (with the ops' own checks, so a bad module fails with the ops' messages) and keep the kernel

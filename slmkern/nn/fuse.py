@@ -16,6 +16,9 @@ Patterns (both as Hugging Face / torch write them):
 - a module with ``dense`` and ``intermediate_act_fn`` (BERT, RoBERTa, XLM-R, ... ``*Intermediate``);
 - an ``nn.Sequential`` with an Int8Linear immediately followed by a GELU.
 
+``slmkern.nn.attention.use_attention_(model)``: a transformers encoder's attention layers run
+slmkern::attention (heads-last output, no transpose copy; 2x torch's flash kernel at MiniLM's head dim 32).
+
 Checkpoints are unaffected: ``slmkern.save`` records the model's own config (which still names the GELU)
 and the linears' canonical tensors; ``slmkern.load`` rebuilds and fuses again.
 """
@@ -203,5 +206,10 @@ def fuse_siblings_(model: nn.Module) -> list[str]:
 
 
 def fuse_(model: nn.Module) -> dict[str, list[str]]:
-    """Every inference fusion above, in place (what slmkern.load applies): {"gelu": [...], "siblings": [...]}."""
-    return {"gelu": fuse_gelu_(model), "siblings": fuse_siblings_(model)}
+    """Every inference fusion above, in place (what slmkern.load applies), plus slmkern::attention for a
+    transformers encoder (slmkern.nn.attention.use_attention_):
+    {"gelu": [...], "siblings": [...], "attention": ["slmkern"] or []}."""
+    from slmkern.nn.attention import NAME, use_attention_
+
+    return {"gelu": fuse_gelu_(model), "siblings": fuse_siblings_(model),
+            "attention": [NAME] if use_attention_(model) else []}

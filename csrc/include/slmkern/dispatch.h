@@ -5,6 +5,7 @@
 #include "slmkern/common.h"
 #include "slmkern/int4.h"
 #include "slmkern/bitmask.h"
+#include "slmkern/attention.h"
 
 namespace slmkern {
 
@@ -38,5 +39,12 @@ struct SparseOpChoice {
   Isa isa;
 };
 SparseOpChoice select_sparse();
+
+// ---- attention (fp32): ref and avx2; AVX-512 machines run the avx2 variant
+struct AttentionOpChoice {
+  AttentionFn fn;
+  Isa isa;
+};
+AttentionOpChoice select_attention();
 
 }  // namespace slmkern

@@ -682,3 +682,7 @@ torch.library.register_autograd("slmkern::sparse24_linear", _s24_backward, setup
 torch.library.register_autograd("slmkern::sparse24_w4a16_linear", _s24_w4_backward, setup_context=_s24_w4_setup,
                                 lib=LIB)
 # ============================================================================= end 2:4
+
+
+# ============================================================================= attention (ops/attention.py)
+from slmkern.ops.attention import attention, attention_ok, check_attention  # noqa: E402,F401
