@@ -77,3 +77,15 @@ def test_function_handles_causal_gqa_and_cache_slices():
     want1 = torch.nn.functional.scaled_dot_product_attention(q[:, :, -1:], k.repeat_interleave(2, 1),
                                                              v.repeat_interleave(2, 1)).transpose(1, 2)
     assert (one - want1).abs().max().item() < 1e-5
+
+
+def test_compiled_encoder_keeps_the_op_in_one_graph():
+    model = tiny_bert()
+    inputs = batch()
+    with torch.inference_mode():
+        want = model(**inputs).last_hidden_state
+    assert use_attention_(model)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.inference_mode():
+        got = compiled(**inputs).last_hidden_state
+    assert (got - want).abs().max().item() < 1e-5
