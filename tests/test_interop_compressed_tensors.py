@@ -70,7 +70,7 @@ def test_int4_export_k_not_multiple_of_8(K):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("group_size", [16, 32, 128, -1])   # 16: any even g dividing K is slmkern int4
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int4_import_of_compressed_tensors_output(symmetric, group_size, scale_dtype):
     torch.manual_seed(group_size + symmetric)
@@ -106,9 +106,9 @@ def test_int8_export_and_import(K):
     assert torch.equal(comp["weight_packed"], tensors["weight_packed"])
 
 
-@pytest.mark.parametrize("bits,symmetric,group_size", [(8, False, 32), (8, True, 64), (4, False, 16), (8, False, None)])
+@pytest.mark.parametrize("bits,symmetric,group_size", [(8, False, 32), (8, True, 64), (4, False, 1), (8, False, None)])
 def test_other_variants_decode_but_are_refused(bits, symmetric, group_size):
-    """What slmkern cannot hold exactly (int8 group/asymmetric, int4 group 16) is refused on import,
+    """What slmkern cannot hold exactly (int8 group/asymmetric, an odd int4 group) is refused on import,
     while the generic decoder still equals compressed-tensors' decompression."""
     torch.manual_seed(bits + group_size if group_size else 0)
     N, K = 16, 128
@@ -127,6 +127,36 @@ def test_other_variants_decode_but_are_refused(bits, symmetric, group_size):
             ct.pack_quantized_to_int8(comp, args)
         else:
             ct.pack_quantized_to_int4(comp, args)
+
+
+def test_int4_group_size_error_states_the_rule():
+    # the message is slmkern.formats.common's rule (any even g dividing K), not a list of the configs' sizes
+    from slmkern.formats.common import INT4_GROUP_MULTIPLE, group_size_rule
+    N, K, g = 8, 96, 3
+    w = torch.randn(N, K)
+    args = ct.weight_args(4, True, g)
+    comp = PQ.compress({"weight": w, "weight_scale": w.reshape(N, K // g, g).abs().amax(-1) / 8}, _scheme(args))
+    with pytest.raises(CheckpointError) as err:
+        ct.pack_quantized_to_int4(comp, args, where="layers.0.q_proj")
+    assert str(err.value) == (f"layers.0.q_proj: slmkern int4 needs group_size {group_size_rule(INT4_GROUP_MULTIPLE)}, "
+                              f"got K={K} group_size={g}")
+    assert "an even number dividing K" in str(err.value)
+
+
+def test_int4_offset_form_export_is_refused_naming_the_layer(tmp_path):
+    # GGUF Q4_1 imports hold W = code * scale + offset (a float offset); pack-quantized zero points are integers
+    torch.manual_seed(0)
+    off = Int4Linear(64, 8, group_size=32, offsets=True)
+    off.unpack_()
+    off.weight.copy_(torch.randint(0, 256, (8, 32), dtype=torch.uint8))
+    off.weight_scale.copy_(torch.rand(8, 2) * 0.1)
+    off.weight_offset.copy_(torch.randn(8, 2) * 0.1)
+    off.prepack()
+    model = nn.Sequential(Int8Linear.from_linear(nn.Linear(64, 64)), nn.Sequential(off))
+    for export in (ct.quantization_config, lambda m: ct.save_compressed(m, tmp_path / "ct")):
+        with pytest.raises(ValueError, match=r"module '1\.0': an Int4Linear in the offset form .* integer zero points"):
+            export(model)
+    assert not (tmp_path / "ct" / "model.safetensors").exists()
 
 
 def test_unpack_matches_compressed_tensors_helper():

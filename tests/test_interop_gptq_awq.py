@@ -80,7 +80,8 @@ def _awq_tensors(codes, zeros, scales):
     return {"qweight": qweight, "qzeros": qzeros, "scales": scales}
 
 
-CASES = [(8, 64, 32), (16, 128, 64), (24, 128, 128), (8, 48, -1)]
+# (8, 48, 16), (16, 96, 24): any even g dividing K is slmkern int4 (slmkern.formats.common.group_size_ok)
+CASES = [(8, 64, 32), (16, 128, 64), (24, 128, 128), (8, 48, -1), (8, 48, 16), (16, 96, 24)]
 
 
 @pytest.mark.parametrize("version", ["gptq", "gptq_v2"])
@@ -118,6 +119,20 @@ def test_awq_import_matches_hand_packed(symmetric, N, K, group_size):
     assert (q.zeros is None) == symmetric
     assert torch.equal(q.dequantize(), expected)
     assert torch.equal(awq.dequantize_awq(t, group_size), expected)
+
+
+def test_odd_group_size_is_refused_with_the_rule():
+    from slmkern.formats.common import INT4_GROUP_MULTIPLE, group_size_rule
+    codes, zeros, scales = _random_layer(8, 24, 3, random.Random(5), False)
+    zeros = [[max(z, 1) for z in r] for r in zeros]
+    want = (f"layers.0.q_proj: slmkern int4 needs group_size {group_size_rule(INT4_GROUP_MULTIPLE)}, "
+            "got K=24 group_size=3")
+    for convert in (lambda: gptq.gptq_to_int4(_gptq_tensors(codes, zeros, scales, 3, "gptq_v2"), 3, "gptq_v2",
+                                              where="layers.0.q_proj"),
+                    lambda: awq.awq_to_int4(_awq_tensors(codes, zeros, scales), 3, where="layers.0.q_proj")):
+        with pytest.raises(CheckpointError) as err:
+            convert()
+        assert str(err.value) == want
 
 
 def test_awq_order_is_interleaved():

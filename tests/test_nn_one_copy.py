@@ -2,6 +2,7 @@
 derives the canonical codes from it (state_dict, save, export, ``module.weight``) bit for bit."""
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -218,3 +219,53 @@ def test_dropping_the_packed_layout_brings_the_codes_back(kind):
     mod.w_packed = None                      # the only copy of the codes: restored into `weight` first
     assert torch.equal(mod._buffers["weight"], canon["weight"])
     assert torch.equal(mod(x), y)            # the op path repacks per call (and logs it once)
+
+
+# ----------------------------------------------------------------------------- pickle / copy.deepcopy
+def _offset_module(K, N):
+    """An Int4Linear in the offset form (GGUF Q4_1: W = code * scale + offset), filled at random."""
+    g = torch.Generator().manual_seed(K * 7 + N)
+    mod = Int4Linear(K, N, group_size=32, offsets=True)
+    mod.unpack_()
+    mod.weight.copy_(torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8))
+    mod.weight_scale.copy_(torch.rand(N, K // 32, generator=g) * 0.1)
+    mod.weight_offset.copy_(torch.randn(N, K // 32, generator=g) * 0.1)
+    mod.bias.copy_(torch.randn(N, generator=g))
+    mod.prepack()
+    return mod
+
+
+def copies(mod: nn.Module) -> dict[str, nn.Module]:
+    """copy.deepcopy and a pickle round trip of the whole module (torch.save / torch.load)."""
+    buf = io.BytesIO()
+    torch.save(mod, buf)
+    buf.seek(0)
+    return {"deepcopy": copy.deepcopy(mod), "pickle": torch.load(buf, weights_only=False)}
+
+
+@pytest.mark.parametrize("K,N,kind,g,sym", CASES + [(96, 19, "w8a7", None, None), (96, 19, "offsets", 32, False)])
+def test_pickle_and_deepcopy_give_the_same_module(K, N, kind, g, sym):
+    if kind == "offsets":
+        mod = _offset_module(K, N)
+    elif kind == "w8a7":
+        torch.manual_seed(K)
+        mod = Int8Linear.from_linear(nn.Linear(K, N), activations="int7")
+    else:
+        mod = _make(K, N, kind, g, sym)[1]
+    x = torch.randn(5, K)
+    want = mod(x)                                  # the original's kernel call is planned (and cached) now
+    state = {k: v.clone() for k, v in mod.state_dict().items()}
+    for how, c in copies(mod).items():
+        assert c._buffers["weight"] is None and c._buffers["w_packed"] is not None, how   # packed only, as before
+        assert c.w_packed.data_ptr() != mod.w_packed.data_ptr(), how
+        assert torch.equal(c(x), want), how
+        assert c._direct_plan().fn is not None, how                                       # the fast path runs
+        got = c.state_dict()
+        assert got.keys() == state.keys() and all(torch.equal(got[k], v) for k, v in state.items()), how
+    assert mod._buffers["weight"] is None and torch.equal(mod(x), want)   # copying left the original as it was
+    # the copies share nothing with the original: not even its cached kernel call (raw pointers into its tensors)
+    copied = list(copies(mod).values())
+    with torch.no_grad():
+        mod.w_packed.zero_()
+    for c in copied:
+        assert torch.equal(c(x), want)

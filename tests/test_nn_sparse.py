@@ -1,6 +1,8 @@
 """SparseLinear, SparseConfig and sparsify_: formats chosen, numerics vs the dense weight, state_dict, compile."""
 from __future__ import annotations
 
+import copy
+import io
 import logging
 
 import pytest
@@ -98,6 +100,32 @@ def test_state_dict_round_trip_is_bit_exact(fmt, values):
     x = torch.randn(5, 96)
     assert torch.equal(fresh(x), mod(x))
     assert "w_packed" not in mod.state_dict()
+
+
+@pytest.mark.parametrize("fmt,values", CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_pickle_and_deepcopy_give_the_same_module(fmt, values, bias):
+    mod = SparseLinear.from_linear(pruned_linear(96, 40, "2:4" if fmt == "2:4" else 0.8, bias=bias), fmt, values,
+                                   group_size=32)
+    x = torch.randn(5, 96)
+    want = mod(x)                       # the original's kernel call is planned (and cached) now
+    buf = io.BytesIO()
+    torch.save(mod, buf)
+    buf.seek(0)
+    copied = {"deepcopy": copy.deepcopy(mod), "pickle": torch.load(buf, weights_only=False)}
+    for how, c in copied.items():
+        assert torch.equal(c(x), want), how
+        assert (c.w_packed is None) == (mod.w_packed is None), how
+        assert c.extra_repr() == mod.extra_repr() and all(torch.equal(v, mod.state_dict()[k])
+                                                          for k, v in c.state_dict().items())
+    if mod.w_packed is None:            # dense float: F.linear, nothing packed
+        return
+    # the copies share nothing with the original, not even its cached kernel call (raw pointers into its tensors)
+    with torch.no_grad():
+        mod.w_packed.zero_()
+    for how, c in copied.items():
+        assert torch.equal(c(x), want), how
+        assert c.__dict__["_plan"].fn is not None, how    # on the fast path
 
 
 def test_half_keeps_scales_fp32_and_runs():

@@ -6,6 +6,7 @@ Bytes are counted on the distinct storages behind the model's parameters and buf
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -175,6 +176,67 @@ def test_int4_head_keeps_todays_untied_copy():
     assert isinstance(model.lm_head, Int4Linear) and type(model.model.embed_tokens) is nn.Embedding
     assert fp32_tables(model) == 1
     assert any("own float32 copy" in n for n in rep.notes), rep.notes
+
+
+def test_weight_is_the_dequantized_table_read_only():
+    model = tiny_llama()
+    compress(model, {"steps": [HEAD_STEP]}, progress=False)
+    emb, head = model.get_input_embeddings(), model.lm_head
+    w = emb.weight                                   # what Hugging Face code reads (shape, dtype, device, values)
+    assert type(w) is torch.Tensor and not w.requires_grad
+    assert w.shape == (VOCAB, DIM) and w.dtype == emb.dtype and torch.equal(w, head_rows(head, torch.arange(VOCAB)))
+    assert emb.weight is not w                       # a new tensor each read: writing into it changes nothing
+    w.zero_()
+    i = ids()
+    assert torch.equal(emb(i), head_rows(head, i))
+    with pytest.raises(AttributeError, match="weight"):
+        emb.weight = torch.zeros(VOCAB, DIM)
+    # not a parameter or buffer: saved once, under the head; slmkern.save's checkpoint is unchanged
+    assert list(emb.named_parameters()) == [] and list(emb.named_buffers()) == []
+    assert not any(k.startswith("model.embed_tokens") for k in model.state_dict())
+    assert emb.to(torch.bfloat16).weight.dtype == torch.bfloat16
+    emb.to(torch.float32)
+    # Hugging Face: tie_weights leaves the int8 head alone (tie_word_embeddings was cleared), a resize to the same
+    # size is a no-op, any other size is refused by transformers itself (it resizes nn.Embedding only)
+    with torch.no_grad():
+        want = model(input_ids=i).logits
+    model.tie_weights()
+    assert model.resize_token_embeddings(VOCAB) is emb
+    with pytest.raises(TypeError, match="Embedding"):
+        model.resize_token_embeddings(VOCAB + 8)
+    assert model.model.embed_tokens is emb and emb.head is model.lm_head and isinstance(model.lm_head, Int8Linear)
+    assert emb.num_embeddings == VOCAB
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=i).logits, want)
+
+
+def test_later_steps_do_not_materialise_the_table(monkeypatch):
+    # the head rule (every model-level entry point asks it of each Linear) looks for a shared parameter, and an
+    # Int8Embedding has none: it must not read the weight property (a full dequantized table per Linear)
+    model = tiny_llama()
+    compress(model, {"steps": [HEAD_STEP]}, progress=False)
+    monkeypatch.setattr(Int8Embedding, "dequantized_table", lambda self: pytest.fail("the table was materialised"))
+    rep = quantize_(model, Int8Config())
+    assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear), rep
+
+
+def test_pickle_and_deepcopy_keep_one_table():
+    model = tiny_llama()
+    compress(model, {"steps": [HEAD_STEP]}, progress=False)
+    i = ids()
+    with torch.no_grad():
+        want = model(input_ids=i).logits
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for how, m in {"deepcopy": copy.deepcopy(model), "pickle": torch.load(buf, weights_only=False)}.items():
+        emb = m.model.embed_tokens
+        assert isinstance(emb, Int8Embedding) and emb.head is m.lm_head and emb.head is not model.lm_head, how
+        assert fp32_tables(m) == 0, how
+        with torch.no_grad():
+            assert torch.equal(m(input_ids=i).logits, want), how
+    alone = copy.deepcopy(model.model.embed_tokens)      # an embedding copied on its own takes its head along
+    assert alone.head is not model.lm_head and torch.equal(alone(i), model.model.embed_tokens(i))
 
 
 # ----------------------------------------------------------------------------- save / load, decoder

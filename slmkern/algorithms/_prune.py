@@ -271,7 +271,8 @@ def _tied_to_input_embedding(model: nn.Module, mod: nn.Linear) -> bool:
         emb = get()
     except (NotImplementedError, AttributeError):
         return False
-    w = getattr(emb, "weight", None)
+    # the registered parameter, not getattr: slmkern.nn.Int8Embedding's weight property dequantizes its table
+    w = emb._parameters.get("weight") if isinstance(emb, nn.Module) else None
     return w is not None and w is mod.weight
 
 

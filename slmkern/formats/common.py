@@ -16,8 +16,9 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # a multiple of the format's GROUP_MULTIPLE, or -1 for per-channel (g = K):
 INT4_GROUP_MULTIPLE = 2             # int4: two codes per byte, a group never splits a byte
 SPARSE24_INT4_GROUP_MULTIPLE = 4    # 2:4 x int4: a group holds whole 2:4 groups of 4 columns
-# The group sizes slmkern's quantizer configs (Int4Config, SparseConfig) and checkpoint importers
-# offer (besides per-channel): a policy for what is produced, not a limit of the kernels.
+# The group sizes slmkern's quantizer configs (Int4Config, SparseConfig) offer (besides per-channel):
+# a policy for what is produced, not a limit of the kernels. Checkpoint importers take any group
+# size group_size_ok accepts (the file's codes are held exactly) and say so with group_size_rule.
 QUANT_GROUP_SIZES = (32, 64, 128)
 
 
@@ -30,7 +31,7 @@ def group_size_ok(K, group_size: int, multiple: int) -> bool:
 def group_size_rule(multiple: int) -> str:
     """The rule of group_size_ok in words, for error messages."""
     what = "an even number" if multiple == 2 else f"a multiple of {multiple}"
-    return f"{what} dividing K (e.g. 32, 64, 128), or -1 / K for per-channel"
+    return f"{what} dividing K (e.g. {', '.join(map(str, QUANT_GROUP_SIZES))}), or -1 / K for per-channel"
 
 
 def resolve_group_size(K: int, group_size: int, multiple: int, name: str = "group_size") -> int:

@@ -161,7 +161,30 @@ class PackedLinearBase(nn.Module):
 
     def _init_packing(self) -> None:
         self.register_buffer("w_packed", None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, keys: module.prepack())
+        self.register_load_state_dict_post_hook(_prepack_after_load)   # a module-level function: picklable
+
+    # ------------------------------------------------------------------ pickle / copy.deepcopy
+    def __getstate__(self) -> dict:
+        """pickle (``torch.save(module)``) and ``copy.deepcopy``: the canonical buffers (derived ones read back)
+        and never the packed layout or the cached kernel call (``_plan``: raw pointers into this instance's
+        tensors); ``__setstate__`` repacks for the local machine, as a load does. Nothing here changes self."""
+        state = self.__dict__.copy()
+        state.pop("_plan", None)
+        derived = state.pop("_derived", None) or {}
+        buffers = dict(self._buffers)
+        for name in derived:
+            buffers[name] = self._unpack_cpu(name)
+        state["_repack"] = buffers.get("w_packed") is not None
+        buffers["w_packed"] = None
+        state["_buffers"] = buffers
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        repack = state.pop("_repack", False)
+        super().__setstate__(state)
+        if repack:
+            self.prepack()   # off the CPU (torch.load with map_location) this leaves w_packed None
 
     def _pack_cpu(self) -> torch.Tensor | None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -200,6 +223,11 @@ class PackedLinearBase(nn.Module):
         else:
             self._drop_derived()
         return out
+
+
+def _prepack_after_load(module: PackedLinearBase, incompatible_keys) -> None:
+    """load_state_dict post-hook: repack from the loaded canonical buffers."""
+    module.prepack()
 
 
 def _keeps_cpu_codes(fn) -> bool:

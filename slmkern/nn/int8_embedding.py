@@ -122,6 +122,14 @@ class Int8Embedding(nn.Module):
         """The whole table ([num_embeddings, embedding_dim], self.dtype): a new tensor, for checks and exports."""
         return self.forward(torch.arange(self.num_embeddings, device=self.head.weight_scale.device))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only, for code that reads ``nn.Embedding.weight`` (Hugging Face's ``get_input_embeddings().weight``
+        shape/dtype/device reads, tie checks): :meth:`dequantized_table`, materialised anew on every read
+        (num_embeddings x embedding_dim in self.dtype; writing into it changes nothing). A plain tensor, not a
+        parameter or buffer: never saved, never tied to (the table is the head's, saved once under its name)."""
+        return self.dequantized_table()
+
     def _apply(self, fn, recurse=True):
         # no tensors of our own: follow dtype changes (model.half(), .to(bf16)) as nn.Embedding's weight would
         try:

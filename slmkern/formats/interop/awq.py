@@ -14,8 +14,9 @@ Bit layout of one Linear ``P`` with in_features K, out_features N, group size g,
     dequantization:   W[n, k] = scales[k // g, n] * (code[k, n] - zero[k // g, n])
 
 The import transposes to slmkern's ``[N, K]`` layout (codes, ``scales.T`` in fp32 (exact), zeros
-uint8 ``[N, G]``, ``None`` when every zero is 8). Group sizes other than 32/64/128/K, N % 8 != 0 and
-other bit widths are refused with a CheckpointError. GEMV / Marlin / Exllama AWQ variants are other
+uint8 ``[N, G]``, ``None`` when every zero is 8). Group sizes outside slmkern's rule
+(``slmkern.formats.common.group_size_ok``: an even g dividing K, or K), N % 8 != 0 and other bit widths are
+refused with a CheckpointError. GEMV / Marlin / Exllama AWQ variants are other
 layouts and are not read here.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from slmkern.formats import int4 as int4_format
+from slmkern.formats.common import INT4_GROUP_MULTIPLE, group_size_ok, group_size_rule
 from slmkern.formats.interop._safetensors_io import CheckpointError, check_int4_groups, read_checkpoint, read_json
 
 __all__ = ["CheckpointError", "ORDER", "unpack_awq", "dequantize_awq", "awq_to_int4", "load_awq", "awq_config"]
@@ -73,9 +75,9 @@ def awq_to_int4(t: Mapping[str, torch.Tensor], group_size: int, where: str = "la
     """One AWQ GEMM layer -> slmkern Int4Weight (exact)."""
     codes, z, s, g = unpack_awq(t, group_size, where, shape)
     K = codes.shape[1]
-    if g != K and g not in int4_format.SUPPORTED_GROUP_SIZES:
-        raise CheckpointError(f"{where}: group_size {g} is not supported by slmkern int4 "
-                              f"({int4_format.SUPPORTED_GROUP_SIZES} or per-channel)")
+    if not group_size_ok(K, g, INT4_GROUP_MULTIPLE):
+        raise CheckpointError(f"{where}: slmkern int4 needs group_size {group_size_rule(INT4_GROUP_MULTIPLE)}, "
+                              f"got K={K} group_size={g}")
     zeros = None if bool((z == 8).all()) else z.to(torch.uint8)
     return int4_format.Int4Weight(int4_format.pack(codes.to(torch.uint8)), s, zeros)
 

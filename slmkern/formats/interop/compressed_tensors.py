@@ -19,8 +19,9 @@ Two formats of that stack, per Linear layer with prefix ``P`` (e.g. ``encoder.la
 slmkern int4 (``slmkern.formats.int4``): code = q + 8, zeros = zp + 8 (symmetric: zeros None == 8), so
 ``(code - zeros) == (q - zp)`` and the dequantized weights agree bit for bit. slmkern int8
 (``slmkern.formats.int8``) is the channel/symmetric int8 case with q in [-127, 127]; int8 group or
-asymmetric checkpoints, int4 groups other than 32/64/128/K and q == -128 cannot be represented and are
-refused with a :class:`CheckpointError` (``dequantize_pack_quantized`` still decodes them to float).
+asymmetric checkpoints, int4 groups outside slmkern's group-size rule (``slmkern.formats.common.group_size_ok``:
+an even g dividing K, or K) and q == -128 cannot be represented and are refused with a :class:`CheckpointError`
+(``dequantize_pack_quantized`` still decodes them to float).
 
 ``sparse-24-bitmask`` (2:4 sparse float weights; the compressor was dropped from compressed-tensors > 0.14,
 whose ``utils.unpack_bitmasks`` still reads the mask; the layout is frozen)::
@@ -51,6 +52,7 @@ from torch import nn
 
 from slmkern.formats import int4 as int4_format
 from slmkern.formats import int8 as int8_format
+from slmkern.formats.common import INT4_GROUP_MULTIPLE, group_size_ok, group_size_rule
 from slmkern.formats.interop._safetensors_io import CheckpointError, read_checkpoint, write_safetensors
 
 __all__ = [
@@ -204,9 +206,9 @@ def pack_quantized_to_int4(tensors: Mapping[str, torch.Tensor], args: Mapping[st
     N, K = q.shape
     if bits != 4:
         raise CheckpointError(f"{where}: num_bits={bits}, expected 4 for an int4 import")
-    if K % 2 or (g != K and g not in int4_format.SUPPORTED_GROUP_SIZES):
-        raise CheckpointError(f"{where}: slmkern int4 needs even K and group_size in "
-                              f"{int4_format.SUPPORTED_GROUP_SIZES} or K, got K={K} group_size={g}")
+    if not group_size_ok(K, g, INT4_GROUP_MULTIPLE):
+        raise CheckpointError(f"{where}: slmkern int4 needs group_size {group_size_rule(INT4_GROUP_MULTIPLE)}, "
+                              f"got K={K} group_size={g}")
     codes = (q + 8).to(torch.uint8)
     zeros = None if zp is None else (zp + 8).to(torch.uint8)
     return int4_format.Int4Weight(int4_format.pack(codes), scale.contiguous(), zeros)
@@ -339,9 +341,15 @@ def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {fqn: m for fqn, m in model.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
 
 
-def _layer_tensors(mod: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _layer_tensors(mod: nn.Module, fqn: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from slmkern.nn import Int4Linear
     if isinstance(mod, Int4Linear):
+        if mod.offsets:
+            raise ValueError(f"module {fqn!r}: an Int4Linear in the offset form (offsets=True, "
+                             "W = code * scale + offset, e.g. from GGUF Q4_1) cannot be exported to "
+                             "compressed-tensors: pack-quantized stores integer zero points, "
+                             "W = (q - zero_point) * scale, which do not hold a float offset exactly. Save it with "
+                             "slmkern.save (it keeps the offset form), or re-quantize the layer")
         return int4_to_pack_quantized(int4_format.Int4Weight(mod.weight, mod.weight_scale, mod.weight_zero))
     return int8_to_pack_quantized(mod.weight, mod.weight_scale)
 
@@ -356,7 +364,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     groups: dict[tuple, list[str]] = {}
     schemes: dict[tuple, dict] = {}
     for fqn, mod in _quantized_modules(model).items():
-        _, wargs = _layer_tensors(mod)
+        _, wargs = _layer_tensors(mod, fqn)
         key = (json.dumps(wargs, sort_keys=True), mod.activations)
         groups.setdefault(key, []).append(fqn)
         schemes[key] = {"weights": wargs, "input_activations": (dict(_INPUT_ACTIVATIONS[mod.activations])
@@ -379,6 +387,7 @@ def save_compressed(model: nn.Module, save_dir: str | os.PathLike) -> dict[str, 
     config.json is the model's Hugging Face config (``model.config``) when it has one, plus
     ``quantization_config``; every Int4Linear/Int8Linear is written as ``weight_packed``,
     ``weight_scale``, ``weight_shape`` (+ ``weight_zero_point``) and every other state tensor as is.
+    An Int4Linear in the offset form (GGUF Q4_1 imports) has no exact pack-quantized spelling: ValueError naming it.
     """
     qc = quantization_config(model)
     quantized = _quantized_modules(model)
@@ -389,7 +398,7 @@ def save_compressed(model: nn.Module, save_dir: str | os.PathLike) -> dict[str, 
             continue
         tensors[name] = t
     for fqn, mod in quantized.items():
-        for leaf, t in _layer_tensors(mod)[0].items():
+        for leaf, t in _layer_tensors(mod, fqn)[0].items():
             tensors[f"{fqn}.{leaf}"] = t
     from slmkern.nn import Int8Embedding
     for fqn, mod in model.named_modules():

@@ -26,7 +26,8 @@ i.e. symmetric). Refused, with a CheckpointError naming the layer:
   :func:`dequantize_gptq` still decodes them to a float weight, which slmkern's own GPTQ (its act-order
   keeps natural-order groups) can re-quantize.
 * v1 zeros of 16 (z_stored = 15): slmkern zero points are 0..15.
-* group sizes other than 32/64/128/K, bits other than 4, K % 8 != 0, N % 8 != 0.
+* group sizes outside slmkern's rule (``slmkern.formats.common.group_size_ok``: an even g dividing K, or K),
+  bits other than 4, K % 8 != 0, N % 8 != 0.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from slmkern.formats import int4 as int4_format
+from slmkern.formats.common import INT4_GROUP_MULTIPLE, group_size_ok, group_size_rule
 from slmkern.formats.interop._safetensors_io import CheckpointError, check_int4_groups, read_checkpoint, read_json
 
 __all__ = ["CheckpointError", "unpack_gptq", "dequantize_gptq", "gptq_to_int4", "load_gptq", "gptq_config"]
@@ -108,9 +110,9 @@ def gptq_to_int4(t: Mapping[str, torch.Tensor], group_size: int, checkpoint_form
         raise CheckpointError(f"{where}.g_idx: act-order (desc_act) group assignment is not k // {g}; slmkern's "
                               "int4 groups are contiguous in k, so this layer cannot be imported exactly. "
                               "Use dequantize_gptq() and re-quantize (e.g. slmkern GPTQ with act_order=True)")
-    if g != K and g not in int4_format.SUPPORTED_GROUP_SIZES:
-        raise CheckpointError(f"{where}: group_size {g} is not supported by slmkern int4 "
-                              f"({int4_format.SUPPORTED_GROUP_SIZES} or per-channel)")
+    if not group_size_ok(K, g, INT4_GROUP_MULTIPLE):
+        raise CheckpointError(f"{where}: slmkern int4 needs group_size {group_size_rule(INT4_GROUP_MULTIPLE)}, "
+                              f"got K={K} group_size={g}")
     if bool((z > 15).any()):
         raise CheckpointError(f"{where}.qzeros: a v1 stored zero of 15 means zero point 16, outside slmkern's 0..15")
     zeros = None if bool((z == 8).all()) else z.to(torch.uint8)
