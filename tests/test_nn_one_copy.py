@@ -269,3 +269,19 @@ def test_pickle_and_deepcopy_give_the_same_module(K, N, kind, g, sym):
         mod.w_packed.zero_()
     for c in copied:
         assert torch.equal(c(x), want)
+
+
+@pytest.mark.parametrize("cls", ["Int8Linear", "Int4Linear"])
+def test_the_kernel_plan_is_built_once_after_the_weight_is_dropped(cls):
+    """The plan cache must match the module's stand-in weight: otherwise every forward re-checks and
+    rebuilds the weight-side facts (tens of microseconds per call at M=1)."""
+    import slmkern.nn as snn
+    from slmkern._backends import cpu as cpu_backend
+    if not cpu_backend.has_cpp():
+        pytest.skip("needs slmkern._C")
+    m = getattr(snn, cls).from_linear(torch.nn.Linear(128, 32))
+    assert m._buffers["weight"] is None                       # only the packed copy is kept
+    x = torch.randn(3, 128)
+    y = m(x)
+    plan = m.__dict__["_plan"]
+    assert m._direct_plan() is plan and torch.equal(m(x), y) and m.__dict__["_plan"] is plan

@@ -100,7 +100,7 @@ class Int8Linear(PackedLinearBase):
     def _direct_plan(self):
         """The CPU kernel call with this module's weight-side facts checked once (slmkern._backends.cpu)."""
         buf = self._buffers
-        refs = (buf["w_packed"], buf["weight"], buf["weight_scale"], buf["bias"])
+        refs = (buf["w_packed"], self._op_weight("weight"), buf["weight_scale"], buf["bias"])  # the stand-in once dropped
         plan = self.__dict__.get("_plan")
         if plan is None or not plan.valid_for(refs):
             from slmkern._backends import cpu
