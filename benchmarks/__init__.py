@@ -14,7 +14,8 @@ def registry() -> tuple[dict, dict]:
     """({op name: BenchOp}, {module name: import error}) for every bench_*.py module here."""
     ops, errors = {}, {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if not info.name.startswith("bench_") or info.name == "bench_e2e":  # e2e: model level, `bench --e2e`
+        # e2e: model level (`bench --e2e`); attention: not a linear (python -m slmkern.benchmarks.bench_attention)
+        if not info.name.startswith("bench_") or info.name in ("bench_e2e", "bench_attention"):
             continue
         try:
             mod = importlib.import_module(f"{__name__}.{info.name}")

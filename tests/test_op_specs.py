@@ -4,7 +4,7 @@ For every op in the ``slmkern`` torch.library namespace, a set of probes (small 
 valid arguments, then one fact broken or stretched at a time: group size, dtypes, shapes,
 w_packed) goes through each layer that checks that op's arguments:
 
-- ``ops.check``    the ops layer's full check (slmkern/ops.py), the baseline;
+- ``ops.check``    the ops layer's full check (slmkern/ops/), the baseline;
 - ``fake``         the registered fake kernel (meta tensors, what torch.compile/export see);
 - ``cpu``          the CPU registration (slmkern/_backends/cpu.py: fast check, C++ kernel);
 - ``ref backend``  the registration for other devices (slmkern/_backends/__init__.py);

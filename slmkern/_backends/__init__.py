@@ -71,7 +71,7 @@ from slmkern._backends import cpu  # noqa: E402,F401
 from slmkern._backends import triton  # noqa: E402,F401
 
 
-# CUDA kernels of the sparse ops (Triton), once their schemas exist (slmkern/ops.py).
+# CUDA kernels of the sparse ops (Triton), once their schemas exist (slmkern/ops/).
 from slmkern._backends import triton_sparse  # noqa: E402
 
 triton_sparse.register(ops.LIB)
