@@ -367,7 +367,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     elif mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+        # a bool mask is added as 0 / -inf, as sdpa's math path does (a NaN score stays NaN either way)
+        s = s + (torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
+                 if mask.dtype == torch.bool else mask.float())
     dead = torch.isneginf(s).all(-1, keepdim=True)         # every key masked: 0, as torch's sdpa
     p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     return (p @ vf).transpose(1, 2).contiguous().to(q.dtype)

@@ -675,6 +675,81 @@ def _sparse_module_check(y, ref, case: Case) -> None:
     assert_within(y, ref, bound, case)
 
 
+# ----------------------------------------------------------------------------- attention
+MASKS = ("none", "causal", "bool", "additive", "additive_neginf")
+MASK_SHAPES = ("full", "heads1", "keys_only", "2d")
+
+
+@st.composite
+def attention_cases(draw) -> Case:
+    B = draw(st.integers(0, 3))
+    Hkv = draw(st.integers(1, 3))
+    Hq = Hkv * draw(st.integers(1, 3))
+    L = draw(st.one_of(sizes(0, 70), st.just(128)))
+    S = draw(st.one_of(sizes(1, 140), st.just(128)))
+    D = draw(st.one_of(sizes(1, 96), st.sampled_from((32, 64, 128))))
+    if B * Hq * L * S * D > 4_000_000:      # keep one case cheap
+        B, L = 1, min(L, 40)
+    dtype = draw(st.sampled_from(DTYPES))
+    mask_kind = draw(st.sampled_from(MASKS))
+    mshape = draw(st.sampled_from(MASK_SHAPES))
+    layout = draw(st.sampled_from(("contig", "fused_view", "colstride")))
+    scale = draw(st.one_of(st.none(), st.floats(0.01, 2.0)))
+    special = draw(st.sampled_from(("none",) * 5 + ("nan_q", "nan_k", "dead_rows")))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "fused_view" and B:        # views of one (B, L', H D) projection output, as transformers
+        T = max(L, S)
+        x = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=gen)
+        q = x[:, :L, :Hq * D].view(B, L, Hq, D).transpose(1, 2)
+        k = x[:, :S, Hq * D:(Hq + Hkv) * D].view(B, S, Hkv, D).transpose(1, 2)
+        v = x[:, :S, (Hq + Hkv) * D:].view(B, S, Hkv, D).transpose(1, 2)
+    else:
+        q, k, v = (torch.randn(B, h, n, D, generator=gen) for h, n in ((Hq, L), (Hkv, S), (Hkv, S)))
+    if special in ("nan_q", "nan_k") and q.numel() and k.numel():
+        t = q.clone() if special == "nan_q" else k.clone()
+        t[tuple(int(torch.randint(0, n, (1,), generator=gen)) for n in t.shape)] = float("nan")
+        q, k = (t, k) if special == "nan_q" else (q, t)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if layout == "colstride":                # last dim not contiguous: the backend copies it
+        q = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    mask, causal = None, mask_kind == "causal"
+    if mask_kind not in ("none", "causal"):
+        shape = {"full": (B, Hq, L, S), "heads1": (B, 1, L, S), "keys_only": (B, 1, 1, S), "2d": (L, S)}[mshape]
+        if mask_kind == "bool":
+            mask = torch.rand(shape, generator=gen) > 0.25
+            if special == "dead_rows" and mask.numel():
+                mask[..., :max(1, L // 3), :] = False
+        else:
+            mask = torch.randn(shape, generator=gen)
+            if mask_kind == "additive_neginf":
+                mask = mask.masked_fill(torch.rand(shape, generator=gen) > 0.6, float("-inf"))
+            if special == "dead_rows" and mask.numel():
+                mask[..., :max(1, L // 3), :] = float("-inf")
+            mask = mask.to(draw(st.sampled_from((torch.float32, dtype))))
+    meta = dict(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, D=D, dtype=str(dtype), mask=mask_kind,
+                mask_shape=None if mask is None else tuple(mask.shape), layout=layout, scale=scale,
+                special=special, seed=seed)
+    return Case((q, k, v, mask, scale, causal), meta)
+
+
+def check_attention(y, ref, case: Case) -> None:
+    """fp32 softmax attention in another summation order: |err| <= 16 eps32 (S + D + max|score|) max|v|
+    per (batch, head) (the exp of a score carries eps32 |score| relative error), plus the 2 output ulps
+    assert_within adds for the rounding to bf16 / fp16."""
+    q, k, v, mask, scale, causal = case.args
+    if y.numel() == 0:
+        return assert_within(y, ref, torch.zeros_like(ref, dtype=torch.float64), case)
+    D, S = q.shape[-1], k.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    sc = D ** -0.5 if scale is None else scale
+    smax = (q.double().abs() @ k.double().abs().repeat_interleave(rep, 1).transpose(-1, -2)).nan_to_num(0) * sc
+    vmax = v.double().abs().nan_to_num(0).amax((2, 3)).repeat_interleave(rep, 1)       # (B, Hq)
+    per = 16 * 2.0 ** -23 * (S + D + smax.amax(-1)) * vmax[..., None]                  # (B, Hq, L)
+    bound = per.transpose(1, 2)[..., None].expand(ref.shape)
+    assert_within(y, ref, bound, case)
+
+
 # ----------------------------------------------------------------------------- the tables
 OP_SPECS: list[Spec] = [
     Spec("w8a8_linear", lambda: int8_cases(allow_special=True), _op("w8a8_linear"), _int8_ref("w8a8_linear"),
@@ -697,6 +772,7 @@ OP_SPECS: list[Spec] = [
          _sparse24_int8_ref, assert_same_bits, exact=True, tags=("sparse",)),
     Spec("sparse24_w4a16_linear", sparse24_w4a16_cases, _op("sparse24_w4a16_linear"),
          lambda c: reference.sparse24_w4a16_linear(*c.args[:7]), check_sparse24_w4a16, tags=("sparse",)),
+    Spec("attention", attention_cases, _op("attention"), lambda c: reference.attention(*c.args), check_attention),
 ]
 
 MODULE_SPECS: list[Spec] = [
