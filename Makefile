@@ -34,7 +34,9 @@ lock:
 install: $(STAMP)
 	$(VPY) -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check -e .
 
+# lint-imports: the layers contract in pyproject.toml (one direction of imports, ARCHITECTURE.md) before the tests.
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(VPY) -P -m pytest tests -q
 
 demo: install

@@ -39,7 +39,7 @@ class CMakeBuild(build_ext):
 
 setup(
     packages=[
-        "slmkern", "slmkern.ops", "slmkern.formats", "slmkern.formats.interop", "slmkern._backends", "slmkern.nn",
+        "slmkern", "slmkern.ops", "slmkern.formats", "slmkern.interop", "slmkern._backends", "slmkern.nn",
         "slmkern.algorithms", "slmkern.kernels", "slmkern.benchmarks",
     ],
     package_dir={"slmkern": "slmkern", "slmkern.kernels": "kernels",

@@ -19,6 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from slmkern._backends import cpu as cpu_backend
 from slmkern.formats import bitmask as bf
 from slmkern.formats import int8 as int8_format
 
@@ -56,7 +57,7 @@ def slmkern_impl(sparsity: float, values: str) -> Impl:
         e = src.extra
         v, b, r = e["values"].clone(), e["bitmask"].clone(), e["row_offsets"].clone()
         s = e["scales"].clone() if e["scales"] is not None else None
-        return v, b, r, s, src.bias.clone(), bf.prepack_cpu(v, b, r, case.K, s)
+        return v, b, r, s, src.bias.clone(), cpu_backend.prepack_bitmask(v, b, r, case.K, s)
 
     def run(st, x):
         return torch.ops.slmkern.sparse_linear(x, st[0], st[1], st[2], st[3], st[4], st[5])
@@ -90,7 +91,7 @@ def torch_csr(sparsity: float) -> Impl:
 def slmkern_w8a8() -> Impl:
     def prepare(case: Case, src: LinearSource):
         q = src.extra["q"].clone()
-        return q, src.extra["scales"].clone(), src.bias.clone(), int8_format.prepack_cpu(q)
+        return q, src.extra["scales"].clone(), src.bias.clone(), cpu_backend.prepack_int8(q)
 
     def run(st, x):
         return torch.ops.slmkern.w8a8_linear(x, st[0], st[1], st[2], st[3])

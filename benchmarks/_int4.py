@@ -49,14 +49,14 @@ def _canonical_bytes(case: Case, g: int, bias_elsize: int) -> int:
 
 def slmkern_impl(op_name: str) -> Impl:
     """torch.ops.slmkern.<op>(x, w, scales, zeros, group_size, bias, w_packed): on CPU with
-    w_packed = prepack_cpu(...) per copy (as Int4Linear holds it); on CUDA the Triton kernels read
+    w_packed = prepack_int4(...) per copy (as Int4Linear holds it); on CUDA the Triton kernels read
     the canonical tensors and w_packed is None."""
     def prepare(case: Case, src: LinearSource):
         e = src.extra
         w, s, z, g = e["packed"].clone(), e["scales"].clone(), e["zeros"].clone(), e["group_size"]
         if case.device == "cpu":
-            from slmkern.formats.int4_cpu import prepack_cpu
-            return w, s, z, g, src.bias.clone(), prepack_cpu(w, s, z, g)
+            from slmkern._backends.cpu import prepack_int4
+            return w, s, z, g, src.bias.clone(), prepack_int4(w, s, z, g)
         return w.cuda(), s.cuda(), z.cuda(), g, src.bias.to("cuda", case.dtype), None
 
     def run(st, x):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from slmkern._backends import cpu as cpu_backend
 from slmkern.formats import int8 as int8_format
 
 from .engine import Case, Impl, LinearSource
@@ -17,12 +18,12 @@ def make_source(case: Case, gen: torch.Generator) -> LinearSource:
 
 
 def slmkern_impl(op_name: str) -> Impl:
-    """torch.ops.slmkern.<op>(x, w, w_scale, bias, w_packed) with w_packed = prepack_cpu(w) per copy (CPU);
+    """torch.ops.slmkern.<op>(x, w, w_scale, bias, w_packed) with w_packed = prepack_int8(w) per copy (CPU);
     on CUDA w_packed is None and the Triton kernel reads w directly."""
     def prepare(case: Case, src: LinearSource):
         q, scale = src.extra["q"].clone(), src.extra["scale"].clone()
         if case.device == "cpu":
-            return q, scale, src.bias.clone(), int8_format.prepack_cpu(q)
+            return q, scale, src.bias.clone(), cpu_backend.prepack_int8(q)
         bias = src.bias.to("cuda", case.dtype)
         return q.to("cuda"), scale.to("cuda"), bias, None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from slmkern._backends import cpu as cpu_backend
 from slmkern.formats import int8 as int8_format
 from slmkern.formats import sparse24 as s24
 
@@ -35,7 +36,7 @@ def slmkern_float(values_dtype: torch.dtype) -> Impl:
 
     def prepare(case: Case, src: LinearSource):
         v, m = s24.compress(src.weight.to(values_dtype))
-        return v, m, src.bias.clone(), s24.prepack_cpu(v, m)
+        return v, m, src.bias.clone(), cpu_backend.prepack_sparse24(v, m)
 
     def run(st, x):
         return torch.ops.slmkern.sparse24_linear(x, st[0], st[1], None, st[2], st[3])
@@ -48,7 +49,7 @@ def slmkern_float(values_dtype: torch.dtype) -> Impl:
 def slmkern_int8() -> Impl:
     def prepare(case: Case, src: LinearSource):
         v, m, sc = s24.compress_int8(src.weight)
-        return v, m, sc, src.bias.clone(), s24.prepack_cpu(v, m, sc)
+        return v, m, sc, src.bias.clone(), cpu_backend.prepack_sparse24(v, m, sc)
 
     def run(st, x):
         return torch.ops.slmkern.sparse24_linear(x, st[0], st[1], st[2], st[3], st[4])
@@ -63,7 +64,7 @@ def slmkern_w8a8_dense() -> Impl:
     def prepare(case: Case, src: LinearSource):
         v, m, sc = s24.compress_int8(src.weight)
         q = s24.decompress(v, m)
-        return q, sc, src.bias.clone(), int8_format.prepack_cpu(q)
+        return q, sc, src.bias.clone(), cpu_backend.prepack_int8(q)
 
     def run(st, x):
         return torch.ops.slmkern.w8a8_linear(x, st[0], st[1], st[2], st[3])

@@ -438,8 +438,8 @@ def compressed_checkpoint(workload: str, impl: str, quick: bool) -> tuple[Path, 
         model, tok = load_model(MODELS[workload])
         calib = None
         if needs_calib:
-            from slmkern.cli import _calibration
-            calib = _calibration(tok, "causal-lm", CALIB["samples"], CALIB["seq"])
+            from slmkern.evaluation import calibration_batches
+            calib = calibration_batches(tok, "causal-lm", CALIB["samples"], CALIB["seq"])
         slmkern.compress(model, recipe, calibration=calib, progress=False)
         checkpoint.save(model, out, overwrite=True, meta={"source": MODELS[workload], "recipe": recipe})
         del model
@@ -607,8 +607,6 @@ def weight_bytes_mb(model) -> dict:
 def rss_probe(workload: str, impl: str, cfg: E2EConfig) -> dict:
     """Peak and current RSS (MB) of a fresh process that loads only impl (impl=None: imports only)."""
     code = ("import importlib, json, sys, torch, transformers, slmkern\n"
-            "from slmkern.cli import load_benchmarks\n"
-            "load_benchmarks()\n"
             "from slmkern.benchmarks import bench_e2e as e\n"
             "w, impl, cfg = sys.argv[1], sys.argv[2], e.E2EConfig(**json.loads(sys.argv[3]))\n"
             "torch.set_num_threads(cfg.threads)\n"

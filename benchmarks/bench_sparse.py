@@ -36,6 +36,7 @@ def crossover(sparsities=(0.5, 0.7, 0.8, 0.9, 0.95), ms=(1, 16, 128), K=2048, N=
     import torch
     import torch.nn.functional as F
 
+    from slmkern._backends import cpu as cpu_backend
     from slmkern.formats import bitmask as bf
     from slmkern.formats import int8 as int8_format
 
@@ -50,11 +51,11 @@ def crossover(sparsities=(0.5, 0.7, 0.8, 0.9, 0.95), ms=(1, 16, 128), K=2048, N=
     for sp in sparsities:
         w = dense * (torch.rand(N, K, generator=gen) >= sp)
         v, b, r = bf.compress(w)
-        fp = bf.prepack_cpu(v, b, r, K)
+        fp = cpu_backend.prepack_bitmask(v, b, r, K)
         qv, qb, qr, qs = bf.compress_int8(w)
-        qp = bf.prepack_cpu(qv, qb, qr, K, qs)
+        qp = cpu_backend.prepack_bitmask(qv, qb, qr, K, qs)
         q8 = bf.decompress(qv, qb, qr, K)
-        dp = int8_format.prepack_cpu(q8)
+        dp = cpu_backend.prepack_int8(q8)
         cp = lambda t: [t.clone() for _ in range(max(2, -(-rotate_bytes // t.numel())))]  # noqa: E731
         fps, qps, dps = cp(fp), cp(qp), cp(dp)
         for M in ms:

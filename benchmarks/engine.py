@@ -39,6 +39,35 @@ CONTENDED = 0.1  # others_cpu above this: other processes shared the CPUs during
 ROW_KEYS = ("op", "impl", "K", "N", "M", "dtype", "us", "floor_us")  # DESIGN.md; extra fields follow
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'384x1536,576x1536' -> [(384, 1536), (576, 1536)]; ValueError naming a malformed item."""
+    out = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"malformed shape {item!r}: expected KxN with positive integers, e.g. 384x1536")
+        out.append((int(parts[0]), int(parts[1])))
+    if not out:
+        raise ValueError(f"no shape in {text!r}: expected KxN[,KxN...], e.g. 384x1536")
+    return out
+
+
+def parse_ms(text: str) -> list[int]:
+    """'1,16,128' -> [1, 16, 128]; ValueError unless every item is an integer >= 1."""
+    out = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        if not item.isdigit() or int(item) < 1:
+            raise ValueError(f"malformed M {item!r}: expected positive integers, e.g. 1,16,128")
+        out.append(int(item))
+    if not out:
+        raise ValueError(f"no M in {text!r}: expected e.g. 1,16,128")
+    return out
+
+
 @dataclass(frozen=True)
 class Case:
     op: str
@@ -348,8 +377,7 @@ def op_paths(op_names: list[str], device: str) -> dict:
 
 def _quantized_engine() -> str:
     try:
-        from .peers import quantized_engine
-        return quantized_engine()
+        return machine.quantized_engine()
     except RuntimeError as exc:
         return f"none ({exc})"
 

@@ -84,6 +84,12 @@ fi
 
 # --- 2. build the C++ extension in place ---------------------------------------------------------
 step build "$OUT/build.log" 240 "$PY" setup.py build_ext --inplace
+if ! "$PY" -c "import slmkern.kernels, slmkern.benchmarks" 2>/dev/null; then
+    # setup.py installs kernels/ and benchmarks/ as slmkern.kernels and slmkern.benchmarks; a source tree
+    # has neither until the (offline) editable install. The tests and the benchmarks below need both.
+    step editable_install "$OUT/build.log" 240 "$PY" -m pip install -q --no-deps --no-build-isolation \
+        --no-index --disable-pip-version-check -e .
+fi
 step import "$OUT/build.log" 120 "$PY" -c '
 import slmkern, torch
 from slmkern._backends import cpu, triton as tb
@@ -101,11 +107,6 @@ step tests "$OUT/tests.log" "${STEP_TIMEOUT_TESTS:-240}" "$PY" -m pytest -q test
     -p no:cacheprovider -rfEs --durations=15 --junitxml="$OUT/tests.xml" ${XDIST[@]+"${XDIST[@]}"}
 
 # --- 4. GPU benchmark (slmkern vs cuBLAS bf16, torch._int_mm, ...) ---------------------------------
-if ! "$PY" -c "import slmkern.benchmarks" 2>/dev/null && [ -f benchmarks/__init__.py ]; then
-    # setup.py maps benchmarks/ to slmkern.benchmarks; a source tree needs the (offline) editable install.
-    step editable_install "$OUT/bench.log" 240 "$PY" -m pip install -q --no-deps --no-build-isolation \
-        --no-index --disable-pip-version-check -e .
-fi
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 step bench "$OUT/bench.log" "${STEP_TIMEOUT_BENCH:-150}" "$PY" -m slmkern.cli bench --device cuda \
     --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-}

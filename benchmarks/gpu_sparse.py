@@ -13,8 +13,8 @@ Timing: triton.testing.do_bench, median, with the weights rotated over enough co
 rotation spans > 3x the 60 MB L2. floor_us = bytes moved (weights + x + y) / 4.3e12 B/s (H200 HBM3e,
 measured copy bandwidth). One JSON row per measurement:
 {"op", "impl", "K", "N", "M", "dtype", "us", "floor_us", "values", "sparsity"} (+ "error" / "note").
-Runs standalone from a source checkout (kernels/ is loaded as slmkern.kernels) in under 2 minutes on
-an H200, Triton compiles included; exits with a message (status 0) when CUDA is absent.
+Runs from a source checkout once `pip install -e .` has installed kernels/ as slmkern.kernels, in under
+2 minutes on an H200, Triton compiles included; exits with a message (status 0) when CUDA is absent.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ GROUP_SIZE = 128
 
 
 def _kernels():
-    """slmkern.kernels.{sparse24, sparse24_w4a16, sparse}, also from a plain source tree."""
+    """slmkern.kernels.{sparse24, sparse24_w4a16, sparse} (slmkern itself also from a plain source tree)."""
     sys.path.insert(0, str(ROOT))
     from slmkern._backends import triton as triton_backend
     if triton_backend.kernels is None:

@@ -176,6 +176,15 @@ def measure_bandwidth(device: str = "cpu", buffer_mb: int = 512, tries: int = 8,
             "threads": nthreads, "best_s": best, "attempts": attempt + 1, "others_cpu": others}
 
 
+def quantized_engine() -> str:
+    """The FBGEMM-backed engine of torch.ao dynamic quantization: x86 (fbgemm inside) or fbgemm."""
+    engines = torch.backends.quantized.supported_engines
+    for name in ("x86", "fbgemm"):
+        if name in engines:
+            return name
+    raise RuntimeError(f"no FBGEMM quantized engine in this torch build (have {engines})")
+
+
 def machine_info(device: str) -> dict:
     info = {"cpu": cpu_model(), "cpu_cache_bytes": cpu_last_level_cache_bytes(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import Case, Impl, LinearSource
+from .machine import quantized_engine
 
 
 def _bias_bytes(case: Case, elsize: int = 4) -> int:
@@ -29,15 +30,6 @@ def torch_fp32() -> Impl:
     return Impl("torch_fp32", prepare, lambda wb, x: F.linear(x, wb[0], wb[1]),
                 weight_bytes=lambda c: 4 * c.N * c.K + _bias_bytes(c), devices=("cpu",),
                 x_dtype=torch.float32)
-
-
-def quantized_engine() -> str:
-    """The FBGEMM-backed engine of torch.ao dynamic quantization: x86 (fbgemm inside) or fbgemm."""
-    engines = torch.backends.quantized.supported_engines
-    for name in ("x86", "fbgemm"):
-        if name in engines:
-            return name
-    raise RuntimeError(f"no FBGEMM quantized engine in this torch build (have {engines})")
 
 
 def _per_channel_qint8(weight: torch.Tensor) -> torch.Tensor:

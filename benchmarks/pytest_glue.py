@@ -19,8 +19,6 @@ import time
 
 import torch
 
-from slmkern.cli import parse_ms, parse_shapes
-
 from . import engine, machine
 
 
@@ -51,9 +49,10 @@ def pytest_benchmark_test(bench: engine.BenchOp):
     except ImportError:
         return None
     device = os.environ.get("SLMKERN_BENCH_DEVICE", "cpu")
-    shapes = parse_shapes(os.environ["SLMKERN_BENCH_SHAPES"]) if os.environ.get("SLMKERN_BENCH_SHAPES") \
+    shapes = engine.parse_shapes(os.environ["SLMKERN_BENCH_SHAPES"]) if os.environ.get("SLMKERN_BENCH_SHAPES") \
         else list(engine.DEFAULT_SHAPES)
-    ms = parse_ms(os.environ["SLMKERN_BENCH_M"]) if os.environ.get("SLMKERN_BENCH_M") else list(engine.DEFAULT_MS)
+    ms = engine.parse_ms(os.environ["SLMKERN_BENCH_M"]) if os.environ.get("SLMKERN_BENCH_M") \
+        else list(engine.DEFAULT_MS)
     budget = float(os.environ.get("SLMKERN_BENCH_BUDGET", "0.2"))
     impls = [i for i in bench.impls if device in i.devices]
     params = [pytest.param(impl, K, N, M, id=f"{K}x{N}-M{M}-{impl.name}")

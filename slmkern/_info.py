@@ -6,6 +6,8 @@ import platform
 
 import torch
 
+from slmkern._version import __version__
+
 # "op[variant]": an op whose CPU kernel is chosen per value type (2:4 int8 values need VBMI).
 OPS = ("w8a8_linear", "w8a16_linear", "w4a16_linear", "w4a8_linear", "sparse_linear", "sparse24_linear",
        "sparse24_linear[int8]", "sparse24_w4a16_linear", "attention")
@@ -17,11 +19,10 @@ def _has_cuda_kernel(op: str) -> bool:
 
 
 def info_dict() -> dict:
-    import slmkern
     from slmkern._backends import cpu, triton as triton_backend
 
     d = {
-        "slmkern": slmkern.__version__,
+        "slmkern": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": None,

@@ -7,45 +7,14 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
+from slmkern.checkpoint import load, save
 from slmkern.config import Int4Config, Int8Config, SparseConfig
 from slmkern.nn import Int4Linear, Int8Linear
+from slmkern.nn.sparse_linear import UNSTRUCTURED_CROSSOVER_SPARSITY, sparse_format_for  # noqa: F401
+from slmkern.recipes import CompressReport, Recipe, compress, parse_recipe
 
 FilterFn = Callable[[nn.Module, str], bool]
 Config = Int8Config | Int4Config
-
-# sparsify (sparsify_ and the recipe step): below this sparsity the unstructured (bitmask) kernel is
-# slower than the dense kernel of the same value type at every batch size measured, so a layer asked
-# for format="unstructured" stays dense (or 2:4 when it has that pattern) and the report says why.
-# Measured: benchmarks/NOTES.md, session 4, "Crossover" table (`python -m benchmarks.bench_sparse
-# --crossover`, (K, N) = (2048, 8192), two threads, 2-vCPU AMD EPYC Zen 4 (Genoa) KVM guest):
-#   float values vs fp32 F.linear: 30% -> M=1 2.25x, M=16 1.12x, M=128 0.90x (40%: M=128 1.02x);
-#     30% is the lowest sparsity measured, and it already wins at M=1 and 16.
-#   int8 values vs our w8a8_linear: 40% -> M=1 0.99x, M=128 0.83x; 50% -> M=1 1.49-1.54x,
-#     M=128 0.83x (M=128 stays below 1x up to 80%, 1.03x at 90%).
-# The threshold is the M=1 (decode) crossover: the batch-1 case sparse weights are for. format="auto"
-# asks for more (slmkern.nn.sparse_linear.AUTO_UNSTRUCTURED_MIN_SPARSITY: 70% / 75%, so that prefill
-# does not slow down either).
-UNSTRUCTURED_CROSSOVER_SPARSITY = {"float": 0.30, "int8": 0.50}
-
-
-def sparse_format_for(weight, fmt: str, values: str) -> tuple[str, str | None]:
-    """The format a pruned weight is packed in when ``fmt`` is asked for: (format, why it differs or None).
-
-    "unstructured" below :data:`UNSTRUCTURED_CROSSOVER_SPARSITY` falls back to what format="auto" picks
-    for it (2:4 if the weight has that pattern, else dense); "auto" asks SparseLinear's own rule.
-    """
-    from slmkern.nn.sparse_linear import choose_format
-    if fmt == "auto":
-        return choose_format(weight, values)
-    if fmt == "unstructured" and values in UNSTRUCTURED_CROSSOVER_SPARSITY:
-        sparsity = float((weight == 0).float().mean())
-        need = UNSTRUCTURED_CROSSOVER_SPARSITY[values]
-        if sparsity + 1e-9 < need:
-            other, _ = choose_format(weight, values)
-            return other, (f"sparsity {sparsity:.0%} is below {need:.0%}, the measured crossover of the "
-                           f"unstructured {values} kernel vs dense; kept {other}")
-    return fmt, None
-
 
 @dataclasses.dataclass
 class SwapReport:
@@ -271,8 +240,3 @@ def sparsify_(model: nn.Module, config: SparseConfig | None = None, filter_fn: F
         report.swapped.append((fqn, desc))
         _note_untied(model, fqn, mod.weight, report)
     return report
-
-
-# Recipes and checkpoints live in their own modules; the model-level API re-exports them.
-from slmkern.checkpoint import load, save  # noqa: E402
-from slmkern.recipes import CompressReport, Recipe, compress, parse_recipe  # noqa: E402

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Callable
@@ -42,71 +41,28 @@ def _info(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------- bench
 
-def load_benchmarks():
-    """The benchmarks package as ``slmkern.benchmarks``.
-
-    From a source tree (``benchmarks/`` next to the imported ``slmkern/``, with setup.py above)
-    the tree's own copy is loaded, so a checkout on PYTHONPATH never picks up another install's
-    benchmarks; otherwise the installed ``slmkern.benchmarks``.
-    """
-    name = "slmkern.benchmarks"
-    if name in sys.modules:
-        return sys.modules[name]
-    import slmkern
-
-    root = Path(slmkern.__file__).resolve().parent.parent
-    tree = root / "benchmarks"
-    if (root / "setup.py").is_file() and (tree / "engine.py").is_file():
-        spec = importlib.util.spec_from_file_location(name, tree / "__init__.py",
-                                                      submodule_search_locations=[str(tree)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[name]
+def _benchmarks():
+    """slmkern.benchmarks, imported on use: only `slmkern bench` needs it (the cli is the one layer above it)."""
+    try:
+        from slmkern import benchmarks
+    except ModuleNotFoundError as exc:
+        if exc.name != "slmkern.benchmarks":
             raise
-        slmkern.benchmarks = mod
-        return mod
-    return importlib.import_module(name)
+        raise CLIError("slmkern.benchmarks is not installed (setup.py installs the top-level benchmarks/ folder "
+                       "as slmkern.benchmarks; a source tree on PYTHONPATH needs `pip install -e .`)") from None
+    return benchmarks
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """'384x1536,576x1536' -> [(384, 1536), (576, 1536)]; ValueError naming a malformed item."""
-    out = []
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        parts = item.lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"malformed shape {item!r}: expected KxN with positive integers, e.g. 384x1536")
-        out.append((int(parts[0]), int(parts[1])))
-    if not out:
-        raise ValueError(f"no shape in {text!r}: expected KxN[,KxN...], e.g. 384x1536")
-    return out
-
-
-def parse_ms(text: str) -> list[int]:
-    """'1,16,128' -> [1, 16, 128]; ValueError unless every item is an integer >= 1."""
-    out = []
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        if not item.isdigit() or int(item) < 1:
-            raise ValueError(f"malformed M {item!r}: expected positive integers, e.g. 1,16,128")
-        out.append(int(item))
-    if not out:
-        raise ValueError(f"no M in {text!r}: expected e.g. 1,16,128")
-    return out
-
-
-def _argtype(parse: Callable):
+def _argtype(parser: str):
+    """An argparse type running slmkern.benchmarks.engine.<parser> (parse_shapes, parse_ms)."""
     def convert(text: str):
         try:
-            return parse(text)
-        except ValueError as exc:
+            _benchmarks()
+            from slmkern.benchmarks import engine
+            return getattr(engine, parser)(text)
+        except (ValueError, CLIError) as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-    convert.__name__ = parse.__name__.removeprefix("parse_")
+    convert.__name__ = parser.removeprefix("parse_")
     return convert
 
 
@@ -144,9 +100,9 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                                    "floor and the fraction of it reached.")
     p.add_argument("--op", action="append", metavar="NAME",
                    help="op to benchmark (repeatable; w8a8_linear or w8a8); default: every registered op")
-    p.add_argument("--shape", action="append", type=_argtype(parse_shapes), metavar="KxN",
+    p.add_argument("--shape", action="append", type=_argtype("parse_shapes"), metavar="KxN",
                    help="weight shape(s), repeatable or comma list (default 384x1536,576x1536,2048x8192)")
-    p.add_argument("--m", type=_argtype(parse_ms), metavar="M[,M...]", help="batch rows M (default 1,16,128)")
+    p.add_argument("--m", type=_argtype("parse_ms"), metavar="M[,M...]", help="batch rows M (default 1,16,128)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="activation dtype for slmkern "
                    "(default float32 on cpu, bfloat16 on cuda); peers keep their own dtype")
@@ -166,11 +122,11 @@ def _bench(sub: argparse._SubParsersAction) -> None:
             given += ["--device"] if args.device != "cpu" else []
             if given:
                 raise CLIError(f"--e2e takes only --json, --quick and --reps, not {', '.join(given)}")
-            load_benchmarks()
+            _benchmarks()
             from slmkern.benchmarks import bench_e2e
             return bench_e2e.main([], quick=args.quick, reps=args.reps, json_path=args.json)
 
-        bm = load_benchmarks()
+        bm = _benchmarks()
         from slmkern.benchmarks import engine, report
 
         registry, errors = bm.registry()
@@ -207,27 +163,15 @@ def _bench(sub: argparse._SubParsersAction) -> None:
 
 def _calibration(tok, kind: str, n: int, seq: int, batch: int = 4, special_tokens: str = "per-window"
                  ) -> list[dict]:
-    """Calibration batches: causal LMs read the second half of the Wikipedia text (eval reads the
-    first half) in rows of ``seq`` tokens, each framed with the tokenizer's own special tokens (BOS)
-    as the model saw every training sequence (``special_tokens``: see evaluation.SPECIAL_TOKEN_PROTOCOLS);
-    encoders/classifiers read Rotten Tomatoes snippets outside the eval split."""
-    import torch
+    """evaluation.calibration_batches, its text-too-short error as a CLI error."""
+    from slmkern.evaluation import calibration_batches
 
-    if kind == "causal-lm":
-        from slmkern.data import wikipedia_text
-        from slmkern.evaluation import token_windows
-        text = wikipedia_text()
-        try:
-            rows, _ = token_windows(tok, text[len(text) // 2:], seq, n, special_tokens)
-        except ValueError as exc:
-            raise CLIError(f"--calib-seq: {exc}") from None
-        n = rows.shape[0]
-        return [{"input_ids": rows[i:i + batch], "attention_mask": torch.ones_like(rows[i:i + batch])}
-                for i in range(0, n, batch)]
-    from slmkern.data import rotten_tomatoes
-    texts = [t for t, _ in rotten_tomatoes(seed=0)[EVAL_TEST_SIZE:EVAL_TEST_SIZE + n]]
-    return [dict(tok(texts[i:i + 16], padding=True, truncation=True, max_length=seq, return_tensors="pt"))
-            for i in range(0, len(texts), 16)]
+    try:
+        return calibration_batches(tok, kind, n, seq, batch, special_tokens)
+    except ValueError as exc:
+        if kind != "causal-lm":
+            raise
+        raise CLIError(f"--calib-seq: {exc}") from None
 
 
 def _special_tokens_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -236,9 +180,6 @@ def _special_tokens_arg(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"{what}: per-window (default: every window/row framed as the tokenizer frames any "
                         "sequence, add_special_tokens=True), text-start (once for the whole text, as HF's "
                         "non-overlapping perplexity recipe) or none")
-
-
-EVAL_TEST_SIZE = 2000  # Rotten Tomatoes: the first 2000 snippets (seed 0) are the test split, as in the demo
 
 
 def _model_kind(model) -> str:
@@ -314,7 +255,7 @@ def _load_any(name: str, kind: str = "auto"):
     path = Path(name)
     if path.is_file() and path.suffix == ".gguf":
         # a GGUF file: the file's own Q4_0/Q4_1 codes in Int4Linear (no requantization), see load_gguf
-        from slmkern.formats.interop.gguf import load_gguf
+        from slmkern.interop.gguf import load_gguf
         from slmkern.models import load_tokenizer
 
         if kind == "encoder":
@@ -403,7 +344,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
                       file=sys.stderr)
             else:
                 from slmkern.data import rotten_tomatoes
-                test = rotten_tomatoes(seed=0)[:EVAL_TEST_SIZE]
+                test = rotten_tomatoes(seed=0)[:ev.EVAL_TEST_SIZE]
                 texts = [t for t, _ in test]
                 if kind == "classifier":
                     res.update(ev.evaluate_classifier(model, tok, texts, [y for _, y in test],

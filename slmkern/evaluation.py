@@ -103,6 +103,30 @@ def describe_special_tokens(tokenizer, special_tokens: str, window: int, what: s
     return f"special tokens: {special_tokens} ({where}; {frame})"
 
 
+# ----------------------------------------------------------------------------- calibration data
+EVAL_TEST_SIZE = 2000  # Rotten Tomatoes: the first 2000 snippets (seed 0) are the test split, as in the demo
+
+
+def calibration_batches(tok, kind: str, n: int, seq: int, batch: int = 4, special_tokens: str = "per-window"
+                        ) -> list[dict]:
+    """Calibration batches: causal LMs read the second half of the Wikipedia text (eval reads the
+    first half) in rows of ``seq`` tokens, each framed with the tokenizer's own special tokens (BOS)
+    as the model saw every training sequence (``special_tokens``: see SPECIAL_TOKEN_PROTOCOLS);
+    encoders/classifiers read Rotten Tomatoes snippets outside the eval split (EVAL_TEST_SIZE).
+    ValueError (from token_windows) when the text cannot give such rows."""
+    if kind == "causal-lm":
+        from slmkern.data import wikipedia_text
+        text = wikipedia_text()
+        rows, _ = token_windows(tok, text[len(text) // 2:], seq, n, special_tokens)
+        n = rows.shape[0]
+        return [{"input_ids": rows[i:i + batch], "attention_mask": torch.ones_like(rows[i:i + batch])}
+                for i in range(0, n, batch)]
+    from slmkern.data import rotten_tomatoes
+    texts = [t for t, _ in rotten_tomatoes(seed=0)[EVAL_TEST_SIZE:EVAL_TEST_SIZE + n]]
+    return [dict(tok(texts[i:i + 16], padding=True, truncation=True, max_length=seq, return_tensors="pt"))
+            for i in range(0, len(texts), 16)]
+
+
 @torch.inference_mode()
 def perplexity(model, tokenizer, text: str, window: int = 512, max_tokens: int = 16384,
                progress: bool = True, special_tokens: str = "per-window") -> dict:

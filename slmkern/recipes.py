@@ -26,7 +26,7 @@ is compressed. A head quantized to int8 (either activation mode) keeps one table
 other compressed head (int4, sparse, or an int8 head whose weight a smoothing/distill step changed) unties
 and the embedding keeps its own fp32 copy. The report gives the bytes either way.
 ``sparsify`` with ``format: unstructured`` never packs a layer below the kernel's measured
-crossover sparsity (:data:`slmkern.api.UNSTRUCTURED_CROSSOVER_SPARSITY`).
+crossover sparsity (:data:`slmkern.nn.sparse_linear.UNSTRUCTURED_CROSSOVER_SPARSITY`).
 """
 from __future__ import annotations
 
@@ -535,7 +535,7 @@ def compress(model: nn.Module, recipe: Any, calibration: Any = None, teacher: nn
             report.notes.append(f"step {i}: {r}")
         elif step.kind == "sparsify":
             SparseLinear = _need("sparsify", "slmkern.nn", "SparseLinear")
-            from slmkern.api import sparse_format_for
+            from slmkern.nn.sparse_linear import sparse_format_for
             for f, lin in live().items():
                 if f in held:
                     continue

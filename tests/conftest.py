@@ -35,6 +35,29 @@ from slmkern._backends import cpu as cpu_backend  # noqa: E402
 ALL_ISAS = ("ref", "avx2", "avx512", "avx512vnni")
 
 
+def _check_mapped_packages() -> None:
+    """setup.py installs kernels/ and benchmarks/ as slmkern.kernels and slmkern.benchmarks. Testing a
+    source tree, they must be its own folders: a tree on PYTHONPATH over another tree's editable install
+    would otherwise test the other tree's kernels and benchmarks, silently."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(slmkern.__file__).resolve().parents[1]
+    if not (root / "setup.py").is_file():   # an installed or built slmkern (site-packages, build/asan/lib)
+        return
+    for name, folder in (("slmkern.kernels", "kernels"), ("slmkern.benchmarks", "benchmarks")):
+        spec = importlib.util.find_spec(name)
+        got = Path(spec.origin).resolve().parent if spec is not None and spec.origin else None
+        if got != root / folder:
+            pytest.exit(f"{name} comes from {got}, not from this tree's {folder}/ ({root}): install this tree "
+                        "(pip install -e .), which maps the folder to that name", returncode=4)
+
+
+
+def pytest_sessionstart(session):
+    _check_mapped_packages()
+
+
 def available_isas() -> list[str]:
     return list(cpu_backend._C.available_isas()) if cpu_backend.has_cpp() else []
 

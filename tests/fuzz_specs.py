@@ -21,9 +21,8 @@ from hypothesis import strategies as st
 
 import int4_spec
 from slmkern import reference
-from slmkern.formats import int4_cpu
+from slmkern._backends import cpu as cpu_backend
 from slmkern.formats import bitmask as bitmask_format
-from slmkern.formats import int8 as int8_format
 from slmkern.formats import sparse24 as sparse24_format
 from slmkern.nn import Int4Linear, Int8Linear, SparseLinear
 
@@ -175,7 +174,7 @@ def int8_cases(draw, allow_special: bool) -> Case:
         w = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
     s = torch.rand(N, generator=gen) * 0.02 + 1e-3
     b = make_bias(bias, N, dtype, gen)
-    wp = int8_format.prepack_cpu(w) if packed else None
+    wp = cpu_backend.prepack_int8(w) if packed else None
     meta = dict(x=tuple(x.shape), x_stride=x.stride(), K=K, N=N, dtype=str(dtype), layout=layout, bias=bias,
                 packed=packed, special=special, w=wkind, seed=seed)
     return Case((x, w, s, b, wp), meta)
@@ -236,7 +235,7 @@ def int4_cases(draw) -> Case:
          "u8": torch.randint(0, 16, (N, G), generator=gen, dtype=torch.uint8),
          "f32": torch.rand(N, G, generator=gen) * 15}[zk]
     b = make_bias(bias, N, dtype, gen)
-    wp = int4_cpu.prepack_cpu(w, s, z, g) if packed else None
+    wp = cpu_backend.prepack_int4(w, s, z, g) if packed else None
     meta = dict(x=tuple(x.shape), x_stride=x.stride(), K=K, N=N, g=g, zeros=zk, dtype=str(dtype), layout=layout,
                 bias=bias, packed=packed, special=special, seed=seed)
     return Case((x, w, s, z, g, b, wp), meta)
@@ -454,7 +453,7 @@ def sparse_cases(draw, int8_values: bool) -> Case:
     values, bm, offs = bitmask_format.compress(w)
     s = torch.rand(N, generator=gen) * 0.02 + 1e-3 if int8_values else None
     b = make_bias(bias, N, dtype, gen)
-    wp = bitmask_format.prepack_cpu(values, bm, offs, K, s) if packed else None
+    wp = cpu_backend.prepack_bitmask(values, bm, offs, K, s) if packed else None
     meta = dict(x=tuple(x.shape), x_stride=x.stride(), K=K, N=N, nnz=values.numel(), values=vkind, sparsity=level,
                 zero_rows=zero_rows, dtype=str(dtype), layout=layout, bias=bias, packed=packed, special=special,
                 path=path, seed=seed)
@@ -476,7 +475,7 @@ def sparse24_cases(draw, int8_values: bool) -> Case:
     values, meta_t = sparse24_format.compress(w)
     s = torch.rand(N, generator=gen) * 0.02 + 1e-3 if int8_values else None
     b = make_bias(bias, N, dtype, gen)
-    wp = sparse24_format.prepack_cpu(values, meta_t, s) if packed else None
+    wp = cpu_backend.prepack_sparse24(values, meta_t, s) if packed else None
     meta = dict(x=tuple(x.shape), x_stride=x.stride(), K=K, N=N, values=vkind, sparsity=level, zero_rows=zero_rows,
                 dtype=str(dtype), layout=layout, bias=bias, packed=packed, special=special, seed=seed)
     return Case((x, values, meta_t, s, b, wp), meta)
@@ -510,7 +509,7 @@ def sparse24_w4a16_cases(draw) -> Case:
     q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
     s = torch.rand(N, G, generator=gen) * 0.1 + 0.01
     b = make_bias(bias, N, dtype, gen)
-    wp = sparse24_format.prepack_cpu_int4(q, meta_t, s, z, g) if packed else None
+    wp = cpu_backend.prepack_sparse24_int4(q, meta_t, s, z, g) if packed else None
     meta = dict(x=tuple(x.shape), x_stride=x.stride(), K=K, N=N, g=g, zeros=zk, sparsity=level, zero_rows=zero_rows,
                 dtype=str(dtype), layout=layout, bias=bias, packed=packed, special=special, seed=seed)
     return Case((x, q, meta_t, s, z, g, b, wp), meta)
@@ -542,7 +541,7 @@ def check_sparse24_float(y, ref, case):
 
 def _s24_w4a16_bound(x, q, meta_t, s, z, g, b):
     """The dense w4a16 bound (the CPU path runs the w4a16 engine on the expanded int4 weight,
-    slmkern.formats.sparse24.prepack_cpu_int4): 2e-5 * sum |x||W| plus the engine's 24-bit
+    slmkern._backends.cpu.prepack_sparse24_int4): 2e-5 * sum |x||W| plus the engine's 24-bit
     fixed point of x (2^-22 * amax|x| * sum |W|)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K).double()

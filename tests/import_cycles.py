@@ -2,13 +2,15 @@
 
     python tests/import_cycles.py [--top-level-only] [--list]
 
-Edges are the explicit ``import slmkern.x`` / ``from slmkern.x import y`` / ``from . import y``
-statements of every file under slmkern/ (``y`` counts as a module when slmkern/x/y.py or
-slmkern/x/y/ exists). Implicit parent-package imports (importing slmkern.a.b runs slmkern/__init__
-and slmkern/a/__init__) are not edges. ``--top-level-only`` keeps module-level statements (what runs
-at import time); by default imports inside functions count too (they still couple the modules).
-Reports the strongly connected components with more than one module (each holds at least one
-cycle) and the number of elementary cycles (Johnson's algorithm, capped).
+The modules are those setup.py installs: slmkern/ as ``slmkern``, and, per its package_dir, the
+top-level kernels/ and benchmarks/ folders as ``slmkern.kernels`` and ``slmkern.benchmarks`` (files
+in folders without an ``__init__.py``, such as benchmarks/runs/, are not modules). Edges are the
+explicit ``import slmkern.x`` / ``from slmkern.x import y`` / ``from . import y`` statements of every
+module (``y`` counts as a module when it is one). Implicit parent-package imports (importing
+slmkern.a.b runs slmkern/__init__ and slmkern/a/__init__) are not edges. ``--top-level-only`` keeps
+module-level statements (what runs at import time); by default imports inside functions count too
+(they still couple the modules). Reports the strongly connected components with more than one module
+(each holds at least one cycle) and the number of elementary cycles. tests/test_layers.py asserts 0.
 """
 from __future__ import annotations
 
@@ -17,20 +19,41 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PKG = ROOT / "slmkern"
+# setup.py's package_dir: the installed package name of each source folder
+PACKAGES = {"slmkern": ROOT / "slmkern", "slmkern.kernels": ROOT / "kernels", "slmkern.benchmarks": ROOT / "benchmarks"}
+
+
+def _package_of(name: str) -> str:
+    """The longest PACKAGES key that is `name` or a parent of it."""
+    return max((p for p in PACKAGES if name == p or name.startswith(p + ".")), key=len)
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    pkg = max((p for p, d in PACKAGES.items() if path.is_relative_to(d)), key=lambda p: len(PACKAGES[p].parts))
+    parts = list(path.relative_to(PACKAGES[pkg]).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
-    return ".".join(parts)
+    return ".".join([pkg, *parts])
 
 
 def is_module(name: str) -> bool:
-    p = ROOT.joinpath(*name.split("."))
+    if name.split(".")[0] != "slmkern":
+        return False
+    pkg = _package_of(name)
+    p = PACKAGES[pkg].joinpath(*name[len(pkg):].split(".")[1:])
     return (p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
             or any(p.parent.glob(p.name + ".*.so")))   # the extension (slmkern._C)
+
+
+def module_files() -> list[Path]:
+    """Every .py file that is a module: each folder from its package root down holds an __init__.py."""
+    out = []
+    for root in PACKAGES.values():
+        for f in sorted(root.rglob("*.py")):
+            folders = f.relative_to(root).parents
+            if all((root / d / "__init__.py").is_file() for d in folders):
+                out.append(f)
+    return out
 
 
 def edges(path: Path, top_level_only: bool) -> set[str]:
@@ -68,7 +91,7 @@ def edges(path: Path, top_level_only: bool) -> set[str]:
 
 
 def graph(top_level_only: bool) -> dict[str, set[str]]:
-    g = {module_name(p): edges(p, top_level_only) for p in PKG.rglob("*.py")}
+    g = {module_name(p): edges(p, top_level_only) for p in module_files()}
     return {m: {d for d in ds if d in g} for m, ds in g.items()}
 
 

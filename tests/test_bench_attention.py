@@ -5,10 +5,7 @@ import json
 
 import pytest
 
-from slmkern.cli import load_benchmarks
-
-load_benchmarks()
-from slmkern.benchmarks import bench_attention as ba  # noqa: E402
+from slmkern.benchmarks import bench_attention as ba
 
 
 @pytest.fixture

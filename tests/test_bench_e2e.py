@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import slmkern
-from slmkern.cli import load_benchmarks
 from slmkern.cli import main as cli_main
 
 ALL_IMPLS = {"hf_fp32", "slmkern_w8a8", "slmkern_int4", "slmkern_int4_compiled", "slmkern_w8a8_compiled",
@@ -19,7 +18,6 @@ ALL_IMPLS = {"hf_fp32", "slmkern_w8a8", "slmkern_int4", "slmkern_int4_compiled",
 
 @pytest.fixture(scope="module")
 def e2e():
-    load_benchmarks()
     from slmkern.benchmarks import bench_e2e
     return bench_e2e
 

@@ -11,11 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmkern.cli import load_benchmarks
-
-load_benchmarks()
-from slmkern.benchmarks import engine, report  # noqa: E402
-from slmkern.formats import int8 as int8_format  # noqa: E402
+from slmkern import benchmarks as bm
+from slmkern.benchmarks import engine, report
+from slmkern.formats import int8 as int8_format
 
 MiB = 1 << 20
 
@@ -113,7 +111,6 @@ def _assert_row_schema(row):
 
 
 def test_w8a8_rows_schema_bytes_and_json(tmp_path):
-    bm = load_benchmarks()
     ops, errors = bm.registry()
     assert {"w8a8_linear", "w8a16_linear"} <= set(ops), errors
     case = engine.Case("w8a8_linear", 40, 72, 5)
@@ -138,7 +135,6 @@ def test_w8a8_rows_schema_bytes_and_json(tmp_path):
 @pytest.mark.parametrize("op", ["w8a8_linear", "w8a16_linear"])
 def test_every_impl_computes_the_same_layer(op):
     """Peers are only comparable if they compute our layer: each impl vs the float layer, fresh data."""
-    bm = load_benchmarks()
     bench = bm.registry()[0][op]
     case = engine.Case(op, 72, 40, 3)
     gen = torch.Generator().manual_seed(1234)

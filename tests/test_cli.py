@@ -82,10 +82,11 @@ def test_unknown_op_is_a_clear_error(capsys):
 
 
 def test_parse_helpers():
-    assert cli.parse_shapes("384x1536, 576X1536") == [(384, 1536), (576, 1536)]
-    assert cli.parse_ms("1,16,128") == [1, 16, 128]
+    from slmkern.benchmarks import engine
+    assert engine.parse_shapes("384x1536, 576X1536") == [(384, 1536), (576, 1536)]
+    assert engine.parse_ms("1,16,128") == [1, 16, 128]
     with pytest.raises(ValueError, match="malformed shape"):
-        cli.parse_shapes("384x")
+        engine.parse_shapes("384x")
 
 
 def test_unknown_command_and_extra_args(capsys):

@@ -17,7 +17,7 @@ def test_cpp_pack_matches_reference_pack(N, K):
     if not cpu_backend.has_cpp():
         pytest.skip("slmkern._C is not built")
     w = rand_int8(N, K)
-    packed = int8_format.prepack_cpu(w)
+    packed = cpu_backend.prepack_int8(w)
     assert packed.dtype == torch.uint8 and packed.numel() == int8_format.packed_bytes(N, K)
     assert torch.equal(packed, int8_format.pack_reference(w))
 

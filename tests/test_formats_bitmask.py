@@ -70,7 +70,7 @@ def test_cpp_pack_matches_reference_pack(int8v, K):
         values, bitmask, row_offsets, scales = bf.compress_int8(W)
     else:
         (values, bitmask, row_offsets), scales = bf.compress(W), None
-    packed = bf.prepack_cpu(values, bitmask, row_offsets, K, scales)
+    packed = cpu_backend.prepack_bitmask(values, bitmask, row_offsets, K, scales)
     want = bf.pack_reference(values, bitmask, row_offsets, K)
     assert packed.shape == (bf.packed_bytes(N, K, values.shape[0], int8v),)
     assert cpu_backend._C.sparse_packed_bytes(N, K, values.shape[0], int(int8v)) == packed.shape[0]
@@ -83,7 +83,7 @@ def test_pack_widens_half_values_exactly():
     for dtype in (torch.bfloat16, torch.float16):
         W = sparse(7, 33, 0.5, dtype)
         v, b, r = bf.compress(W)
-        assert torch.equal(bf.prepack_cpu(v, b, r, 33), bf.pack_reference(v, b, r, 33))
+        assert torch.equal(cpu_backend.prepack_bitmask(v, b, r, 33), bf.pack_reference(v, b, r, 33))
 
 
 class TestValidate:
@@ -143,4 +143,4 @@ class TestValidate:
         r = self.r.clone()
         r[-1] += 1
         with pytest.raises(ValueError, match="row_offsets"):
-            bf.prepack_cpu(self.v, self.b, r, self.K)
+            cpu_backend.prepack_bitmask(self.v, self.b, r, self.K)

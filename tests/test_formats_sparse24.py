@@ -123,7 +123,7 @@ def test_cpp_pack_equals_reference_pack(dtype, N, K):
         v, m, sc = s24.compress_int8(w)
     else:
         (v, m), sc = s24.compress(w.to(dtype)), None
-    packed = s24.prepack_cpu(v, m, sc)
+    packed = cpu_backend.prepack_sparse24(v, m, sc)
     assert packed.shape == (s24.packed_bytes(N, K, dtype),)
     assert cpu_backend._C.sparse24_packed_bytes(N, K, s24.value_code(dtype)) == packed.numel()
     assert torch.equal(packed, s24.pack_reference(v, m))
@@ -191,4 +191,4 @@ def test_int8_packed_layout_v2_byte_positions():
     rs = p[T * S * 320:].view(torch.int32)
     assert torch.equal(rs[:N], v.to(torch.int32).sum(1, dtype=torch.int32)) and not rs[N:].any()
     if cpu_backend.has_cpp():
-        assert torch.equal(s24.prepack_cpu(v, m, sc), p)
+        assert torch.equal(cpu_backend.prepack_sparse24(v, m, sc), p)

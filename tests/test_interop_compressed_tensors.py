@@ -28,8 +28,8 @@ from compressed_tensors.utils.helpers import pack_bitmasks, unpack_bitmasks  # n
 import slmkern  # noqa: E402
 from slmkern.config import Int4Config, Int8Config  # noqa: E402
 from slmkern.formats import int4, int8  # noqa: E402
-from slmkern.formats.interop import compressed_tensors as ct  # noqa: E402
-from slmkern.formats.interop._safetensors_io import CheckpointError, read_safetensors  # noqa: E402
+from slmkern.interop import compressed_tensors as ct  # noqa: E402
+from slmkern.interop._safetensors_io import CheckpointError, read_safetensors  # noqa: E402
 from slmkern.nn import Int4Linear, Int8Linear  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -382,7 +382,7 @@ def test_load_checkpoint_written_by_compressed_tensors(tmp_path):
     comp = ModelCompressor.from_pretrained_model(model, "pack-quantized")
     comp.compress_model(model)
     model.config.save_pretrained(tmp_path)
-    from slmkern.formats.interop._safetensors_io import write_safetensors
+    from slmkern.interop._safetensors_io import write_safetensors
     write_safetensors(tmp_path / "model.safetensors", model.state_dict(), {"format": "pt"})
     comp.update_config(str(tmp_path))
     comp.decompress_model(model)

@@ -15,9 +15,9 @@ from torch import nn
 import slmkern
 from slmkern.config import Int4Config, Int8Config
 from slmkern.formats import int4, int8
-from slmkern.formats.interop import awq, gptq
-from slmkern.formats.interop import compressed_tensors as ct
-from slmkern.formats.interop._safetensors_io import CheckpointError, read_safetensors, write_safetensors
+from slmkern.interop import awq, gptq
+from slmkern.interop import compressed_tensors as ct
+from slmkern.interop._safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from slmkern.nn import Int4Linear, Int8Linear
 
 SEEDS = 3000 if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else 300

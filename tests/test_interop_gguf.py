@@ -16,7 +16,7 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
 from slmkern.formats import int4  # noqa: E402
-from slmkern.formats.interop import gguf as G  # noqa: E402
+from slmkern.interop import gguf as G  # noqa: E402
 from slmkern.nn import Int4Linear, Int8Linear  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

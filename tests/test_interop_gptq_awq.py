@@ -1,7 +1,7 @@
 """GPTQ (v1 / v2) and AWQ-GEMM import, checked against tensors packed by hand in this file.
 
 Every packed word is built here from known codes with explicit shifts, following the layouts
-documented in slmkern/formats/interop/{gptq,awq}.py; the expected weight is the documented
+documented in slmkern/interop/{gptq,awq}.py; the expected weight is the documented
 dequantization formula evaluated element by element. The import must reproduce it exactly.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from slmkern.formats import int4
-from slmkern.formats.interop import awq, gptq
-from slmkern.formats.interop._safetensors_io import CheckpointError, write_safetensors
+from slmkern.interop import awq, gptq
+from slmkern.interop._safetensors_io import CheckpointError, write_safetensors
 from slmkern.nn import Int4Linear
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble slot i of a word holds column 8c + AWQ_ORDER[i]

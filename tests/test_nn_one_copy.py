@@ -152,14 +152,14 @@ def test_compiled_module_uses_the_packed_layout():
 def test_shape_only_weight_contract():
     w = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
     s = torch.rand(24) + 0.1
-    packed = int8_format.prepack_cpu(w)
+    packed = cpu.prepack_int8(w)
     stand_in = torch.zeros((), dtype=torch.int8).expand(24, 64)
     x = torch.randn(2, 64)
     assert torch.equal(ops.w8a8_linear(x, stand_in, s, None, packed), ops.w8a8_linear(x, w, s, None, packed))
     with pytest.raises(ValueError, match="w must be contiguous"):
         ops.w8a8_linear(x, stand_in, s, None, None)            # without w_packed the values are read
     q = int4_format.quantize(torch.randn(24, 64), 32, False)
-    packed4 = int4_cpu.prepack_cpu(q.packed, q.scales, q.zeros, 32)
+    packed4 = cpu.prepack_int4(q.packed, q.scales, q.zeros, 32)
     stand4 = torch.zeros((), dtype=torch.uint8).expand(24, 32)
     assert torch.equal(ops.w4a16_linear(x, stand4, q.scales, q.zeros, 32, None, packed4),
                        ops.w4a16_linear(x, q.packed, q.scales, q.zeros, 32, None, packed4))
@@ -181,7 +181,7 @@ def test_int4_unpack_inverts_both_packers(N, K, g, asym):
     G = K // (K if g == -1 else g)
     s = torch.rand(N, G) + 0.1
     z = torch.randint(0, 16, (N, G), dtype=torch.uint8) if asym else None
-    for blob in (int4_cpu.prepack_cpu(w, s, z, g), int4_cpu.pack_reference(w, s, z, g)):
+    for blob in (cpu.prepack_int4(w, s, z, g), int4_cpu.pack_reference(w, s, z, g)):
         assert torch.equal(int4_cpu.unpack_codes(blob, N, K, g, asym), w)
     with pytest.raises(ValueError, match="blob"):
         int4_cpu.unpack_codes(blob[:-1], N, K, g, asym)
@@ -190,7 +190,7 @@ def test_int4_unpack_inverts_both_packers(N, K, g, asym):
 @pytest.mark.parametrize("N,K", [(1, 1), (17, 37), (33, 130), (16, 4)])
 def test_int8_unpack_inverts_both_packers(N, K):
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
-    for blob in (int8_format.prepack_cpu(w), int8_format.pack_reference(w)):
+    for blob in (cpu.prepack_int8(w), int8_format.pack_reference(w)):
         assert torch.equal(int8_format.unpack_cpu(blob, N, K), w)
     with pytest.raises(ValueError, match="blob"):
         int8_format.unpack_cpu(blob[:-1], N, K)

@@ -12,7 +12,8 @@ w_packed) goes through each layer that checks that op's arguments:
                    CPU tensors with the Triton kernels switched off (they then fall back to
                    slmkern.reference, so no GPU is needed and every check still runs);
 - ``reference``    slmkern/reference.py called directly;
-- ``formats.*``    the format helpers that take a group size (group-size probes only).
+- ``formats.*``    the format helpers that take a group size, and the CPU prepackers
+                   (``_backends.cpu.prepack_*``) that do (group-size probes only).
 
 A layer accepts when it returns, rejects when it raises TypeError/ValueError; any other exception
 is reported as a crash. Group-size probes are also held against the rule stated once in
@@ -33,7 +34,7 @@ from slmkern import ops, reference
 from slmkern._backends import cpu as cpu_backend
 from slmkern._backends import triton as triton_backend
 from slmkern._backends import triton_sparse
-from slmkern.formats import bitmask, common, int4, int4_cpu, int8, sparse24
+from slmkern.formats import bitmask, common, int4, int8, sparse24
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 N = 5
@@ -158,7 +159,7 @@ def int8_probes() -> list[Probe]:
                Probe("w 1-d", "shape", _with(a, w=w.reshape(-1))),
                Probe("w_scale f16", "dtype", _with(a, w_scale=a["w_scale"].half())),
                Probe("w_scale (N+1,)", "shape", _with(a, w_scale=torch.rand(N + 1)))]
-            + _w_packed_probes(a, int8.prepack_cpu(w)))
+            + _w_packed_probes(a, cpu_backend.prepack_int8(w)))
 
 
 def w8a8_probes() -> list[Probe]:
@@ -194,7 +195,7 @@ def int4_probes() -> list[Probe]:
                Probe("zeros int32", "dtype", _with(a, zeros=a["zeros"].int())),
                Probe("zeros (N, G+1)", "shape", _with(a, zeros=torch.zeros(N, 4, dtype=torch.uint8))),
                Probe("group_size bool", "dtype", _with(a, group_size=True))]
-    probes += _w_packed_probes(a, int4_cpu.prepack_cpu(a["w"], a["scales"], a["zeros"], 32))
+    probes += _w_packed_probes(a, cpu_backend.prepack_int4(a["w"], a["scales"], a["zeros"], 32))
     return probes
 
 
@@ -217,7 +218,8 @@ def s24w4_probes() -> list[Probe]:
                Probe("zeros f32", "dtype", _with(a, zeros=a["zeros"].float())),
                Probe("zeros (N, G+1)", "shape", _with(a, zeros=torch.zeros(N, 4, dtype=torch.uint8))),
                Probe("group_size bool", "dtype", _with(a, group_size=True))]
-    probes += _w_packed_probes(a, sparse24.prepack_cpu_int4(a["qvalues"], a["meta"], a["scales"], a["zeros"], 32))
+    probes += _w_packed_probes(a, cpu_backend.prepack_sparse24_int4(a["qvalues"], a["meta"], a["scales"], a["zeros"],
+                                                                    32))
     return probes
 
 
@@ -237,7 +239,7 @@ def s24_probes() -> list[Probe]:
                Probe("float values, scales", "dtype", _with(f, scales=torch.rand(N))),
                Probe("scales f16", "dtype", _with(a, scales=a["scales"].half())),
                Probe("scales (N+1,)", "shape", _with(a, scales=torch.rand(N + 1)))]
-    probes += _w_packed_probes(a, sparse24.prepack_cpu(a["values"], a["meta"], a["scales"]))
+    probes += _w_packed_probes(a, cpu_backend.prepack_sparse24(a["values"], a["meta"], a["scales"]))
     return probes
 
 
@@ -257,7 +259,8 @@ def sparse_probes() -> list[Probe]:
                Probe("float values, scales", "dtype", _with(f, scales=torch.rand(N))),
                Probe("scales (N+1,)", "shape", _with(a, scales=torch.rand(N + 1)))]
     K = a["x"].shape[-1]
-    probes += _w_packed_probes(a, bitmask.prepack_cpu(a["values"], a["bitmask"], a["row_offsets"], K, a["scales"]))
+    probes += _w_packed_probes(a, cpu_backend.prepack_bitmask(a["values"], a["bitmask"], a["row_offsets"], K,
+                                                               a["scales"]))
     return probes
 
 
@@ -334,7 +337,7 @@ def layers(op: str) -> dict[str, Callable]:
                 "formats.int4.resolve_group_size": lambda x, w, s, z, g, *_: int4.resolve_group_size(x.shape[-1], g),
                 "formats.int4.check": lambda x, w, s, z, g, *_: int4.check(w, s, _dense_uint8_zeros(z), g),
                 "formats.int4.quantize": lambda x, w, s, z, g, *_: int4.quantize(torch.randn(N, x.shape[-1]), g),
-                "formats.int4_cpu.prepack_cpu": lambda x, w, s, z, g, *_: int4_cpu.prepack_cpu(w, s, z, g)}
+                "_backends.cpu.prepack_int4": lambda x, w, s, z, g, *_: cpu_backend.prepack_int4(w, s, z, g)}
     if op == "sparse24_w4a16_linear":
         return {"ops.check": lambda *a: ops.check_sparse24_w4a16_linear(op, *a), **common_layers,
                 "ref backend": ref_backend._sparse24_w4a16_reference,
@@ -343,8 +346,8 @@ def layers(op: str) -> dict[str, Callable]:
                 "formats.sparse24.validate_int4": lambda x, q, m, s, z, g, *_: sparse24.validate_int4(q, m, s, z, g),
                 "formats.sparse24.compress_int4":
                     lambda x, q, m, s, z, g, *_: sparse24.compress_int4(dense24(x.shape[-1]), g),
-                "formats.sparse24.prepack_cpu_int4":
-                    lambda x, q, m, s, z, g, *_: sparse24.prepack_cpu_int4(q, m, s, z, g)}
+                "_backends.cpu.prepack_sparse24_int4":
+                    lambda x, q, m, s, z, g, *_: cpu_backend.prepack_sparse24_int4(q, m, s, z, g)}
     if op == "sparse24_linear":
         return {"ops.check": lambda *a: ops.check_sparse24_linear(op, *a), **common_layers,
                 "ref backend": ref_backend._sparse24_reference,
@@ -382,8 +385,8 @@ SKIP = {
 
 
 def skipped(layer: str, op: str, axis: str) -> bool:
-    if layer.startswith("formats."):
-        return axis not in ("valid", "group")   # format helpers take the weight, not x / bias / w_packed
+    if layer.startswith(("formats.", "_backends.cpu.prepack_")):
+        return axis not in ("valid", "group")   # format helpers and packers take the weight, not x / bias / w_packed
     return any(axis in SKIP.get((layer, key), (set(), ""))[0] for key in (op, "*"))
 
 

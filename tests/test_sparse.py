@@ -76,7 +76,7 @@ def test_int8_values_bit_exact(cpu_isa, M, sp):
     for K, N in [(1, 3), (7, 13), (67, 29), (131, 37), (257, 5)]:
         x = torch.randn(M, K)
         v, b, r, s = int8_case(N, K, sp)
-        wp = bf.prepack_cpu(v, b, r, K, s)
+        wp = cpu_backend.prepack_bitmask(v, b, r, K, s)
         W8 = bf.decompress(v, b, r, K)
         for kind in ("none", "fp32"):
             bias = make_bias(kind, N, torch.float32)
@@ -92,7 +92,7 @@ def test_float_values_match_reference(cpu_isa, M, sp):
     for K, N in [(1, 3), (7, 13), (67, 29), (131, 37), (257, 5)]:
         x = torch.randn(M, K)
         v, b, r, _ = float_case(N, K, sp)
-        wp = bf.prepack_cpu(v, b, r, K)
+        wp = cpu_backend.prepack_bitmask(v, b, r, K)
         for kind in ("none", "fp32"):
             bias = make_bias(kind, N, torch.float32)
             y = op(x, v, b, r, None, bias, wp)
@@ -106,7 +106,7 @@ def test_half_activations_and_values(cpu_isa, dtype, vdtype):
     for M, K, N in [(1, 131, 37), (5, 67, 29), (70, 64, 9)]:
         x = torch.randn(M, K).to(dtype)
         v, b, r, _ = float_case(N, K, 0.7, vdtype)
-        wp = bf.prepack_cpu(v, b, r, K)
+        wp = cpu_backend.prepack_bitmask(v, b, r, K)
         for kind in ("none", "fp32", "xdtype"):
             bias = make_bias(kind, N, dtype)
             y = op(x, v, b, r, None, bias, wp)
@@ -114,7 +114,7 @@ def test_half_activations_and_values(cpu_isa, dtype, vdtype):
             torch.testing.assert_close(y, reference.sparse_linear(x, v, b, r, None, bias), **tol(dtype))
         v8, b8, r8, s8 = int8_case(N, K, 0.7)
         bias = make_bias("xdtype", N, dtype)
-        y8 = op(x, v8, b8, r8, s8, bias, bf.prepack_cpu(v8, b8, r8, K, s8))
+        y8 = op(x, v8, b8, r8, s8, bias, cpu_backend.prepack_bitmask(v8, b8, r8, K, s8))
         assert torch.equal(bits(y8), bits(reference.w8a8_linear(x, bf.decompress(v8, b8, r8, K), s8, bias)))
 
 
@@ -125,10 +125,10 @@ def test_larger_shapes(cpu_isa, M):
     bias = torch.randn(N)
     for sp in (0.5, 0.9):
         v, b, r, _ = float_case(N, K, sp)
-        torch.testing.assert_close(op(x, v, b, r, None, bias, bf.prepack_cpu(v, b, r, K)),
+        torch.testing.assert_close(op(x, v, b, r, None, bias, cpu_backend.prepack_bitmask(v, b, r, K)),
                                    reference.sparse_linear(x, v, b, r, None, bias), rtol=1e-4, atol=1e-4)
         v, b, r, s = int8_case(N, K, sp)
-        assert torch.equal(op(x, v, b, r, s, bias, bf.prepack_cpu(v, b, r, K, s)),
+        assert torch.equal(op(x, v, b, r, s, bias, cpu_backend.prepack_bitmask(v, b, r, K, s)),
                            reference.w8a8_linear(x, bf.decompress(v, b, r, K), s, bias))
 
 
@@ -137,7 +137,7 @@ def test_bitwise_equal_to_cpp_reference(cpu_isa, dtype):
     x = torch.randn(9, 70).to(dtype)
     x[4, 3] = float("nan")
     v, b, r, s = int8_case(45, 70, 0.8)
-    wp = bf.prepack_cpu(v, b, r, 70, s)
+    wp = cpu_backend.prepack_bitmask(v, b, r, 70, s)
     torch.manual_seed(1)
     bias = torch.randn(45)
     y = op(x, v, b, r, s, bias, wp)
@@ -152,7 +152,7 @@ def test_bitwise_equal_to_cpp_reference(cpu_isa, dtype):
 def test_leading_dims_and_strided_x(cpu_isa):
     K, N = 67, 29
     v, b, r, s = int8_case(N, K, 0.8)
-    wp = bf.prepack_cpu(v, b, r, K, s)
+    wp = cpu_backend.prepack_bitmask(v, b, r, K, s)
     x3 = torch.randn(2, 3, K + 5)[..., :K]
     y = op(x3, v, b, r, s, None, wp)
     assert y.shape == (2, 3, N)
@@ -160,7 +160,7 @@ def test_leading_dims_and_strided_x(cpu_isa):
     xt = torch.randn(K, 6).t()
     assert torch.equal(op(xt, v, b, r, s, None, wp), reference.sparse_linear(xt, v, b, r, s, None))
     fv, fb, fr, _ = float_case(N, K, 0.8)
-    torch.testing.assert_close(op(x3, fv, fb, fr, None, None, bf.prepack_cpu(fv, fb, fr, K)),
+    torch.testing.assert_close(op(x3, fv, fb, fr, None, None, cpu_backend.prepack_bitmask(fv, fb, fr, K)),
                                reference.sparse_linear(x3, fv, fb, fr))
 
 
@@ -175,12 +175,12 @@ def test_nan_inf_like_dense(cpu_isa, M, dtype):
     W[:5, K - 1] = 0.0   # inf * 0 -> NaN, as in a dense matmul
     W[5:, K - 1] = 1.0
     v, b, r = bf.compress(W)
-    y = op(x, v, b, r, None, None, bf.prepack_cpu(v, b, r, K))
+    y = op(x, v, b, r, None, None, cpu_backend.prepack_bitmask(v, b, r, K))
     want = reference.sparse_linear(x, v, b, r)
     assert torch.isnan(y[0]).all() and torch.isnan(y[M - 1, :5]).all() and torch.isinf(y[M - 1, 5:]).all()
     torch.testing.assert_close(y, want, equal_nan=True, **tol(dtype))
     v8, b8, r8, s8 = bf.compress_int8(W)
-    y8 = op(x, v8, b8, r8, s8, None, bf.prepack_cpu(v8, b8, r8, K, s8))
+    y8 = op(x, v8, b8, r8, s8, None, cpu_backend.prepack_bitmask(v8, b8, r8, K, s8))
     assert torch.isnan(y8[0]).all() and torch.isnan(y8[M - 1]).all()
     # NaN payloads differ between torch's conversions and the kernels' spec: compare the rest exactly
     want8 = reference.w8a8_linear(x, bf.decompress(v8, b8, r8, K), s8)
@@ -195,18 +195,18 @@ def test_all_zero_weight_gives_bias(cpu_isa):
     x = torch.randn(4, K)
     v, b, r = bf.compress(W)
     assert v.numel() == 0
-    assert torch.equal(op(x, v, b, r, None, bias, bf.prepack_cpu(v, b, r, K)), bias.expand(4, N))
+    assert torch.equal(op(x, v, b, r, None, bias, cpu_backend.prepack_bitmask(v, b, r, K)), bias.expand(4, N))
     v8, b8, r8, s8 = bf.compress_int8(W)
-    assert torch.equal(op(x, v8, b8, r8, s8, bias, bf.prepack_cpu(v8, b8, r8, K, s8)), bias.expand(4, N))
+    assert torch.equal(op(x, v8, b8, r8, s8, bias, cpu_backend.prepack_bitmask(v8, b8, r8, K, s8)), bias.expand(4, N))
 
 
 def test_without_w_packed_equals_with(cpu_isa):
     K, N = 131, 33
     x = torch.randn(17, K)
     v, b, r, s = int8_case(N, K, 0.9)
-    assert torch.equal(op(x, v, b, r, s), op(x, v, b, r, s, None, bf.prepack_cpu(v, b, r, K, s)))
+    assert torch.equal(op(x, v, b, r, s), op(x, v, b, r, s, None, cpu_backend.prepack_bitmask(v, b, r, K, s)))
     v, b, r, _ = float_case(N, K, 0.9)
-    assert torch.equal(op(x, v, b, r), op(x, v, b, r, None, None, bf.prepack_cpu(v, b, r, K)))
+    assert torch.equal(op(x, v, b, r), op(x, v, b, r, None, None, cpu_backend.prepack_bitmask(v, b, r, K)))
 
 
 class GuardedBuffer:
@@ -236,11 +236,11 @@ def test_never_reads_past_inputs(cpu_isa, dtype):
         bias = GuardedBuffer(torch.randn(N))
         v, b, r, s = int8_case(N, K, sp)
         sg = GuardedBuffer(s)
-        wp = GuardedBuffer(bf.prepack_cpu(v, b, r, K, s))
+        wp = GuardedBuffer(cpu_backend.prepack_bitmask(v, b, r, K, s))
         y = op(x.tensor, v, b, r, sg.tensor, bias.tensor, wp.tensor)
         assert torch.equal(y, reference.sparse_linear(x.tensor, v, b, r, s, bias.tensor)), (M, K, N)
         fv, fb, fr, _ = float_case(N, K, sp)
-        fwp = GuardedBuffer(bf.prepack_cpu(fv, fb, fr, K))
+        fwp = GuardedBuffer(cpu_backend.prepack_bitmask(fv, fb, fr, K))
         y = op(x.tensor, fv, fb, fr, None, bias.tensor, fwp.tensor)
         torch.testing.assert_close(y, reference.sparse_linear(x.tensor, fv, fb, fr, None, bias.tensor),
                                    **tol(dtype))
@@ -251,7 +251,8 @@ def test_calls_from_several_threads(cpu_isa):
     for M, K, N in [(1, 384, 100), (17, 37, 19), (65, 130, 33), (3, 576, 200)]:
         x, bias = torch.randn(M, K), torch.randn(N)
         v, b, r, s = int8_case(N, K, 0.8)
-        cases.append((x, v, b, r, s, bias, bf.prepack_cpu(v, b, r, K, s), reference.sparse_linear(x, v, b, r, s, bias)))
+        cases.append((x, v, b, r, s, bias, cpu_backend.prepack_bitmask(v, b, r, K, s),
+                      reference.sparse_linear(x, v, b, r, s, bias)))
     errors = []
 
     def work(i):
@@ -287,9 +288,9 @@ def test_autograd_through_decompressed_weight():
 def test_opcheck():
     K, N = 37, 19
     v, b, r, s = int8_case(N, K, 0.7)
-    wp = bf.prepack_cpu(v, b, r, K, s)
+    wp = cpu_backend.prepack_bitmask(v, b, r, K, s)
     fv, fb, fr, _ = float_case(N, K, 0.7)
-    fwp = bf.prepack_cpu(fv, fb, fr, K)
+    fwp = cpu_backend.prepack_bitmask(fv, fb, fr, K)
     for args in [(torch.randn(3, K), v, b, r, s, torch.randn(N), wp),
                  (torch.randn(2, 3, K).bfloat16(), v, b, r, s, None, None),
                  (torch.randn(4, K), fv, fb, fr, None, torch.randn(N), fwp),
@@ -305,11 +306,11 @@ class SparseMLP(nn.Module):
         self.K = K
         for name, t in zip(("v", "b", "r", "s"), (v, b, r, s)):
             self.register_buffer(name, t)
-        self.register_buffer("wp", bf.prepack_cpu(v, b, r, K, s))
+        self.register_buffer("wp", cpu_backend.prepack_bitmask(v, b, r, K, s))
         fv, fb, fr = bf.compress(sparse_weight(8, N, 0.5))
         for name, t in zip(("fv", "fb", "fr"), (fv, fb, fr)):
             self.register_buffer(name, t)
-        self.register_buffer("fwp", bf.prepack_cpu(fv, fb, fr, N))
+        self.register_buffer("fwp", cpu_backend.prepack_bitmask(fv, fb, fr, N))
         self.bias = nn.Parameter(torch.randn(N))
 
     def forward(self, x):
@@ -387,18 +388,18 @@ class TestBadInputs:
         self.call(ValueError, r"-128", v=v)
 
     def test_w_packed_shape_and_dtype(self):
-        wp = bf.prepack_cpu(self.v, self.b, self.r, self.K, self.s)
+        wp = cpu_backend.prepack_bitmask(self.v, self.b, self.r, self.K, self.s)
         self.call(ValueError, r"w_packed", wp=wp[:-1])
         self.call(TypeError, r"w_packed", wp=wp.view(torch.int8))
         # a w_packed built for float values does not fit int8 values of the same mask
-        fwp = bf.prepack_cpu(self.fv, self.fb, self.fr, self.K)
+        fwp = cpu_backend.prepack_bitmask(self.fv, self.fb, self.fr, self.K)
         self.call(ValueError, r"w_packed", wp=fwp)
 
     def test_fast_check_agrees_with_full_check(self):
         """ops.sparse_linear_ok (the per-call fast pass) accepts exactly what check_sparse_linear accepts."""
         from slmkern import ops
-        wp = bf.prepack_cpu(self.v, self.b, self.r, self.K, self.s)
-        fwp = bf.prepack_cpu(self.fv, self.fb, self.fr, self.K)
+        wp = cpu_backend.prepack_bitmask(self.v, self.b, self.r, self.K, self.s)
+        fwp = cpu_backend.prepack_bitmask(self.fv, self.fb, self.fr, self.K)
         base = dict(x=self.x, v=self.v, b=self.b, r=self.r, s=self.s, bias=None, wp=wp)
         cases = [{}, dict(bias=torch.randn(self.N)), dict(bias=torch.randn(self.N).double()),
                  dict(bias=torch.randn(self.N + 1)), dict(x=self.x.double()), dict(x=self.x.bfloat16()),
@@ -431,10 +432,10 @@ def test_avx512_paths_forced(path):
             x, bias = torch.randn(M, K), torch.randn(N)
             x[M // 2, K // 2] = float("inf")  # broadcast skips zero weights: the dense-semantics fixup must run
             v, b, r, _ = float_case(N, K, sp)
-            torch.testing.assert_close(op(x, v, b, r, None, bias, bf.prepack_cpu(v, b, r, K)),
+            torch.testing.assert_close(op(x, v, b, r, None, bias, cpu_backend.prepack_bitmask(v, b, r, K)),
                                        reference.sparse_linear(x, v, b, r, None, bias), equal_nan=True)
             v, b, r, s = int8_case(N, K, sp)
-            y = op(x, v, b, r, s, bias, bf.prepack_cpu(v, b, r, K, s))
+            y = op(x, v, b, r, s, bias, cpu_backend.prepack_bitmask(v, b, r, K, s))
             want = reference.w8a8_linear(x, bf.decompress(v, b, r, K), s, bias)
             assert torch.equal(torch.isnan(y), torch.isnan(want)), (M, K, N, sp)
             assert torch.equal(y.nan_to_num(), want.nan_to_num()), (M, K, N, sp)
@@ -462,7 +463,7 @@ def test_avx512_int8_paths_bit_exact(path, dtype):
             w = bf.decompress(v, b, r, K) * keep.unsqueeze(1).to(torch.int8)
             v, b, r = bf.compress(w)
             x = torch.randn(M, K, generator=gen).to(dtype)
-            wp = bf.prepack_cpu(v, b, r, K, s)
+            wp = cpu_backend.prepack_bitmask(v, b, r, K, s)
             for bias in (None, torch.randn(N, generator=gen)):
                 y = op(x, v, b, r, s, bias, wp)
                 want = reference.w8a8_linear(x, w, s, bias)

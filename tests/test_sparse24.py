@@ -73,7 +73,7 @@ def test_float_values_match_reference(cpu_isa, M, K, dtype):
                          (33, torch.float32, "fp32"), (7, torch.float16, "none"), (1, torch.bfloat16, "xdtype")]:
         v, m = s24.compress(rand_24(N, K).to(vdt))
         b = make_bias(kind, N, dtype)
-        y = op(x, v, m, None, b, s24.prepack_cpu(v, m))
+        y = op(x, v, m, None, b, cpu_backend.prepack_sparse24(v, m))
         assert y.shape == (M, N) and y.dtype == dtype
         close(y, reference.sparse24_linear(x, v, m, None, b), K)
 
@@ -85,7 +85,7 @@ def test_int8_values_bit_exact(cpu_isa, M, K, dtype):
     x = torch.randn(M, K).to(dtype)
     for N, kind in [(1, "none"), (7, "fp32"), (33, "xdtype"), (33, "none")]:
         v, m, sc = s24.compress_int8(rand_24(N, K))
-        wp = s24.prepack_cpu(v, m, sc)
+        wp = cpu_backend.prepack_sparse24(v, m, sc)
         dense = s24.decompress(v, m)
         if True:
             b = make_bias(kind, N, dtype)
@@ -99,7 +99,7 @@ def test_int8_equals_our_dense_w8a8_kernel(cpu_isa, dtype):
     x = torch.randn(5, 2048).to(dtype)
     v, m, sc = s24.compress_int8(rand_24(70, 2048, density=(2,)))
     b = torch.randn(70)
-    y = op(x, v, m, sc, b, s24.prepack_cpu(v, m, sc))
+    y = op(x, v, m, sc, b, cpu_backend.prepack_sparse24(v, m, sc))
     assert torch.equal(bits(y), bits(torch.ops.slmkern.w8a8_linear(x, s24.decompress(v, m), sc, b)))
 
 
@@ -108,7 +108,7 @@ def test_int8_many_rows_and_strided_x(cpu_isa, dtype):
     # many row tiles and register blocks of 8 rows (with a 2-row tail) on the AVX-512 path
     K, N = 132, 1100
     v, m, sc = s24.compress_int8(rand_24(N, K))
-    wp, b = s24.prepack_cpu(v, m, sc), torch.randn(N).to(dtype)
+    wp, b = cpu_backend.prepack_sparse24(v, m, sc), torch.randn(N).to(dtype)
     x = torch.randn(50, 2 * K).to(dtype)[:, :K]          # row stride > K
     y = op(x, v, m, sc, b, wp)
     assert torch.equal(bits(y), bits(reference.w8a8_linear(x, s24.decompress(v, m), sc, b)))
@@ -122,7 +122,7 @@ def test_int8_register_blocks_and_panel_tails(cpu_isa, M):
     v, m, sc = s24.compress_int8(rand_24(N, K))
     b = torch.randn(N)
     x = torch.randn(M, K)
-    y = op(x, v, m, sc, b, s24.prepack_cpu(v, m, sc))
+    y = op(x, v, m, sc, b, cpu_backend.prepack_sparse24(v, m, sc))
     assert torch.equal(bits(y), bits(reference.w8a8_linear(x, s24.decompress(v, m), sc, b)))
 
 
@@ -137,7 +137,7 @@ def test_int8_extreme_values_exact(cpu_isa):
     x = torch.ones(3, K)
     x[1] = -1
     x[2, ::2] = -1
-    y = op(x, v, m, sc, None, s24.prepack_cpu(v, m, sc))
+    y = op(x, v, m, sc, None, cpu_backend.prepack_sparse24(v, m, sc))
     assert torch.equal(bits(y), bits(reference.w8a8_linear(x, s24.decompress(v, m), sc, None)))
 
 
@@ -147,7 +147,7 @@ def test_larger_float_shape(cpu_isa, M):
     x = torch.randn(M, K)
     for vdt in DTYPES:
         v, m = s24.compress(rand_24(N, K, density=(2,)).to(vdt))
-        close(op(x, v, m, None, None, s24.prepack_cpu(v, m)), reference.sparse24_linear(x, v, m), K)
+        close(op(x, v, m, None, None, cpu_backend.prepack_sparse24(v, m)), reference.sparse24_linear(x, v, m), K)
 
 
 def test_all_zero_rows_give_bias(cpu_isa):
@@ -158,11 +158,11 @@ def test_all_zero_rows_give_bias(cpu_isa):
     x[1] = 0
     b = torch.randn(N)
     v, m = s24.compress(w)
-    y = op(x, v, m, None, b, s24.prepack_cpu(v, m))
+    y = op(x, v, m, None, b, cpu_backend.prepack_sparse24(v, m))
     assert torch.equal(y[:, [0, 4, 8]], b[[0, 4, 8]].expand(3, 3))
     assert torch.equal(y[1], b)
     q, m8, sc = s24.compress_int8(w)
-    y8 = op(x, q, m8, sc, b, s24.prepack_cpu(q, m8, sc))
+    y8 = op(x, q, m8, sc, b, cpu_backend.prepack_sparse24(q, m8, sc))
     assert torch.equal(y8[:, [0, 4, 8]], b[[0, 4, 8]].expand(3, 3))
     assert torch.equal(y8[1], b)
 
@@ -177,7 +177,7 @@ def test_nan_inf_in_x_propagate_like_dense(cpu_isa, dtype):
     x[3, 3] = -float("inf")
     x = x.to(dtype)
     v, m = s24.compress(w.to(dtype))
-    y = op(x, v, m, None, None, s24.prepack_cpu(v, m))
+    y = op(x, v, m, None, None, cpu_backend.prepack_sparse24(v, m))
     want = reference.sparse24_linear(x, v, m)
     dense = torch.nn.functional.linear(x.float(), s24.decompress(v, m).float()).to(dtype)
     assert torch.equal(torch.isnan(y), torch.isnan(want)) and torch.equal(torch.isnan(y), torch.isnan(dense))
@@ -185,7 +185,7 @@ def test_nan_inf_in_x_propagate_like_dense(cpu_isa, dtype):
     assert bool(torch.isnan(y[1:4]).any())
     close(y[[0, 4]], want[[0, 4]], K)
     q, m8, sc = s24.compress_int8(w)
-    y8 = op(x, q, m8, sc, None, s24.prepack_cpu(q, m8, sc))
+    y8 = op(x, q, m8, sc, None, cpu_backend.prepack_sparse24(q, m8, sc))
     want8 = reference.w8a8_linear(x, s24.decompress(q, m8), sc)
     assert torch.equal(torch.isnan(y8), torch.isnan(want8)) and bool(torch.isnan(y8[1:4]).all())
     ok = ~torch.isnan(want8)   # NaN payload/sign after the bf16/f16 cast is not specified
@@ -197,16 +197,16 @@ def test_without_w_packed_equals_with(cpu_isa):
     K, N = 36, 11
     x, w, b = torch.randn(4, K), rand_24(N, K), torch.randn(N)
     v, m = s24.compress(w)
-    assert torch.equal(op(x, v, m, None, b), op(x, v, m, None, b, s24.prepack_cpu(v, m)))
+    assert torch.equal(op(x, v, m, None, b), op(x, v, m, None, b, cpu_backend.prepack_sparse24(v, m)))
     q, m8, sc = s24.compress_int8(w)
-    assert torch.equal(op(x, q, m8, sc, b), op(x, q, m8, sc, b, s24.prepack_cpu(q, m8, sc)))
+    assert torch.equal(op(x, q, m8, sc, b), op(x, q, m8, sc, b, cpu_backend.prepack_sparse24(q, m8, sc)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_leading_dims_and_non_contiguous_x(cpu_isa, dtype):
     K, N = 20, 9
     v, m = s24.compress(rand_24(N, K))
-    wp = s24.prepack_cpu(v, m)
+    wp = cpu_backend.prepack_sparse24(v, m)
     x = torch.randn(2, 3, K).to(dtype)
     y = op(x, v, m, None, None, wp)
     assert y.shape == (2, 3, N)
@@ -243,11 +243,11 @@ def test_never_reads_past_inputs(cpu_isa, dtype):
         w = rand_24(N, K)
         b = GuardedBuffer(torch.randn(N))
         v, m = s24.compress(w.to(dtype))
-        wp = GuardedBuffer(s24.prepack_cpu(v, m))
+        wp = GuardedBuffer(cpu_backend.prepack_sparse24(v, m))
         close(op(x.tensor, v, m, None, b.tensor, wp.tensor), reference.sparse24_linear(x.tensor, v, m, None, b.tensor), K)
         q, m8, sc = s24.compress_int8(w)
         s = GuardedBuffer(sc)
-        wp8 = GuardedBuffer(s24.prepack_cpu(q, m8, sc))
+        wp8 = GuardedBuffer(cpu_backend.prepack_sparse24(q, m8, sc))
         y = op(x.tensor, q, m8, s.tensor, b.tensor, wp8.tensor)
         assert torch.equal(bits(y), bits(reference.w8a8_linear(x.tensor, s24.decompress(q, m8), sc, b.tensor)))
 
@@ -259,7 +259,7 @@ def test_never_reads_past_inputs(cpu_isa, dtype):
 def test_w4a16_matches_reference(cpu_isa, g, symmetric, dtype):
     K, N = 256, 19
     q, m, sc, z = s24.compress_int4(rand_24(N, K), g, symmetric=symmetric)
-    wp = s24.prepack_cpu_int4(q, m, sc, z, g)
+    wp = cpu_backend.prepack_sparse24_int4(q, m, sc, z, g)
     for M in (0, 1, 3, 17):
         x = torch.randn(M, K).to(dtype)
         b = torch.randn(N)
@@ -275,14 +275,15 @@ def test_opcheck():
     w = rand_24(N, K)
     v, m = s24.compress(w)
     q, m8, sc = s24.compress_int8(w)
-    for args in [(torch.randn(3, K), v, m, None, torch.randn(N), s24.prepack_cpu(v, m)),
+    for args in [(torch.randn(3, K), v, m, None, torch.randn(N), cpu_backend.prepack_sparse24(v, m)),
                  (torch.randn(2, 3, K).bfloat16(), v.bfloat16(), m, None, None, None),
-                 (torch.randn(4, K).half(), q, m8, sc, torch.randn(N).half(), s24.prepack_cpu(q, m8, sc)),
+                 (torch.randn(4, K).half(), q, m8, sc, torch.randn(N).half(), cpu_backend.prepack_sparse24(q, m8, sc)),
                  (torch.randn(4, K), q, m8, sc, None, None)]:
         torch.library.opcheck(torch.ops.slmkern.sparse24_linear.default, args)
     K = 64
     q4, m4, s4, z4 = s24.compress_int4(rand_24(N, K), 32)
-    for args in [(torch.randn(3, K), q4, m4, s4, z4, 32, torch.randn(N), s24.prepack_cpu_int4(q4, m4, s4, z4, 32)),
+    for args in [(torch.randn(3, K), q4, m4, s4, z4, 32, torch.randn(N),
+                  cpu_backend.prepack_sparse24_int4(q4, m4, s4, z4, 32)),
                  (torch.randn(2, K).bfloat16(), q4, m4, s4, None, 32, None, None)]:
         torch.library.opcheck(torch.ops.slmkern.sparse24_w4a16_linear.default, args)
 
@@ -298,7 +299,7 @@ class S24Linear(nn.Module):
         self.register_buffer("m", m)
         self.register_buffer("sc", sc)
         self.register_buffer("b", b)
-        self.register_buffer("wp", s24.prepack_cpu(v, m, sc))
+        self.register_buffer("wp", cpu_backend.prepack_sparse24(v, m, sc))
 
     def forward(self, x):
         return torch.relu(torch.ops.slmkern.sparse24_linear(x, self.v, self.m, self.sc, self.b, self.wp)) + 1
@@ -391,13 +392,13 @@ class TestBadInputs:
             op(self.x, self.v, self.m, None, torch.randn(self.N).double())
 
     def test_w_packed(self):
-        wp = s24.prepack_cpu(self.v, self.m)
+        wp = cpu_backend.prepack_sparse24(self.v, self.m)
         with pytest.raises(ValueError, match="w_packed"):
             op(self.x, self.v, self.m, None, None, wp[:-1])
         with pytest.raises(TypeError, match="w_packed"):
             op(self.x, self.v, self.m, None, None, wp.to(torch.int8))
         with pytest.raises(ValueError, match="w_packed"):   # an int8-values blob for float values
-            op(self.x, self.v, self.m, None, None, s24.prepack_cpu(self.q, self.m8, self.sc))
+            op(self.x, self.v, self.m, None, None, cpu_backend.prepack_sparse24(self.q, self.m8, self.sc))
 
     def test_w4a16(self):
         K = 64

@@ -276,7 +276,7 @@ def test_lean_decoder_runs_the_int8_table():
 def test_compressed_tensors_export_writes_the_embedding_rows(tmp_path):
     from safetensors.torch import load_file
 
-    from slmkern.formats.interop.compressed_tensors import save_compressed
+    from slmkern.interop.compressed_tensors import save_compressed
     model = tiny_llama()
     compress(model, {"steps": [HEAD_STEP]}, progress=False)
     save_compressed(model, tmp_path / "ct")

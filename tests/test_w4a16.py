@@ -68,7 +68,7 @@ def tolerance(x, w, s, z, g, bias, ref, dtype):
 
 
 def run_and_check(x, w, s, z, g, bias, packed: bool):
-    wp = int4_cpu.prepack_cpu(w, s, z, g) if packed else None
+    wp = cpu_backend.prepack_int4(w, s, z, g) if packed else None
     y = torch.ops.slmkern.w4a16_linear(x, w, s, z, g, bias, wp)
     N = w.shape[0]
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], N)
@@ -128,7 +128,7 @@ def test_zero_nan_inf_rows(cpu_isa, M, dtype):
         x[3, 9] = float("-inf")
         x[3, 11] = float("inf")
         x[4] = 1e-35            # tiny but nonzero (below the fixed-point threshold)
-    y = torch.ops.slmkern.w4a16_linear(x, w, s, z, g, bias, int4_cpu.prepack_cpu(w, s, z, g))
+    y = torch.ops.slmkern.w4a16_linear(x, w, s, z, g, bias, cpu_backend.prepack_int4(w, s, z, g))
     ref = spec.w4a16_linear_f64(x, w, s, z, g, bias)
     assert torch.equal(y[0], bias.to(dtype))
     if M > 1:
@@ -148,7 +148,7 @@ def test_tolerance_catches_one_wrong_code(cpu_isa):
     M, K, N, g = 3, 256, 19, 64
     w, s, z = rand_weight(N, K, g, "sym")
     x = rand_x(M, K, torch.float32)
-    y = torch.ops.slmkern.w4a16_linear(x, w, s, z, g, None, int4_cpu.prepack_cpu(w, s, z, g))
+    y = torch.ops.slmkern.w4a16_linear(x, w, s, z, g, None, cpu_backend.prepack_int4(w, s, z, g))
     w_bad = w.clone()
     w_bad[7, 40] ^= 0x30  # high nibble of byte 40: k = 81
     ref_bad = spec.w4a16_linear_f64(x, w_bad, s, z, g)
@@ -177,7 +177,7 @@ def test_repack_without_w_packed_logs_once(caplog):
 def test_concurrent_calls_from_python_threads():
     M, K, N, g = 9, 256, 70, 64
     cases = [(rand_x(M, K, torch.float32),) + rand_weight(N, K, g, zk) for zk in ZEROS]
-    packed = [int4_cpu.prepack_cpu(w, s, z, g) for _, w, s, z in cases]
+    packed = [cpu_backend.prepack_int4(w, s, z, g) for _, w, s, z in cases]
     expect = [torch.ops.slmkern.w4a16_linear(x, w, s, z, g, None, wp) for (x, w, s, z), wp in zip(cases, packed)]
     errors = []
 
@@ -203,7 +203,7 @@ def test_concurrent_calls_from_python_threads():
 def test_opcheck(zk):
     M, K, N, g = 5, 128, 24, 64
     w, s, z = rand_weight(N, K, g, zk)
-    wp = int4_cpu.prepack_cpu(w, s, z, g)
+    wp = cpu_backend.prepack_int4(w, s, z, g)
     for x, bias, packed in [(rand_x(M, K, torch.float32), None, wp),
                             (rand_x(M, K, torch.bfloat16).reshape(1, M, K), torch.randn(N), None),
                             (rand_x(M, K, torch.float16), torch.randn(N).half(), wp)]:
@@ -219,7 +219,7 @@ def test_errors_name_the_argument():
     K, N, g = 64, 8, 32
     w, s, z = rand_weight(N, K, g, "u8")
     x = torch.randn(3, K)
-    wp = int4_cpu.prepack_cpu(w, s, z, g)
+    wp = cpu_backend.prepack_int4(w, s, z, g)
     with pytest.raises(ValueError, match="K .*must be even"):
         _call(torch.randn(3, 63), torch.zeros(N, 31, dtype=torch.uint8), s, None, 63)
     with pytest.raises(ValueError, match="group_size"):
@@ -245,7 +245,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="zeros .*0..15"):
         _call(x, w, s, z_bad, g)
     with pytest.raises(ValueError, match="zeros.*0..15"):
-        int4_cpu.prepack_cpu(w, s, z_bad, g)
+        cpu_backend.prepack_int4(w, s, z_bad, g)
     with pytest.raises(ValueError, match="w_packed must be 1-D with"):
         _call(x, w, s, z, g, None, wp[:-1])
     with pytest.raises(ValueError, match="w_packed must be 1-D with"):
@@ -283,7 +283,7 @@ def test_cpp_pack_matches_reference_pack(N, K, g, zk):
     if not cpu_backend.has_cpp():
         pytest.skip("slmkern._C is not built")
     w, s, z = rand_weight(N, K, g, zk)
-    packed = int4_cpu.prepack_cpu(w, s, z, g)
+    packed = cpu_backend.prepack_int4(w, s, z, g)
     assert packed.dtype == torch.uint8 and packed.numel() == int4_cpu.packed_bytes(N, K, g, z is not None)
     assert torch.equal(packed, int4_cpu.pack_reference(w, s, z, g))
 

@@ -9,7 +9,6 @@ import torch
 
 import int4_spec as spec
 from slmkern._backends import cpu as cpu_backend
-from slmkern.formats import int4_cpu
 
 OP = "w4a8_linear"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,7 +58,7 @@ def tolerance(x, w, s, z, g, bias, ref, dtype):
 
 
 def run_and_check(x, w, s, z, g, bias, packed: bool):
-    wp = int4_cpu.prepack_cpu(w, s, z, g) if packed else None
+    wp = cpu_backend.prepack_int4(w, s, z, g) if packed else None
     y = torch.ops.slmkern.w4a8_linear(x, w, s, z, g, bias, wp)
     N = w.shape[0]
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], N)
@@ -115,7 +114,7 @@ def test_zero_nan_inf_rows(cpu_isa, dtype):
     x[1, 5] = float("nan")
     x[2, 7] = float("-inf")
     x[3] = 1e-35
-    y = torch.ops.slmkern.w4a8_linear(x, w, s, z, g, bias, int4_cpu.prepack_cpu(w, s, z, g))
+    y = torch.ops.slmkern.w4a8_linear(x, w, s, z, g, bias, cpu_backend.prepack_int4(w, s, z, g))
     assert torch.equal(y[0], bias.to(dtype)) and torch.equal(y[3], bias.to(dtype))
     assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
     keep = [0, 3, 4, 5]
@@ -128,7 +127,7 @@ def test_tolerance_catches_one_activation_off_by_one(cpu_isa):
     M, K, N, g = 3, 256, 19, 64
     w, s, z = rand_weight(N, K, g, "u8")
     x = rand_x(M, K, torch.float32)
-    y = torch.ops.slmkern.w4a8_linear(x, w, s, z, g, None, int4_cpu.prepack_cpu(w, s, z, g))
+    y = torch.ops.slmkern.w4a8_linear(x, w, s, z, g, None, cpu_backend.prepack_int4(w, s, z, g))
     sx, acc, asum, sd, sz = spec._w4a8_terms(x, w, s, z, g)
     u = spec.unpack_codes(w).double()
     k = 100
@@ -165,7 +164,7 @@ def test_simd_matches_cpp_reference_closely():
         pytest.skip("slmkern._C is not built")
     M, K, N, g = 33, 512, 48, 128
     w, s, z = rand_weight(N, K, g, "u8")
-    wp = int4_cpu.prepack_cpu(w, s, z, g)
+    wp = cpu_backend.prepack_int4(w, s, z, g)
     x = rand_x(M, K, torch.float32)
     cpu_backend._C.set_isa("ref")
     try:
@@ -182,7 +181,7 @@ def test_simd_matches_cpp_reference_closely():
 def test_opcheck(zk):
     M, K, N, g = 5, 128, 24, 64
     w, s, z = rand_weight(N, K, g, zk)
-    wp = int4_cpu.prepack_cpu(w, s, z, g)
+    wp = cpu_backend.prepack_int4(w, s, z, g)
     for x, bias, packed in [(rand_x(M, K, torch.float32), None, wp),
                             (rand_x(M, K, torch.bfloat16).reshape(1, M, K), torch.randn(N), None),
                             (rand_x(M, K, torch.float16), torch.randn(N).half(), wp)]:
@@ -197,7 +196,7 @@ def test_errors_name_the_argument():
     K, N, g = 64, 8, 32
     w, s, z = rand_weight(N, K, g, "u8")
     x = torch.randn(3, K)
-    wp = int4_cpu.prepack_cpu(w, s, z, g)
+    wp = cpu_backend.prepack_int4(w, s, z, g)
     with pytest.raises(ValueError, match="K .*must be even"):
         _call(torch.randn(3, 63), torch.zeros(N, 31, dtype=torch.uint8), s, None, 63)
     with pytest.raises(ValueError, match="group_size"):

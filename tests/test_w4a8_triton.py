@@ -144,12 +144,12 @@ def test_w4a8_empty_batch():
 
 @needs_launch
 def test_w4a8_backend_entry_reshapes_validates_and_ignores_w_packed():
-    from slmkern.formats.int4_cpu import prepack_cpu
+    from slmkern._backends.cpu import prepack_int4
 
     x, w, s, z, b = make_case(6, 128, 19, 64, "u8", True, BF16, special_rows=False)
     x3 = x.reshape(2, 3, 128)
     xd, wd, sd, zd, bd = to_dev(x3, w, s, z, b)
-    wp = prepack_cpu(w, s, z, 64).to(DEVICE)
+    wp = prepack_int4(w, s, z, 64).to(DEVICE)
     y = triton_backend._int4_linear("w4a8_linear", xd, wd, sd, zd, 64, bd, wp)
     assert y.shape == (2, 3, 19)
     assert_bits_equal(y, reference.w4a8_linear(x3, w, s, z, 64, b))

@@ -21,7 +21,6 @@ import torch
 
 from slmkern import reference
 from slmkern._backends import cpu as cpu_backend
-from slmkern.formats import int8 as int8_format
 
 op = torch.ops.slmkern.w8a16_linear
 
@@ -97,7 +96,7 @@ def isa(cpu_isa):
 def test_matches_reference(isa, dtype, M, K):
     for N in (1, 19, 33, 100):
         w, w_scale = make_weight(N, K)
-        wp = int8_format.prepack_cpu(w)
+        wp = cpu_backend.prepack_int8(w)
         for bias in (None, torch.randn(N)):
             x = make_x((M,), K, dtype)
             y = op(x, w, w_scale, bias, wp)
@@ -109,7 +108,7 @@ def test_empty_batch(isa, dtype):
     w, w_scale = make_weight(19, 37)
     for shape in ((0,), (2, 0), (0, 3)):
         x = make_x(shape, 37, dtype)
-        y = op(x, w, w_scale, None, int8_format.prepack_cpu(w))
+        y = op(x, w, w_scale, None, cpu_backend.prepack_int8(w))
         assert y.shape == (*shape, 19) and y.dtype == dtype
 
 
@@ -118,7 +117,7 @@ def test_empty_batch(isa, dtype):
 def test_batch_dims_and_row_stride(isa, dtype, K):
     N = 33
     w, w_scale = make_weight(N, K)
-    wp = int8_format.prepack_cpu(w)
+    wp = cpu_backend.prepack_int8(w)
     bias = torch.randn(N).to(dtype)  # bias in x's dtype is accepted too
     # rows K + 5 apart with NaN in the gaps: a kernel reading past K poisons its row
     x = make_x((17,), K, dtype, pad=5)
@@ -146,7 +145,7 @@ def test_exact_sums_are_bit_exact(isa, dtype, with_bias, scale_exp):
     w_scale = torch.ldexp(torch.ones(N), torch.randint(lo, hi, (N,)))
     x = torch.randint(-16, 17, (M, K)).to(dtype)
     bias = torch.randn(N) * 2.0 ** (lo + 12) if with_bias else None
-    y = op(x, w, w_scale, bias, int8_format.prepack_cpu(w))
+    y = op(x, w, w_scale, bias, cpu_backend.prepack_int8(w))
     want = reference.w8a16_linear(x, w, w_scale, bias)
     torch.testing.assert_close(y, want, rtol=0, atol=0)
 
@@ -169,7 +168,7 @@ def test_x_ending_at_an_unmapped_page(isa, dtype, K):
         mem = torch.frombuffer(buf, dtype=torch.uint8, count=page)
         x = mem[page - M * K * esize:].view(dtype).view(M, K)
         x.copy_(torch.randn(M, K).to(dtype))
-        y = op(x, w, w_scale, None, int8_format.prepack_cpu(w))
+        y = op(x, w, w_scale, None, cpu_backend.prepack_int8(w))
         assert_close_w8a16(y, x, w, w_scale, None, K)
         del x, mem
     finally:
@@ -186,7 +185,7 @@ def test_nonfinite_x_stays_in_its_row(isa, dtype, K):
     x[1, K - 1] = float("nan")       # the K tail
     x[3, 0] = float("inf")
     x[5, K // 2] = float("-inf")
-    y = op(x, w, w_scale, None, int8_format.prepack_cpu(w)).float()
+    y = op(x, w, w_scale, None, cpu_backend.prepack_int8(w)).float()
     assert y[1].isnan().all()
     assert (~y[3].isfinite()).all() and (~y[5].isfinite()).all()
     finite = [0, 2, 4, 6]
@@ -201,7 +200,7 @@ def test_large_half_input(isa, dtype):
     w, w_scale = make_weight(N, K)
     x = make_x((M,), K, dtype, pad=1)
     bias = torch.randn(N)
-    y = op(x, w, w_scale, bias, int8_format.prepack_cpu(w))
+    y = op(x, w, w_scale, bias, cpu_backend.prepack_int8(w))
     assert_close_w8a16(y, x, w, w_scale, bias, K)
 
 
@@ -211,7 +210,7 @@ def test_without_w_packed_equals_with(isa, dtype):
     w, w_scale = make_weight(N, K)
     x = make_x((5,), K, dtype)
     bias = torch.randn(N)
-    torch.testing.assert_close(op(x, w, w_scale, bias), op(x, w, w_scale, bias, int8_format.prepack_cpu(w)),
+    torch.testing.assert_close(op(x, w, w_scale, bias), op(x, w, w_scale, bias, cpu_backend.prepack_int8(w)),
                                rtol=0, atol=0)
 
 
@@ -219,7 +218,7 @@ def test_thread_count_does_not_change_bits(isa):
     """The split over threads (channel blocks, and rows when blocks are few) must not change any sum."""
     for M, K, N in ((65, 130, 19), (3, 384, 1000), (1, 37, 100)):
         w, w_scale = make_weight(N, K)
-        wp = int8_format.prepack_cpu(w)
+        wp = cpu_backend.prepack_int8(w)
         x = make_x((M,), K, torch.float32)
         n = torch.get_num_threads()
         try:
@@ -237,7 +236,7 @@ def test_concurrent_calls(isa):
     for i, dtype in enumerate((torch.bfloat16, torch.float16, torch.float32, torch.bfloat16)):
         K, N = 130 + 4 * i + 1, 200 + 16 * i
         w, w_scale = make_weight(N, K)
-        wp = int8_format.prepack_cpu(w)
+        wp = cpu_backend.prepack_int8(w)
         x = make_x((9 + i,), K, dtype)
         cases.append((x, w, w_scale, wp, op(x, w, w_scale, None, wp)))
     errors = []
@@ -265,7 +264,7 @@ def test_opcheck(isa, dtype, with_bias):
     w, w_scale = make_weight(N, K)
     x = make_x((2, 3), K, dtype)
     bias = torch.randn(N) if with_bias else None
-    torch.library.opcheck(op.default, (x, w, w_scale, bias, int8_format.prepack_cpu(w)))
+    torch.library.opcheck(op.default, (x, w, w_scale, bias, cpu_backend.prepack_int8(w)))
     torch.library.opcheck(op.default, (x, w, w_scale, bias, None))
 
 
@@ -275,7 +274,7 @@ def test_opcheck(isa, dtype, with_bias):
 
 def _good(N=19, K=37):
     w, w_scale = make_weight(N, K)
-    return torch.randn(3, K), w, w_scale, torch.randn(N), int8_format.prepack_cpu(w)
+    return torch.randn(3, K), w, w_scale, torch.randn(N), cpu_backend.prepack_int8(w)
 
 
 @pytest.mark.parametrize("case, exc, match", [

@@ -26,7 +26,7 @@ import slmkern
 from conftest import requires_cuda
 from slmkern import reference
 from slmkern._backends import triton as triton_backend
-from slmkern.formats.int8 import prepack_cpu
+from slmkern._backends.cpu import prepack_int8
 
 pytestmark = pytest.mark.skipif(not triton_backend.has_triton_kernels(),
                                 reason="triton (slmkern.kernels) is not available")
@@ -145,7 +145,7 @@ def test_w8a16_backend_entry_reshapes_validates_and_ignores_w_packed():
     x, w, ws, b = make_case(6, 37, 19, torch.bfloat16, True)
     x3 = x.reshape(3, 2, 37)
     xd, wd, wsd, bd = to_dev(x3, w, ws, b)
-    y = triton_backend._int8_linear("w8a16_linear", xd, wd, wsd, bd, prepack_cpu(w).to(DEVICE))
+    y = triton_backend._int8_linear("w8a16_linear", xd, wd, wsd, bd, prepack_int8(w).to(DEVICE))
     assert y.shape == (3, 2, 19)
     assert_close_w8a16(y, x3, w, ws, b)
     with pytest.raises(ValueError, match="bias must have shape"):

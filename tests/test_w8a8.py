@@ -17,7 +17,7 @@ import torch
 
 from slmkern import reference
 from slmkern._backends import cpu as cpu_backend
-from slmkern.formats.int8 import prepack_cpu
+from slmkern._backends.cpu import prepack_int8
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The w8a8 variant each forced ISA cap runs (no AVX-512-without-VNNI variant: avx2 runs there).
@@ -73,7 +73,7 @@ def test_matches_reference(cpu_isa, M, K, dtype):
     x = torch.randn(M, K).to(dtype)
     for N in (1, 19, 33, 100):
         w, s = rand_w(N, K), rand_scale(N)
-        wp = prepack_cpu(w)
+        wp = prepack_int8(w)
         for kind in ("none", "fp32", "xdtype"):
             b = make_bias(kind, N, dtype)
             y = op(x, w, s, b, wp)
@@ -88,7 +88,7 @@ def test_larger_shapes_match_reference(cpu_isa, M):
     for K, N in K_N:
         x = torch.randn(M, K)
         w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
-        assert torch.equal(op(x, w, s, b, prepack_cpu(w)), ref(x, w, s, b))
+        assert torch.equal(op(x, w, s, b, prepack_int8(w)), ref(x, w, s, b))
 
 
 @pytest.mark.parametrize("M", [257, 300])
@@ -98,7 +98,7 @@ def test_large_m_row_chunks_match_reference(cpu_isa, M):
     K, N = 200, 16 * 18 + 5
     x = torch.randn(M, K)
     w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
-    wp, want = prepack_cpu(w), ref(x, w, s, b)
+    wp, want = prepack_int8(w), ref(x, w, s, b)
     try:
         for chunk in (0, 7, 64):
             cpu_backend._C._set_w8a8_row_chunk(chunk)
@@ -116,7 +116,7 @@ def test_bitwise_equal_to_cpp_reference(cpu_isa, dtype):
     x[6, 0] = float("-inf")
     w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
     b[3] = float("nan")
-    wp = prepack_cpu(w)
+    wp = prepack_int8(w)
     y = op(x, w, s, b, wp)
     cpu_backend._C.set_isa("ref")
     try:
@@ -129,7 +129,7 @@ def test_bitwise_equal_to_cpp_reference(cpu_isa, dtype):
 def test_empty_batch(cpu_isa):
     w, s = rand_w(19, 37), rand_scale(19)
     for shape in [(0, 37), (2, 0, 37)]:
-        y = op(torch.randn(shape), w, s, torch.randn(19), prepack_cpu(w))
+        y = op(torch.randn(shape), w, s, torch.randn(19), prepack_int8(w))
         assert y.shape == (*shape[:-1], 19)
 
 
@@ -138,7 +138,7 @@ def test_leading_batch_dims(cpu_isa, dtype):
     K, N = 130, 33
     x = torch.randn(2, 3, K).to(dtype)
     w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
-    y = op(x, w, s, b, prepack_cpu(w))
+    y = op(x, w, s, b, prepack_int8(w))
     assert y.shape == (2, 3, N)
     assert torch.equal(y, ref(x, w, s, b))
 
@@ -147,7 +147,7 @@ def test_leading_batch_dims(cpu_isa, dtype):
 def test_non_contiguous_x(cpu_isa, dtype):
     K, N = 37, 100
     w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
-    wp = prepack_cpu(w)
+    wp = prepack_int8(w)
     base = torch.randn(17, K + 13).to(dtype)
     x = base[:, 5:5 + K]  # row stride K + 13: read in place with ldx > K
     assert x.stride() == (K + 13, 1)
@@ -166,7 +166,7 @@ def test_nan_inf_rows(cpu_isa, dtype):
     x[3, K - 1] = float("inf")
     x[5, 0] = float("-inf")
     w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
-    y = op(x, w, s, b, prepack_cpu(w))
+    y = op(x, w, s, b, prepack_int8(w))
     bad = torch.tensor([1, 3, 5])
     good = torch.tensor([0, 2, 4, 6])
     assert torch.isnan(y[bad]).all()
@@ -184,12 +184,12 @@ def test_zero_and_tiny_rows_give_bias(cpu_isa, dtype):
         x[4] = torch.randn(K).sign() * 2.0 ** -110
     w, s = rand_w(N, K), rand_scale(N)
     b = torch.randn(N, dtype=dtype)
-    y = op(x, w, s, b, prepack_cpu(w))
+    y = op(x, w, s, b, prepack_int8(w))
     zero_rows = [1, 3] + ([4] if dtype != torch.float16 else [])
     for r in zero_rows:
         assert torch.equal(y[r], b), r
     assert torch.equal(y, ref(x, w, s, b))
-    y0 = op(x, w, s, None, prepack_cpu(w))
+    y0 = op(x, w, s, None, prepack_int8(w))
     for r in zero_rows:
         assert torch.equal(y0[r], torch.zeros(N, dtype=dtype)), r
 
@@ -207,14 +207,14 @@ def test_rounding_is_half_to_even(cpu_isa):
         q, scale, zero = reference.quantize_rows_u7(xs)   # range 127: inv = 1, zero = rint(63.5) = 64
         assert zero.item() == 64 and scale.item() == 1.0
         assert q.tolist()[0][:10] == [127, 0, 64, 66, 66, 64, 62, 62, 126, 2]
-        assert torch.equal(op(xs, w, s, b, prepack_cpu(w)), ref(xs, w, s, b))
-    y = op(x, w, s, b, prepack_cpu(w))
+        assert torch.equal(op(xs, w, s, b, prepack_int8(w)), ref(xs, w, s, b))
+    y = op(x, w, s, b, prepack_int8(w))
     assert torch.equal(y, ref(x, w, s, b))
     # the same check through a single weight that isolates each activation
     for k in range(1, K):
         wk = torch.zeros(1, K, dtype=torch.int8)
         wk[0, k] = 1
-        yk = op(x, wk, torch.ones(1), None, prepack_cpu(wk))
+        yk = op(x, wk, torch.ones(1), None, prepack_int8(wk))
         assert torch.equal(yk, ref(x, wk, torch.ones(1))), k
 
 
@@ -225,7 +225,7 @@ def test_f16_output_overflow_and_subnormal_inputs(cpu_isa):
     w = rand_w(N, K)
     s = torch.full((N,), 60.0)  # |y| far beyond 65504 for most channels: inf after rounding
     b = torch.randn(N)
-    y = op(x, w, s, b, prepack_cpu(w))
+    y = op(x, w, s, b, prepack_int8(w))
     assert torch.isinf(y).any()
     assert torch.equal(y, ref(x, w, s, b))
 
@@ -240,7 +240,7 @@ def test_int32_accumulator_wraps_exactly(cpu_isa):
     w[1] = -127
     w[2, ::3] = -5
     s, b = rand_scale(N), torch.randn(N)
-    y = op(x, w, s, b, prepack_cpu(w))
+    y = op(x, w, s, b, prepack_int8(w))
     assert torch.equal(y, ref(x, w, s, b))
 
 
@@ -249,7 +249,7 @@ def test_without_w_packed_equals_with(cpu_isa, dtype):
     K, N = 130, 33
     x = torch.randn(17, K).to(dtype)
     w, s, b = rand_w(N, K), rand_scale(N), torch.randn(N)
-    assert torch.equal(op(x, w, s, b), op(x, w, s, b, prepack_cpu(w)))
+    assert torch.equal(op(x, w, s, b), op(x, w, s, b, prepack_int8(w)))
 
 
 class GuardedBuffer:
@@ -279,7 +279,7 @@ def test_never_reads_past_inputs(cpu_isa, dtype):
         w = rand_w(N, K)
         s = GuardedBuffer(rand_scale(N))
         b = GuardedBuffer(torch.randn(N))
-        wp = GuardedBuffer(prepack_cpu(w))
+        wp = GuardedBuffer(prepack_int8(w))
         y = op(x.tensor, w, s.tensor, b.tensor, wp.tensor)
         assert torch.equal(y, ref(x.tensor, w, s.tensor, b.tensor)), (M, K, N)
 
@@ -289,7 +289,7 @@ def test_calls_from_several_threads(cpu_isa):
     cases = []
     for M, K, N in shapes:
         x, w, s, b = torch.randn(M, K), rand_w(N, K), rand_scale(N), torch.randn(N)
-        cases.append((x, w, s, b, prepack_cpu(w), ref(x, w, s, b)))
+        cases.append((x, w, s, b, prepack_int8(w), ref(x, w, s, b)))
     errors = []
 
     def work(i):
@@ -312,7 +312,7 @@ def test_calls_from_several_threads(cpu_isa):
 def test_opcheck():
     K, N = 37, 19
     w, s = rand_w(N, K), rand_scale(N)
-    wp = prepack_cpu(w)
+    wp = prepack_int8(w)
     for args in [(torch.randn(3, K), w, s, torch.randn(N), wp),
                  (torch.randn(2, 3, K).bfloat16(), w, s, None, None),
                  (torch.randn(4, K).half(), w, s, torch.randn(N).half(), wp)]:
@@ -364,11 +364,11 @@ class TestBadInputs:
             op(self.x.half(), self.w, self.s, torch.randn(self.N).bfloat16())
 
     def test_w_packed_size_and_dtype(self):
-        wp = prepack_cpu(self.w)
+        wp = prepack_int8(self.w)
         with pytest.raises(ValueError, match="w_packed"):
             op(self.x, self.w, self.s, None, wp[:-4])
         with pytest.raises(ValueError, match="w_packed"):
-            op(self.x, self.w, self.s, None, prepack_cpu(rand_w(self.N + 16, self.K)))
+            op(self.x, self.w, self.s, None, prepack_int8(rand_w(self.N + 16, self.K)))
         with pytest.raises(TypeError, match="w_packed"):
             op(self.x, self.w, self.s, None, wp.view(torch.int8))
 
@@ -410,7 +410,7 @@ def test_int7_outputs_close_to_float():
     s = rand_scale(64)
     exact = x @ (w.float() * s.unsqueeze(1)).T
     for act in ("int8", "int7"):
-        y = torch.ops.slmkern.w8a8_linear(x, w, s, None, prepack_cpu(w), act)
+        y = torch.ops.slmkern.w8a8_linear(x, w, s, None, prepack_int8(w), act)
         rel = (y - exact).norm() / exact.norm()
         assert rel < (0.01 if act == "int8" else 0.02), (act, rel)
 
@@ -423,7 +423,7 @@ def test_gelu_epilogue_matches_reference(cpu_isa, M, K, N, dtype):
     w, s = rand_w(N, K), rand_scale(N) * 3
     for kind in ("none", "fp32", "xdtype"):
         b = make_bias(kind, N, dtype)
-        y = torch.ops.slmkern.w8a8_linear(x, w, s, b, prepack_cpu(w), ACT, "gelu")
+        y = torch.ops.slmkern.w8a8_linear(x, w, s, b, prepack_int8(w), ACT, "gelu")
         r = reference.w8a8_linear(x, w, s, b, activations=ACT, epilogue="gelu")
         assert torch.equal(bits(y), bits(r)), kind
         assert torch.equal(y, torch.ops.slmkern.w8a8_linear(x, w, s, b, None, ACT, "gelu"))   # repack path
@@ -437,7 +437,7 @@ def test_gelu_epilogue_special_values(cpu_isa):
     N = v.numel()
     w, s = torch.ones(N, 1, dtype=torch.int8), torch.ones(N)
     x = torch.zeros(2, 1)
-    y = torch.ops.slmkern.w8a8_linear(x, w, s, v, prepack_cpu(w), ACT, "gelu")
+    y = torch.ops.slmkern.w8a8_linear(x, w, s, v, prepack_int8(w), ACT, "gelu")
     r = reference.w8a8_linear(x, w, s, v, activations=ACT, epilogue="gelu")
     nan = torch.isnan(r)
     assert torch.equal(torch.isnan(y), nan)
@@ -461,7 +461,7 @@ def test_gelu_epilogue_gradient():
     w, s = rand_w(N, K), rand_scale(N) * 5
     b = torch.randn(N, requires_grad=True)
     x = torch.randn(4, K, requires_grad=True)
-    y = torch.ops.slmkern.w8a8_linear(x, w, s, b, prepack_cpu(w), ACT, "gelu")
+    y = torch.ops.slmkern.w8a8_linear(x, w, s, b, prepack_int8(w), ACT, "gelu")
     g = torch.randn_like(y)
     y.backward(g)
     u = reference.w8a8_linear(x.detach(), w, s, b.detach(), activations=ACT).double()
@@ -475,6 +475,6 @@ def test_gelu_epilogue_opcheck_and_bad_argument():
     K, N = 37, 19
     w, s = rand_w(N, K), rand_scale(N)
     torch.library.opcheck(torch.ops.slmkern.w8a8_linear.default,
-                          (torch.randn(3, K), w, s, torch.randn(N), prepack_cpu(w), ACT, "gelu"))
+                          (torch.randn(3, K), w, s, torch.randn(N), prepack_int8(w), ACT, "gelu"))
     with pytest.raises(ValueError, match="epilogue"):
         torch.ops.slmkern.w8a8_linear(torch.randn(3, K), w, s, None, None, ACT, "relu")

@@ -24,7 +24,7 @@ import slmkern
 from conftest import requires_cuda
 from slmkern import reference
 from slmkern._backends import triton as triton_backend
-from slmkern.formats.int8 import prepack_cpu
+from slmkern._backends.cpu import prepack_int8
 
 pytestmark = pytest.mark.skipif(not triton_backend.has_triton_kernels(),
                                 reason="triton (slmkern.kernels) is not available")
@@ -222,7 +222,7 @@ def test_w8a8_backend_entry_reshapes_validates_and_ignores_w_packed():
     x, w, ws, b = make_case(6, 37, 19, torch.bfloat16, True)
     x3 = x.reshape(2, 3, 37)
     xd, wd, wsd, bd = to_dev(x3, w, ws, b)
-    y = triton_backend._int8_linear("w8a8_linear", xd, wd, wsd, bd, prepack_cpu(w).to(DEVICE))
+    y = triton_backend._int8_linear("w8a8_linear", xd, wd, wsd, bd, prepack_int8(w).to(DEVICE))
     assert y.shape == (2, 3, 19)
     assert_bits_equal(y, reference.w8a8_linear(x3, w, ws, b))
     y0 = triton_backend._int8_linear("w8a8_linear", xd[:, :0], wd, wsd, bd, None)

@@ -1,4 +1,4 @@
-"""CPU registrations: validate, then call the C++ kernels in slmkern._C."""
+"""CPU registrations: validate, then call the C++ kernels in slmkern._C; the CPU prepackers (``prepack_*``)."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +7,11 @@ import torch
 
 from slmkern import ops, reference
 from slmkern._logging import log_once
+from slmkern.formats import bitmask as bitmask_format
+from slmkern.formats import int4 as int4_format
+from slmkern.formats import int4_cpu
+from slmkern.formats import int8 as int8_format
+from slmkern.formats import sparse24 as sparse24_format
 
 try:
     from slmkern import _C
@@ -33,12 +38,94 @@ def has_cpp() -> bool:
 
 def _aligned(op: str, w_packed):
     """The packed layouts hold int32/int64/fp32 sections at 64-byte offsets from the blob's start:
-    a blob that is a misaligned view (not something prepack_cpu returns) is copied once per call."""
+    a blob that is a misaligned view (not something prepack_* returns) is copied once per call."""
     if w_packed is not None and w_packed.data_ptr() % 64:
         log_once(f"{op}-misaligned", f"slmkern: {op} got a w_packed that is not 64-byte aligned; copying it "
-                 "on every call (pass the tensor prepack_cpu returned)")
+                 "on every call (pass the tensor prepack_* returned)")
         return w_packed.clone()
     return w_packed
+
+
+# ----------------------------------------------------------------------------- prepack
+# Canonical weight -> the CPU blob layout its format defines (slmkern.formats: int8, int4_cpu, bitmask,
+# sparse24), packed by slmkern._C, or by the format's pure-torch pack_reference without the extension.
+# One-off, at module build (slmkern.nn keeps the blob as w_packed); the ops' w_packed argument.
+
+def prepack_int8(w: torch.Tensor) -> torch.Tensor:
+    """Canonical int8 [N, K] -> CPU packed uint8 blob (slmkern.formats.int8) for the C++ kernels."""
+    int8_format.check_weight(w)
+    w = w.detach().cpu().contiguous()
+    N, K = w.shape
+    if not has_cpp():
+        return int8_format.pack_reference(w)
+    out = torch.empty(int8_format.packed_bytes(N, K), dtype=torch.uint8)
+    _C.int8_pack(w.data_ptr(), N, K, K, out.data_ptr())
+    return out
+
+
+def prepack_int4(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                 group_size: int = 128, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Canonical int4 weight -> CPU packed uint8 blob (slmkern.formats.int4_cpu) for the C++ kernels.
+
+    offsets (float32 [N, K/g], the offset form ``W = code*s + offset`` of slmkern.formats.int4): the
+    blob's additive term becomes exactly ``-offsets``; zeros must then be the op-level float zero points
+    (slmkern.formats.int4.offset_zero_points), which only select the asymmetric layout.
+    """
+    N, K, g = int4_cpu.check_canonical(w, scales, zeros, group_size)
+    if offsets is not None:
+        if zeros is None or zeros.dtype != torch.float32:
+            raise ValueError("zeros: an offset-form weight (offsets given) packs with float32 zero points "
+                             "(slmkern.formats.int4.offset_zero_points), got "
+                             f"{None if zeros is None else zeros.dtype}")
+        int4_format.check_offsets(scales, offsets)
+        return int4_cpu.set_offsets(prepack_int4(w, scales, zeros, g), N, K, g, offsets)
+    if not has_cpp():
+        return int4_cpu.pack_reference(w, scales, zeros, g)
+    w = w.detach().cpu().contiguous()
+    scales = scales.detach().cpu().contiguous()
+    z = zeros.detach().cpu().contiguous() if zeros is not None else None
+    out = torch.empty(int4_cpu.packed_bytes(N, K, g, z is not None), dtype=torch.uint8)
+    _C.int4_pack(w.data_ptr(), N, K, K // 2, scales.data_ptr(), z.data_ptr() if z is not None else 0,
+                 int4_cpu.ZEROS_KIND[z.dtype if z is not None else None], g, out.data_ptr())
+    return out
+
+
+def prepack_bitmask(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor, K: int,
+                    scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Canonical bitmask tensors -> CPU packed uint8 blob (slmkern.formats.bitmask); validates fully first."""
+    bitmask_format.validate(values, bitmask, row_offsets, K, scales)
+    values = values.detach().cpu().contiguous()
+    bitmask = bitmask.detach().cpu().contiguous()
+    row_offsets = row_offsets.detach().cpu().contiguous()
+    if not has_cpp():
+        return bitmask_format.pack_reference(values, bitmask, row_offsets, K)
+    N, nnz, int8v = bitmask.shape[0], values.shape[0], values.dtype == torch.int8
+    out = torch.empty(bitmask_format.packed_bytes(N, K, nnz, int8v), dtype=torch.uint8)
+    vcode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 0}[values.dtype]
+    _C.sparse_pack(bitmask.data_ptr(), row_offsets.data_ptr(), values.data_ptr() if nnz else 0, vcode,
+                   int(int8v), N, K, nnz, out.data_ptr())
+    return out
+
+
+def prepack_sparse24(values: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Canonical 2:4 (values, meta[, scales]) -> CPU packed uint8 blob (slmkern.formats.sparse24); validates fully."""
+    sparse24_format.validate(values, meta, scales)
+    values, meta = values.detach().cpu().contiguous(), meta.detach().cpu().contiguous()
+    N, K = values.shape[0], 2 * values.shape[1]
+    if not has_cpp() or not hasattr(_C, "sparse24_pack"):
+        return sparse24_format.pack_reference(values, meta)
+    out = torch.empty(sparse24_format.packed_bytes(N, K, values.dtype), dtype=torch.uint8)
+    _C.sparse24_pack(values.data_ptr(), meta.data_ptr(), N, K, sparse24_format.value_code(values.dtype),
+                     out.data_ptr())
+    return out
+
+
+def prepack_sparse24_int4(qvalues, meta, scales, zeros, group_size: int) -> torch.Tensor:
+    """int4 2:4 tensors -> CPU blob: the dense int4 CPU layout (slmkern.formats.int4_cpu) of the
+    expanded weight, run by the w4a16 kernels. (No 2:4-specific int4 kernel yet: no bandwidth saving.)"""
+    N, K, g = sparse24_format.validate_int4(qvalues, meta, scales, zeros, group_size)
+    return prepack_int4(sparse24_format.int4_to_dense_int4(qvalues, meta, zeros, g), scales.cpu(),
+                        zeros.cpu() if zeros is not None else None, g)
 
 
 def _int8_linear(op: str, x, w, w_scale, bias, w_packed, activations: str | None = None,
@@ -62,10 +149,9 @@ def _int8_linear(op: str, x, w, w_scale, bias, w_packed, activations: str | None
     y = torch.empty((M, N), dtype=x.dtype)
     if M > 0:
         if w_packed is None:
-            from slmkern.formats.int8 import prepack_cpu
             log_once(f"{op}-repack", f"slmkern: {op} got no w_packed and repacks w on every call; "
-                     "use slmkern.nn.Int8Linear or pass slmkern.formats.int8.prepack_cpu(w)")
-            w_packed = prepack_cpu(w)
+                     "use slmkern.nn.Int8Linear or pass slmkern._backends.cpu.prepack_int8(w)")
+            w_packed = prepack_int8(w)
         scale = w_scale.contiguous()
         b = bias.float().contiguous() if bias is not None else None
         w_packed = _aligned(op, w_packed)  # bound: the kernel reads it after this line
@@ -107,12 +193,11 @@ def _int4_linear(op: str, x, w, scales, zeros, group_size, bias, w_packed):
     y = torch.empty((M, N), dtype=x.dtype)
     if M > 0:
         if w_packed is None:
-            from slmkern.formats.int4_cpu import prepack_cpu
             ops.check_int4_zero_values(op, zeros)
             log_once(f"{op}-repack", f"slmkern: {op} got no w_packed and repacks w on every call; "
-                     "use slmkern.nn.Int4Linear or pass slmkern.formats.int4_cpu.prepack_cpu(w, scales, zeros, "
+                     "use slmkern.nn.Int4Linear or pass slmkern._backends.cpu.prepack_int4(w, scales, zeros, "
                      "group_size)")
-            w_packed = prepack_cpu(w, scales, zeros, g)
+            w_packed = prepack_int4(w, scales, zeros, g)
         elif not w_packed.is_contiguous():
             w_packed = w_packed.contiguous()
         b = bias.float().contiguous() if bias is not None else None
@@ -150,11 +235,10 @@ def sparse_linear_cpu(x, values, bitmask, row_offsets, scales=None, bias=None, w
     y = x2.new_empty((M, N))
     if M > 0:
         if w_packed is None:
-            from slmkern.formats.bitmask import prepack_cpu
             log_once("sparse_linear-repack", "slmkern: sparse_linear got no w_packed and repacks the weight on "
-                     "every call; use slmkern.nn.SparseLinear or pass slmkern.formats.bitmask.prepack_cpu(values, "
+                     "every call; use slmkern.nn.SparseLinear or pass slmkern._backends.cpu.prepack_bitmask(values, "
                      "bitmask, row_offsets, K, scales)")
-            w_packed = prepack_cpu(values, bitmask, row_offsets, K, scales)
+            w_packed = prepack_bitmask(values, bitmask, row_offsets, K, scales)
         elif not w_packed.is_contiguous():
             w_packed = w_packed.contiguous()
         int8v = values.dtype == torch.int8
@@ -169,7 +253,6 @@ def sparse_linear_cpu(x, values, bitmask, row_offsets, scales=None, bias=None, w
 
 
 # ============================================================================= 2:4 semi-structured
-from slmkern.formats import sparse24 as sparse24_format  # noqa: E402
 
 
 @torch.library.register_kernel("slmkern::sparse24_linear", "cpu", lib=ops.LIB)
@@ -190,8 +273,8 @@ def sparse24_linear_cpu(x, values, meta, scales=None, bias=None, w_packed=None):
     if M > 0:
         if w_packed is None:
             log_once(f"{op}-repack", f"slmkern: {op} got no w_packed and packs the weight on every call; "
-                     "pass slmkern.formats.sparse24.prepack_cpu(values, meta, scales)")
-            w_packed = sparse24_format.prepack_cpu(values, meta, scales)
+                     "pass slmkern._backends.cpu.prepack_sparse24(values, meta, scales)")
+            w_packed = prepack_sparse24(values, meta, scales)
         elif not w_packed.is_contiguous():
             w_packed = w_packed.contiguous()
         s = scales.contiguous() if scales is not None else None
@@ -216,8 +299,8 @@ def sparse24_w4a16_linear_cpu(x, qvalues, meta, scales, zeros, group_size, bias=
         return reference.sparse24_w4a16_linear(x, qvalues, meta, scales, zeros, group_size, bias)
     if w_packed is None:
         log_once(f"{op}-repack", f"slmkern: {op} got no w_packed and packs the weight on every call; "
-                 "pass slmkern.formats.sparse24.prepack_cpu_int4(qvalues, meta, scales, zeros, group_size)")
-        w_packed = sparse24_format.prepack_cpu_int4(qvalues, meta, scales, zeros, g)
+                 "pass slmkern._backends.cpu.prepack_sparse24_int4(qvalues, meta, scales, zeros, group_size)")
+        w_packed = prepack_sparse24_int4(qvalues, meta, scales, zeros, g)
     x2 = ops.as_rows(x, K)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)

@@ -6,11 +6,7 @@ logged once.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import logging
-import sys
-from pathlib import Path
 
 import torch
 
@@ -25,40 +21,13 @@ else:
     HAS_TRITON = True
 
 
-def _import_kernels():
-    """slmkern.kernels, also from a source checkout used via PYTHONPATH (build_ext --inplace).
-
-    setup.py installs kernels/ as slmkern.kernels; a plain source tree has it next to slmkern/,
-    so load it from there under the same name.
-    """
-    try:
-        return importlib.import_module("slmkern.kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name != "slmkern.kernels":
-            raise
-    src = Path(__file__).resolve().parents[2] / "kernels"
-    spec = importlib.util.spec_from_file_location("slmkern.kernels", src / "__init__.py",
-                                                  submodule_search_locations=[str(src)])
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"slmkern.kernels is not installed and {src} has no __init__.py",
-                                  name="slmkern.kernels")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["slmkern.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["slmkern.kernels"]
-        raise
-    import slmkern
-    slmkern.kernels = module
-    return module
-
-
+# setup.py installs the top-level kernels/ folder as slmkern.kernels (regular and editable installs alike);
+# a source tree that is only on PYTHONPATH has no slmkern.kernels until `pip install -e .`.
 kernels = None
 _IMPORT_ERROR: Exception | None = None
 if HAS_TRITON:
     try:
-        kernels = _import_kernels()
+        from slmkern import kernels
     except Exception as exc:  # noqa: BLE001 - a broken triton install must not break `import slmkern`
         _IMPORT_ERROR = exc
 

@@ -14,7 +14,6 @@ is ignored. Without triton, CUDA tensors run slmkern.reference (logged once).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 
 import torch
@@ -129,11 +128,6 @@ def _fallback(op: str):
     return getattr(reference, op)
 
 
-def _launcher(module: str, name: str):
-    """slmkern.kernels.<module>.<name> (imported on first use, so importing this file needs no triton)."""
-    return getattr(importlib.import_module(f"slmkern.kernels.{module}"), name)
-
-
 def _launch(x, N: int, fn, *args):
     """fn(x2d, *args) on x's rows, launched directly (not through wrap_triton's higher-order op),
     on x's device; (..., K) -> (..., N)."""
@@ -152,7 +146,8 @@ def sparse24_linear_cuda(x, values, meta, scales=None, bias=None, w_packed=None)
     ref = _fallback("sparse24_linear")
     if ref is not None:
         return ref(x, values, meta, scales, bias)
-    return _launch(x, N, _launcher("sparse24", "sparse24_linear"), values, meta, _c(scales), _c(bias))
+    from slmkern.kernels import sparse24   # on first use: importing this file needs no triton
+    return _launch(x, N, sparse24.sparse24_linear, values, meta, _c(scales), _c(bias))
 
 
 def sparse24_w4a16_linear_cuda(x, qvalues, meta, scales, zeros, group_size, bias=None, w_packed=None):
@@ -160,8 +155,9 @@ def sparse24_w4a16_linear_cuda(x, qvalues, meta, scales, zeros, group_size, bias
     ref = _fallback("sparse24_w4a16_linear")
     if ref is not None:
         return ref(x, qvalues, meta, scales, zeros, group_size, bias)
-    return _launch(x, N, _launcher("sparse24_w4a16", "sparse24_w4a16_linear"), qvalues, meta,
-                   scales.contiguous(), _c(zeros), g, _c(bias))
+    from slmkern.kernels import sparse24_w4a16
+    return _launch(x, N, sparse24_w4a16.sparse24_w4a16_linear, qvalues, meta, scales.contiguous(), _c(zeros), g,
+                   _c(bias))
 
 
 def sparse_linear_cuda(x, values, bitmask, row_offsets, scales=None, bias=None, w_packed=None):
@@ -169,8 +165,9 @@ def sparse_linear_cuda(x, values, bitmask, row_offsets, scales=None, bias=None, 
     ref = _fallback("sparse_linear")
     if ref is not None:
         return ref(x, values, bitmask, row_offsets, scales, bias)
-    return _launch(x, N, _launcher("sparse", "sparse_linear"), values.contiguous(), bitmask,
-                   row_offsets.contiguous(), _c(scales), _c(bias))
+    from slmkern.kernels import sparse
+    return _launch(x, N, sparse.sparse_linear, values.contiguous(), bitmask, row_offsets.contiguous(), _c(scales),
+                   _c(bias))
 
 
 def register(lib: torch.library.Library = ops.LIB) -> None:

@@ -17,7 +17,8 @@ second byte's bits 2..7 (columns 10..15) must be 0. A row with no kept entry (10
 legal and contributes only the bias. compressed-tensors' sparse-bitmask stores the [N] start
 offsets: drop / append the last entry of row_offsets to convert.
 
-CPU packed layout (built once by :func:`prepack_cpu`, never saved; csrc/include/slmkern/bitmask.h).
+CPU packed layout (built once by ``slmkern._backends.cpu.prepack_bitmask``, never saved;
+csrc/include/slmkern/bitmask.h).
 Rows in blocks of 8 (Nb = ceil(N/8)), Kw = ceil(K/64)::
 
     masks    uint64 [Nb][Kw][8]      word b of the block's 8 rows in one 64-byte line (the bitmask
@@ -234,23 +235,4 @@ def pack_reference(values, bitmask, row_offsets, K: int) -> torch.Tensor:
         out[o:o + nnz] = values.cpu().contiguous()[order].view(torch.uint8)
     else:
         out[o:o + 4 * nnz] = values.cpu().float().contiguous()[order].view(torch.uint8)
-    return out
-
-
-def prepack_cpu(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor, K: int,
-                scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Canonical tensors -> CPU packed uint8 blob (validates fully first; one-off, at module build)."""
-    from slmkern._backends import cpu
-
-    validate(values, bitmask, row_offsets, K, scales)
-    values = values.detach().cpu().contiguous()
-    bitmask = bitmask.detach().cpu().contiguous()
-    row_offsets = row_offsets.detach().cpu().contiguous()
-    if not cpu.has_cpp():
-        return pack_reference(values, bitmask, row_offsets, K)
-    N, nnz, int8v = bitmask.shape[0], values.shape[0], values.dtype == torch.int8
-    out = torch.empty(packed_bytes(N, K, nnz, int8v), dtype=torch.uint8)
-    vcode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 0}[values.dtype]
-    cpu._C.sparse_pack(bitmask.data_ptr(), row_offsets.data_ptr(), values.data_ptr() if nnz else 0, vcode,
-                       int(int8v), N, K, nnz, out.data_ptr())
     return out

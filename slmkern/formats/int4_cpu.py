@@ -1,4 +1,5 @@
-"""CPU packed layout of int4 weights (built once per module by :func:`prepack_cpu`, never saved).
+"""CPU packed layout of int4 weights (built once per module by ``slmkern._backends.cpu.prepack_int4``,
+never saved).
 
 From the canonical int4 weight (``w`` uint8 [N, K/2] low nibble first, ``scales``
 fp32 [N, K/g], ``zeros`` None / uint8 / fp32 [N, K/g]; see slmkern/formats/int4.py)
@@ -12,7 +13,7 @@ to one flat uint8 blob for the C++ kernels (``csrc/include/slmkern/int4.h``)::
             0 past the group's end (k >= (q+1)*g) and for n >= N
         s  fp32[16]  scales[n, q]            (0 for n >= N)
         sz fp32[16]  scales[n, q] * z[n, q]  only when zeros is not None
-                     (-offsets[n, q] for an offset-form weight, see :func:`prepack_cpu`)
+                     (-offsets[n, q] for an offset-form weight, see :func:`set_offsets`)
 
 Read as 16 dwords, a block holds channel i in dword i: the low nibbles are one
 16-channel x 4-k vpdpbusd operand, the high nibbles the next.
@@ -89,7 +90,7 @@ def pack_reference(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     return torch.cat(parts, dim=2).reshape(-1).contiguous()
 
 
-def _set_offsets(blob: torch.Tensor, N: int, K: int, g: int, offsets: torch.Tensor) -> torch.Tensor:
+def set_offsets(blob: torch.Tensor, N: int, K: int, g: int, offsets: torch.Tensor) -> torch.Tensor:
     """Overwrite the asymmetric blob's per-group sz with -offsets (kernels: W = u*s - sz = u*s + offset)."""
     L = layout(N, K, g, True)
     NT, G, nblk = L["NT"], L["G"], L["nblk"]
@@ -101,39 +102,9 @@ def _set_offsets(blob: torch.Tensor, N: int, K: int, g: int, offsets: torch.Tens
     return blob
 
 
-def prepack_cpu(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
-                group_size: int = 128, offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """Canonical int4 weight -> CPU packed uint8 blob for the C++ kernels (one-off, at module build).
-
-    offsets (float32 [N, K/g], the offset form ``W = code*s + offset`` of slmkern.formats.int4): the
-    blob's additive term becomes exactly ``-offsets``; zeros must then be the op-level float zero points
-    (slmkern.formats.int4.offset_zero_points), which only select the asymmetric layout.
-    """
-    from slmkern._backends import cpu
-
-    N, K, g = check_canonical(w, scales, zeros, group_size)
-    if offsets is not None:
-        if zeros is None or zeros.dtype != torch.float32:
-            raise ValueError("zeros: an offset-form weight (offsets given) packs with float32 zero points "
-                             "(slmkern.formats.int4.offset_zero_points), got "
-                             f"{None if zeros is None else zeros.dtype}")
-        from slmkern.formats.int4 import check_offsets
-        check_offsets(scales, offsets)
-        return _set_offsets(prepack_cpu(w, scales, zeros, g), N, K, g, offsets)
-    if not cpu.has_cpp():
-        return pack_reference(w, scales, zeros, g)
-    w = w.detach().cpu().contiguous()
-    scales = scales.detach().cpu().contiguous()
-    z = zeros.detach().cpu().contiguous() if zeros is not None else None
-    out = torch.empty(packed_bytes(N, K, g, z is not None), dtype=torch.uint8)
-    cpu._C.int4_pack(w.data_ptr(), N, K, K // 2, scales.data_ptr(), z.data_ptr() if z is not None else 0,
-                     ZEROS_KIND[z.dtype if z is not None else None], g, out.data_ptr())
-    return out
-
-
 def unpack_codes(blob: torch.Tensor, N: int, K: int, group_size: int, asym: bool) -> torch.Tensor:
     """The canonical uint8 [N, K/2] codes held by a CPU packed blob: the exact inverse of the code part of
-    :func:`prepack_cpu` (the blocks are a permutation of the nibbles; padding, scales and sz are skipped)."""
+    the packing (the blocks are a permutation of the nibbles; padding, scales and sz are skipped)."""
     L = layout(N, K, group_size, asym)
     if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.shape[0] != L["total"]:
         raise ValueError(f"blob: expected a 1-D uint8 packed int4 weight of {L['total']} bytes for ({N}, {K}), "

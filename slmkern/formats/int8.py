@@ -5,8 +5,8 @@ values in [-127, 127] (symmetric; -128 is rejected so that the AVX2 sign trick a
 the +128 activation shift stay exact), and ``weight_scale`` float32 ``[N]``:
 ``W_float[n, k] ~= weight[n, k] * weight_scale[n]``.
 
-CPU packed layout (built at module construction by :func:`prepack_cpu`, never
-saved; see ``csrc/include/slmkern/common.h``)::
+CPU packed layout (built at module construction by ``slmkern._backends.cpu.prepack_int8``,
+never saved; see ``csrc/include/slmkern/common.h``)::
 
     tiles  int8  [Np/16][Kp/4][16][4]   tile[nb][kb][i][j] = W[16*nb + i, 4*kb + j] (0 outside)
     colsum int32 [Np]                   sum_k W[n, k]
@@ -77,23 +77,10 @@ def pack_reference(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([tiles.reshape(-1).view(torch.uint8), colsum.view(torch.uint8)])
 
 
-def prepack_cpu(w: torch.Tensor) -> torch.Tensor:
-    """Canonical int8 [N, K] -> CPU packed uint8 blob for the C++ kernels (one-off, at module build)."""
-    from slmkern._backends import cpu
-
-    check_weight(w)
-    w = w.detach().cpu().contiguous()
-    N, K = w.shape
-    if not cpu.has_cpp():
-        return pack_reference(w)
-    out = torch.empty(packed_bytes(N, K), dtype=torch.uint8)
-    cpu._C.int8_pack(w.data_ptr(), N, K, K, out.data_ptr())
-    return out
-
-
 def unpack_cpu(blob: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """The canonical int8 [N, K] weight held by a CPU packed blob: the exact inverse of :func:`prepack_cpu`
-    (the tiles are a permutation of the weight's bytes; padding and colsum are dropped)."""
+    """The canonical int8 [N, K] weight held by a CPU packed blob: the exact inverse of the packing
+    (``slmkern._backends.cpu.prepack_int8``; the tiles are a permutation of the weight's bytes; padding and
+    colsum are dropped)."""
     if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.shape[0] != packed_bytes(N, K):
         raise ValueError(f"blob: expected a 1-D uint8 packed int8 weight of {packed_bytes(N, K)} bytes for "
                          f"({N}, {K}), got {tuple(blob.shape)} {blob.dtype}")

@@ -26,7 +26,8 @@ DENSE columns, ``zeros uint8 [N, K/g]`` in 0..15 or None (= 8):
 W[n, k] = (code - zero[n, k // g]) * scale[n, k // g] at kept positions, 0 elsewhere.
 Padding codes equal the zero point, so they dequantize to exactly 0.
 
-CPU packed layouts (built by :func:`prepack_cpu`, never saved; csrc/include/slmkern/sparse24.h)::
+CPU packed layouts (built by ``slmkern._backends.cpu.prepack_sparse24``, never saved;
+csrc/include/slmkern/sparse24.h)::
 
     float values, version 1:
     Np = ceil(N/4)*4, Kp = ceil(K/128)*128, C = Kp/128 chunks of 128 dense columns (64 kept values)
@@ -333,20 +334,6 @@ def pack_reference(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return torch.cat([vb, mb], dim=2).reshape(-1)
 
 
-def prepack_cpu(values: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Canonical (values, meta[, scales]) -> CPU packed uint8 blob (validates fully; one-off, at module build)."""
-    from slmkern._backends import cpu
-
-    validate(values, meta, scales)
-    values, meta = values.detach().cpu().contiguous(), meta.detach().cpu().contiguous()
-    N, K = values.shape[0], 2 * values.shape[1]
-    if not cpu.has_cpp() or not hasattr(cpu._C, "sparse24_pack"):
-        return pack_reference(values, meta)
-    out = torch.empty(packed_bytes(N, K, values.dtype), dtype=torch.uint8)
-    cpu._C.sparse24_pack(values.data_ptr(), meta.data_ptr(), N, K, value_code(values.dtype), out.data_ptr())
-    return out
-
-
 def int4_to_dense_int4(qvalues, meta, zeros, group_size: int) -> torch.Tensor:
     """int4 2:4 codes -> the dense int4 format's packed (N, K/2) codes (slmkern.formats.int4):
     kept positions hold their code, the others the group's zero point (so they dequantize to 0)."""
@@ -359,16 +346,6 @@ def int4_to_dense_int4(qvalues, meta, zeros, group_size: int) -> torch.Tensor:
     dense.scatter_(-1, cols, codes.cpu().reshape(N, K // 4, 2))
     dense = dense.reshape(N, K)
     return (dense[:, 0::2] | (dense[:, 1::2] << 4)).contiguous()
-
-
-def prepack_cpu_int4(qvalues, meta, scales, zeros, group_size: int) -> torch.Tensor:
-    """int4 2:4 tensors -> CPU blob: the dense int4 CPU layout (slmkern.formats.int4_cpu) of the
-    expanded weight, run by the w4a16 kernels. (No 2:4-specific int4 kernel yet: no bandwidth saving.)"""
-    from slmkern.formats import int4_cpu
-
-    N, K, g = validate_int4(qvalues, meta, scales, zeros, group_size)
-    return int4_cpu.prepack_cpu(int4_to_dense_int4(qvalues, meta, zeros, g), scales.cpu(),
-                                zeros.cpu() if zeros is not None else None, g)
 
 
 def packed_bytes_int4(N: int, K: int, group_size: int, has_zeros: bool) -> int:

@@ -96,7 +96,8 @@ def stacked_linear(mods: list[nn.Module]) -> nn.Module | None:
     """One slmkern linear whose output is the outputs of `mods` side by side (same input), or None: mods must be
     Int4Linear or Int8Linear of one class and one configuration but for out_features. Built from their
     canonical tensors stacked along N, through the checkpoint loader's own from_canonical."""
-    from slmkern.nn import Int4Linear, Int8Linear
+    from slmkern.nn.int4_linear import Int4Linear
+    from slmkern.nn.int8_linear import Int8Linear
 
     first = mods[0]
     if len(mods) < 2 or type(first) not in (Int4Linear, Int8Linear) or any(type(m) is not type(first) for m in mods):

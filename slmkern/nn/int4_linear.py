@@ -115,9 +115,8 @@ class Int4Linear(PackedLinearBase):
                                      self.group_size, self._buffers["weight_zero"] is not None)
 
     def _pack_cpu(self) -> torch.Tensor:
-        from slmkern.formats import int4_cpu
-        return int4_cpu.prepack_cpu(self.weight, self.weight_scale, self.weight_zero, self.group_size,
-                                    offsets=self.weight_offset)
+        return cpu_backend.prepack_int4(self.weight, self.weight_scale, self.weight_zero, self.group_size,
+                                        offsets=self.weight_offset)
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.offsets:

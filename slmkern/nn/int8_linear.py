@@ -89,7 +89,7 @@ class Int8Linear(PackedLinearBase):
 
     def _pack_cpu(self) -> torch.Tensor:
         int8_format.check_weight(self.weight, "weight")
-        return int8_format.prepack_cpu(self.weight)
+        return cpu_backend.prepack_int8(self.weight)
 
     def _unpack_cpu(self, name: str) -> torch.Tensor:
         return int8_format.unpack_cpu(self._buffers["w_packed"], self.out_features, self.in_features)

@@ -52,6 +52,38 @@ def choose_format(w: torch.Tensor, values: str) -> tuple[str, str]:
                      "kernel starts to beat dense on CPU")
 
 
+# sparsify (sparsify_ and the recipe step): below this sparsity the unstructured (bitmask) kernel is
+# slower than the dense kernel of the same value type at every batch size measured, so a layer asked
+# for format="unstructured" stays dense (or 2:4 when it has that pattern) and the report says why.
+# Measured: benchmarks/NOTES.md, session 4, "Crossover" table (`python -m benchmarks.bench_sparse
+# --crossover`, (K, N) = (2048, 8192), two threads, 2-vCPU AMD EPYC Zen 4 (Genoa) KVM guest):
+#   float values vs fp32 F.linear: 30% -> M=1 2.25x, M=16 1.12x, M=128 0.90x (40%: M=128 1.02x);
+#     30% is the lowest sparsity measured, and it already wins at M=1 and 16.
+#   int8 values vs our w8a8_linear: 40% -> M=1 0.99x, M=128 0.83x; 50% -> M=1 1.49-1.54x,
+#     M=128 0.83x (M=128 stays below 1x up to 80%, 1.03x at 90%).
+# The threshold is the M=1 (decode) crossover: the batch-1 case sparse weights are for. format="auto"
+# asks for more (AUTO_UNSTRUCTURED_MIN_SPARSITY: 70% / 75%, so that prefill does not slow down either).
+UNSTRUCTURED_CROSSOVER_SPARSITY = {"float": 0.30, "int8": 0.50}
+
+
+def sparse_format_for(weight, fmt: str, values: str) -> tuple[str, str | None]:
+    """The format a pruned weight is packed in when ``fmt`` is asked for: (format, why it differs or None).
+
+    "unstructured" below :data:`UNSTRUCTURED_CROSSOVER_SPARSITY` falls back to what format="auto" picks
+    for it (2:4 if the weight has that pattern, else dense); "auto" asks SparseLinear's own rule.
+    """
+    if fmt == "auto":
+        return choose_format(weight, values)
+    if fmt == "unstructured" and values in UNSTRUCTURED_CROSSOVER_SPARSITY:
+        sparsity = float((weight == 0).float().mean())
+        need = UNSTRUCTURED_CROSSOVER_SPARSITY[values]
+        if sparsity + 1e-9 < need:
+            other, _ = choose_format(weight, values)
+            return other, (f"sparsity {sparsity:.0%} is below {need:.0%}, the measured crossover of the "
+                           f"unstructured {values} kernel vs dense; kept {other}")
+    return fmt, None
+
+
 class SparseLinear(PackedLinearBase):
     """y = x @ W.T + b with a pruned W kept in a sparse format.
 
@@ -231,15 +263,15 @@ class SparseLinear(PackedLinearBase):
     def _pack_cpu(self) -> torch.Tensor | None:
         if self.format == "2:4":
             if self.value_kind == "int4":
-                return sparse24_format.prepack_cpu_int4(self.qvalues, self.meta, self.scales, self.zeros,
-                                                        self.group_size)
-            return sparse24_format.prepack_cpu(self.values, self.meta, self.scales)
+                return cpu_backend.prepack_sparse24_int4(self.qvalues, self.meta, self.scales, self.zeros,
+                                                         self.group_size)
+            return cpu_backend.prepack_sparse24(self.values, self.meta, self.scales)
         if self.format == "unstructured":
-            return bitmask_format.prepack_cpu(self.values, self.bitmask, self.row_offsets, self.in_features,
-                                              self.scales)
+            return cpu_backend.prepack_bitmask(self.values, self.bitmask, self.row_offsets, self.in_features,
+                                               self.scales)
         if self.value_kind == "int8":
             int8_format.check_weight(self.weight, "weight")
-            return int8_format.prepack_cpu(self.weight)
+            return cpu_backend.prepack_int8(self.weight)
         return None
 
     def _plan_refs(self) -> tuple:

@@ -13,8 +13,7 @@ import torch
 from slmkern.formats import int8 as int8_format
 from slmkern.formats.common import (FLOAT_DTYPES, INT4_GROUP_MULTIPLE, SPARSE24_INT4_GROUP_MULTIPLE, group_size_ok,
                                     group_size_rule)
-
-LIB = torch.library.Library("slmkern", "DEF")  # noqa: TOR901 - the op namespace lives here
+from slmkern.ops._lib import LIB, _type, _value
 
 LIB.define("w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None, "
            "str activations='int8', str epilogue='none') -> Tensor")
@@ -29,14 +28,6 @@ def as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
     if x2.stride(1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < K):
         x2 = x2.contiguous()
     return x2
-
-
-def _type(cond: bool, msg: str) -> None:
-    torch._check_type(cond, lambda: msg)
-
-
-def _value(cond, msg: str) -> None:
-    torch._check_value(cond, lambda: msg)
 
 
 def shape_only(w: torch.Tensor, w_packed: torch.Tensor | None) -> bool:
@@ -78,7 +69,7 @@ def check_int8_linear(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.
         _type(w_packed.dtype == torch.uint8, f"{op}: w_packed must be torch.uint8 (from prepack), got {w_packed.dtype}")
         _value(w_packed.dim() == 1 and w_packed.shape[0] == int8_format.packed_bytes(N, K),
                f"{op}: w_packed must be 1-D with {int8_format.packed_bytes(N, K)} bytes for w of shape "
-               f"({N}, {K}), got {tuple(w_packed.shape)}; build it with slmkern.formats.int8.prepack_cpu(w)")
+               f"({N}, {K}), got {tuple(w_packed.shape)}; build it with slmkern._backends.cpu.prepack_int8(w)")
 
 
 def int8_linear_ok(x, w, w_scale, bias, w_packed) -> bool:
@@ -146,7 +137,7 @@ def w8a8_linear(x, w, w_scale, bias=None, w_packed=None, activations="int8", epi
     per-token zero point, FBGEMM's reduce_range: on AVX2 without VNNI its GEMM needs 3 vector ops per
     32 MACs instead of 4). ``epilogue``: "none", or "gelu" (y = gelu(y), fused in the CPU kernel's
     store; the function is reference.gelu_epilogue, within 2e-7 |y| + 1e-7 of exact GELU).
-    ``w_packed`` (from ``slmkern.formats.int8.prepack_cpu``) spares the CPU kernel a repack.
+    ``w_packed`` (from ``slmkern._backends.cpu.prepack_int8``) spares the CPU kernel a repack.
     """
     return torch.ops.slmkern.w8a8_linear(x, w, w_scale, bias, w_packed, activations, epilogue)
 
@@ -221,7 +212,7 @@ def check_int4_linear(op: str, x: torch.Tensor, w: torch.Tensor, scales: torch.T
         _value(w_packed.dim() == 1 and w_packed.shape[0] == nbytes,
                f"{op}: w_packed must be 1-D with {nbytes} bytes for w ({N}, {K // 2}), group_size={group_size} "
                f"and zeros {'given' if zeros is not None else 'None'}, got {tuple(w_packed.shape)}; build it with "
-               "slmkern.formats.int4_cpu.prepack_cpu(w, scales, zeros, group_size)")
+               "slmkern._backends.cpu.prepack_int4(w, scales, zeros, group_size)")
     return g
 
 
@@ -277,7 +268,7 @@ def w4a16_linear(x, w, scales, zeros, group_size, bias=None, w_packed=None):
     """x (..., K) f32/bf16/f16, w (N, K/2) uint8 int4, scales (N, K/g) f32, zeros (N, K/g)? -> (..., N) x.dtype.
 
     Weight-only int4: W = (u - z) * s (z = 8 without zeros), y = x @ W.T + bias, fp32 accumulation.
-    ``w_packed`` (from ``slmkern.formats.int4_cpu.prepack_cpu``) spares the CPU kernel a repack.
+    ``w_packed`` (from ``slmkern._backends.cpu.prepack_int4``) spares the CPU kernel a repack.
     """
     return torch.ops.slmkern.w4a16_linear(x, w, scales, zeros, group_size, bias, w_packed)
 
@@ -413,11 +404,11 @@ def check_sparse_linear(x, values, bitmask, row_offsets, scales, bias, w_packed)
     if w_packed is not None:
         nbytes = bitmask_format.packed_bytes(N, K, values.shape[0], int8v)
         _type(w_packed.dtype == torch.uint8,
-              f"{op}: w_packed must be torch.uint8 (from prepack_cpu), got {w_packed.dtype}")
+              f"{op}: w_packed must be torch.uint8 (from prepack_bitmask), got {w_packed.dtype}")
         _value(w_packed.dim() == 1 and w_packed.shape[0] == nbytes,
                f"{op}: w_packed must be 1-D with {nbytes} bytes for N={N}, K={K}, nnz={values.shape[0]} "
                f"({'int8' if int8v else 'float'} values), got {tuple(w_packed.shape)}; build it with "
-               "slmkern.formats.bitmask.prepack_cpu(values, bitmask, row_offsets, K, scales)")
+               "slmkern._backends.cpu.prepack_bitmask(values, bitmask, row_offsets, K, scales)")
     return N
 
 
@@ -469,7 +460,7 @@ def sparse_linear(x, values, bitmask, row_offsets, scales=None, bias=None, w_pac
 
     Unstructured sparse linear (format: slmkern.formats.bitmask). Float values: fp32 accumulation;
     int8 values: exactly w8a8_linear on the decompressed weight. ``w_packed`` (from
-    ``slmkern.formats.bitmask.prepack_cpu``) spares the CPU kernel the validation and repack.
+    ``slmkern._backends.cpu.prepack_bitmask``) spares the CPU kernel the validation and repack.
     """
     return torch.ops.slmkern.sparse_linear(x, values, bitmask, row_offsets, scales, bias, w_packed)
 
@@ -493,7 +484,7 @@ torch.library.register_autograd("slmkern::sparse_linear", _sparse_backward, setu
 # ============================================================================= 2:4 semi-structured
 # Format: slmkern/formats/sparse24.py. Value facts (meta nibbles c0 < c1, zero padding bits,
 # int8 values in [-127, 127], zeros in 0..15) need the data: sparse24_format.validate* checks
-# them where the canonical tensors are consumed (prepack_cpu, the on-the-fly CPU pack, the
+# them where the canonical tensors are consumed (the CPU prepack_*, the on-the-fly CPU pack, the
 # reference kernel); the fakes and the w_packed fast path check shapes and dtypes only.
 from slmkern.formats import sparse24 as sparse24_format  # noqa: E402
 
@@ -552,7 +543,7 @@ def check_sparse24_linear(op: str, x, values, meta, scales, bias, w_packed) -> t
         _type(w_packed.dtype == torch.uint8, f"{op}: w_packed must be torch.uint8 (from prepack), got {w_packed.dtype}")
         _value(w_packed.dim() == 1 and w_packed.shape[0] == nbytes,
                f"{op}: w_packed must be 1-D with {nbytes} bytes for ({N}, {K}) {values.dtype} values, got "
-               f"{tuple(w_packed.shape)}; build it with slmkern.formats.sparse24.prepack_cpu(values, meta, scales)")
+               f"{tuple(w_packed.shape)}; build it with slmkern._backends.cpu.prepack_sparse24(values, meta, scales)")
     return N, K
 
 
@@ -611,7 +602,7 @@ def check_sparse24_w4a16_linear(op: str, x, qvalues, meta, scales, zeros, group_
         _type(w_packed.dtype == torch.uint8, f"{op}: w_packed must be torch.uint8 (from prepack), got {w_packed.dtype}")
         _value(w_packed.dim() == 1 and w_packed.shape[0] == nbytes,
                f"{op}: w_packed must be 1-D with {nbytes} bytes, got {tuple(w_packed.shape)}; build it with "
-               "slmkern.formats.sparse24.prepack_cpu_int4(qvalues, meta, scales, zeros, group_size)")
+               "slmkern._backends.cpu.prepack_sparse24_int4(qvalues, meta, scales, zeros, group_size)")
     return N, K, g
 
 
@@ -635,7 +626,7 @@ def sparse24_linear(x, values, meta, scales=None, bias=None, w_packed=None):
 
     2:4 semi-structured weight. Float values: fp32 accumulation. int8 values (with per-row
     scales): bit-exact w8a8_linear on the decompressed weight. ``w_packed`` from
-    ``slmkern.formats.sparse24.prepack_cpu`` spares the CPU kernel a full validation and a repack.
+    ``slmkern._backends.cpu.prepack_sparse24`` spares the CPU kernel a full validation and a repack.
     """
     return torch.ops.slmkern.sparse24_linear(x, values, meta, scales, bias, w_packed)
 
@@ -644,7 +635,7 @@ def sparse24_w4a16_linear(x, qvalues, meta, scales, zeros, group_size, bias=None
     """x (..., K) f32/bf16/f16, qvalues uint8 (N, K/4), meta uint8, scales (N, K/g) f32, zeros (N, K/g)? -> (..., N).
 
     2:4 weight with int4 kept values, weight-only (fp32 accumulation). ``w_packed`` from
-    ``slmkern.formats.sparse24.prepack_cpu_int4``.
+    ``slmkern._backends.cpu.prepack_sparse24_int4``.
     """
     return torch.ops.slmkern.sparse24_w4a16_linear(x, qvalues, meta, scales, zeros, group_size, bias, w_packed)
 

@@ -22,7 +22,7 @@ import math
 import torch
 
 from slmkern.formats.common import FLOAT_DTYPES
-from slmkern.ops import LIB, _type, _value
+from slmkern.ops._lib import LIB, _type, _value
 
 LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, float? scale=None, "
            "bool is_causal=False) -> Tensor")

@@ -53,7 +53,7 @@ from torch import nn
 from slmkern.formats import int4 as int4_format
 from slmkern.formats import int8 as int8_format
 from slmkern.formats.common import INT4_GROUP_MULTIPLE, group_size_ok, group_size_rule
-from slmkern.formats.interop._safetensors_io import CheckpointError, read_checkpoint, write_safetensors
+from slmkern.interop._safetensors_io import CheckpointError, read_checkpoint, write_safetensors
 
 __all__ = [
     "CheckpointError", "int4_to_pack_quantized", "int8_to_pack_quantized", "pack_quantized_to_int4",

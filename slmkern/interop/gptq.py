@@ -39,7 +39,7 @@ from torch import nn
 
 from slmkern.formats import int4 as int4_format
 from slmkern.formats.common import INT4_GROUP_MULTIPLE, group_size_ok, group_size_rule
-from slmkern.formats.interop._safetensors_io import CheckpointError, check_int4_groups, read_checkpoint, read_json
+from slmkern.interop._safetensors_io import CheckpointError, check_int4_groups, read_checkpoint, read_json
 
 __all__ = ["CheckpointError", "unpack_gptq", "dequantize_gptq", "gptq_to_int4", "load_gptq", "gptq_config"]
 
@@ -143,7 +143,7 @@ def load_gptq(model: nn.Module, path: str | os.PathLike, strict: bool = True,
               activations: str = "float") -> list[str]:
     """Load a GPTQ checkpoint directory into a dense ``model`` of the same architecture: every Linear with
     ``<fqn>.qweight`` becomes an Int4Linear (exact), everything else is loaded as is. Returns swapped fqns."""
-    from slmkern.formats.interop.compressed_tensors import load_into
+    from slmkern.interop.compressed_tensors import load_into
     from slmkern.nn import Int4Linear
 
     tensors, cfg = read_checkpoint(path)

@@ -11,6 +11,6 @@
 Every loader validates before it converts: a bad file, name, shape or index raises
 ``CheckpointError`` (a ValueError) naming what is wrong.
 """
-from slmkern.formats.interop._safetensors_io import CheckpointError, read_safetensors, write_safetensors
+from slmkern.interop._safetensors_io import CheckpointError, read_safetensors, write_safetensors
 
 __all__ = ["CheckpointError", "read_safetensors", "write_safetensors"]
