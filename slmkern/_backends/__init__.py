@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import torch
+
 from slmkern import ops, reference
 
 
@@ -85,8 +87,6 @@ def _attention_reference(q, k, v, mask=None, scale=None, is_causal=False):
 
 def _attention_cuda(q, k, v, mask=None, scale=None, is_causal=False):
     """CUDA: torch's sdpa (flash / memory-efficient kernels), in the op's heads-last layout."""
-    import torch
-
     ops.check_attention(q, k, v, mask, scale, is_causal)
     Hq, Hkv = q.shape[1], k.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,

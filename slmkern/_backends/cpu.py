@@ -315,7 +315,7 @@ def sparse24_w4a16_linear_cpu(x, qvalues, meta, scales, zeros, group_size, bias=
 
 
 # ----------------------------------------------------------------------------- attention
-def _attention_mask(mask, q, B: int, Hq: int, L: int, S: int) -> torch.Tensor | None:
+def _attention_mask(mask, B: int, Hq: int, L: int, S: int) -> torch.Tensor | None:
     """The mask as the kernel reads it: additive fp32, 4-D (broadcast dims stride 0), unit stride over S."""
     if mask is None:
         return None
@@ -344,7 +344,7 @@ def attention_cpu(q, k, v, mask=None, scale=None, is_causal=False):
     if dt != torch.float32:                      # computed in fp32 (the contract), one conversion each way
         q, k, v = q.float(), k.float(), v.float()
     q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
-    m = _attention_mask(mask, q, B, Hq, L, S)
+    m = _attention_mask(mask, B, Hq, L, S)
     out = torch.empty((B, L, Hq, D), dtype=torch.float32)
     ms = m.stride()[:3] if m is not None else (0, 0, 0)
     _C.attention(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from slmkern import ops
 from slmkern._logging import logger
 
 NAME = "slmkern"
@@ -26,10 +28,6 @@ def hf_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tens
                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                          is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: (B, H, L, D) inputs -> ((B, L, H, D) output, None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from slmkern import ops
-
     if (dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
             or kwargs.get("s_aux") is not None or kwargs.get("output_attentions", False)
             or not query.is_cpu or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
